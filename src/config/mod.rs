@@ -1,0 +1,549 @@
+//! Configuration: the system inventory, the canonical entities with their field
+//! authority, and the links that say how each system holds each entity, in one TOML file.
+//!
+//! Every struct denies unknown keys so that a typo is an error with its path rather
+//! than a silently ignored setting. Parsing (`load`) and checking references
+//! (`validate`) are separate: parsing reports the first syntax or type error with its
+//! path, validation reports every semantic problem at once, each with its path.
+//!
+//! Secrets are never literal: see [`secret`].
+
+mod load;
+pub mod secret;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use load::{LoadError, load, parse};
+pub use secret::SecretRef;
+pub use validate::{Problem, validate};
+
+/// Default number of changes merged in one redb write transaction: large enough that
+/// the fsync of a commit (about a millisecond) is shared by many changes, small enough
+/// that a batch is a fraction of a second of work.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Default admin listener: loopback only, so nothing is exposed without a decision.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+/// Default number of attempts before a write goes to the dead-letter queue.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
+/// First retry delay; doubled per attempt, with jitter.
+pub const DEFAULT_BACKOFF_MIN_MS: u64 = 200;
+/// Ceiling of the retry delay, so a long outage is probed at least once a minute.
+pub const DEFAULT_BACKOFF_MAX_MS: u64 = 60_000;
+/// Decisions kept by default: enough to explain a month of a mid-sized deployment.
+pub const DEFAULT_DECISION_RETENTION: u64 = 1_000_000;
+/// Write-attempt log entries kept by default.
+pub const DEFAULT_TXLOG_RETENTION: u64 = 1_000_000;
+/// Age after which decisions and the write-attempt log are pruned, in days.
+pub const DEFAULT_RETENTION_DAYS: u64 = 30;
+/// Default capture interval for polled sources.
+pub const DEFAULT_CAPTURE_INTERVAL_SECS: u64 = 10;
+/// redb page cache; bounds the memory the state store may use.
+pub const DEFAULT_STATE_CACHE_MB: u64 = 64;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where concord keeps its state.
+    pub state: StateConfig,
+    /// The admin HTTP listener (health, metrics, status API).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Merge loop and applier tuning.
+    #[serde(default)]
+    pub engine: EngineConfig,
+    /// Connected applications by name.
+    pub systems: BTreeMap<String, SystemConfig>,
+    /// Canonical record types by name.
+    pub entities: BTreeMap<String, EntityConfig>,
+    /// How each system holds each entity.
+    #[serde(default)]
+    pub links: Vec<LinkConfig>,
+    /// Directory that relative paths in this file are resolved against; set by `load`
+    /// to the directory of the configuration file.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory holding `concord.redb`; relative to the configuration file.
+    pub dir: PathBuf,
+    /// redb page cache in MiB.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+    /// Most decisions kept; the oldest are pruned first.
+    #[serde(default = "default_decision_retention")]
+    pub max_decisions: u64,
+    /// Most write-attempt log entries kept; the oldest are pruned first.
+    #[serde(default = "default_txlog_retention")]
+    pub max_write_log: u64,
+    /// Decisions and write-attempt log entries older than this are pruned.
+    #[serde(default = "default_retention_days")]
+    pub retention_days: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Socket address of the admin listener. Loopback unless told otherwise.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: default_admin_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Changes merged per redb transaction.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Write attempts before a write is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds.
+    #[serde(default = "default_backoff_min_ms")]
+    pub backoff_min_ms: u64,
+    /// Largest retry delay in milliseconds.
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: DEFAULT_BATCH_SIZE,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            backoff_min_ms: DEFAULT_BACKOFF_MIN_MS,
+            backoff_max_ms: DEFAULT_BACKOFF_MAX_MS,
+        }
+    }
+}
+
+/// One connected application.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SystemConfig {
+    /// Connector type and its settings.
+    #[serde(flatten)]
+    pub connector: ConnectorConfig,
+    /// Whether concord reads from, writes to, or both.
+    #[serde(default)]
+    pub direction: Direction,
+    /// Request budget toward this system, shared by all its links.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+    /// Credentials, always by reference.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// What this system is, for the inventory (`concord plan`).
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// The connector type picks the code that talks to a system. A closed set: adding a
+/// connector adds a variant and the compiler lists every place to handle it.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ConnectorConfig {
+    /// Batch export files in a directory (CSV or JSONL), and export files written out.
+    File(crate::connector::file::FileSystemConfig),
+}
+
+impl ConnectorConfig {
+    /// The type name as written in the configuration.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ConnectorConfig::File(_) => "file",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// concord captures changes from the system only.
+    Read,
+    /// concord writes to the system only.
+    Write,
+    /// Both.
+    #[default]
+    Both,
+}
+
+impl Direction {
+    pub fn reads(self) -> bool {
+        matches!(self, Direction::Read | Direction::Both)
+    }
+    pub fn writes(self) -> bool {
+        matches!(self, Direction::Write | Direction::Both)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: f64,
+    /// Requests that may be sent at once after an idle period.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+/// How concord authenticates to a system. The secret itself is a reference.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// A static key sent in a header or query parameter.
+    ApiKey {
+        key: SecretRef,
+        #[serde(default)]
+        header: Option<String>,
+        #[serde(default)]
+        query: Option<String>,
+    },
+    /// A static bearer token.
+    Bearer { token: SecretRef },
+    /// HTTP basic authentication.
+    Basic { username: String, password: SecretRef },
+}
+
+impl AuthConfig {
+    pub fn method_name(&self) -> &'static str {
+        match self {
+            AuthConfig::ApiKey { .. } => "api_key",
+            AuthConfig::Bearer { .. } => "bearer",
+            AuthConfig::Basic { .. } => "basic",
+        }
+    }
+}
+
+/// One canonical record type.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EntityConfig {
+    /// JSON Schema (2020-12) every mapped change is validated against; relative to the
+    /// configuration file.
+    pub schema: PathBuf,
+    /// Canonical fields that recognise the same record across systems, tried in order.
+    #[serde(default)]
+    pub match_keys: Vec<String>,
+    /// Policy for fields that have no owner.
+    #[serde(default)]
+    pub default_policy: DefaultPolicy,
+    /// Field authority, by canonical field name.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldAuthorityConfig>,
+    /// Who may delete records and how much at once.
+    #[serde(default)]
+    pub delete: DeleteConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultPolicy {
+    /// The change with the later source time wins.
+    #[default]
+    LastWriterWins,
+    /// The first value set stays until an owner changes it.
+    FirstWriterWins,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldAuthorityConfig {
+    /// Systems that own the field, highest precedence first.
+    #[serde(default)]
+    pub owners: Vec<String>,
+    /// When true, all owners rank equally and the later source time wins among them.
+    #[serde(default)]
+    pub owners_equal: bool,
+    /// What happens to a change from a system that does not own the field.
+    #[serde(default)]
+    pub non_owner: NonOwnerPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NonOwnerPolicy {
+    /// Write the agreed value back to the system that changed it.
+    #[default]
+    Revert,
+    /// Leave the system's own value in place, do not spread it.
+    Ignore,
+    /// Like ignore, and park the change for review.
+    Flag,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteConfig {
+    /// Systems whose deletes end a record; empty means every linked system.
+    #[serde(default)]
+    pub allowed_from: Vec<String>,
+    /// Largest share (0..=1) of one system's records one batch may delete; above it the
+    /// batch's deletes are dead-lettered for review.
+    #[serde(default = "default_max_delete_share")]
+    pub max_share: f64,
+    /// The guard applies only when the system holds at least this many records.
+    #[serde(default = "default_guard_min_records")]
+    pub guard_min_records: u64,
+}
+
+impl Default for DeleteConfig {
+    fn default() -> Self {
+        Self {
+            allowed_from: Vec::new(),
+            max_share: default_max_delete_share(),
+            guard_min_records: default_guard_min_records(),
+        }
+    }
+}
+
+/// How one system holds one entity.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    pub system: String,
+    pub entity: String,
+    /// Object, table or file pattern, as the connector understands it.
+    pub object: String,
+    /// The system field that holds the system's own id for a record.
+    pub id_field: String,
+    /// The system field that holds the record's version or modification time, if any.
+    #[serde(default)]
+    pub version_field: Option<String>,
+    /// Field mapping rules, each both ways unless restricted.
+    #[serde(default)]
+    pub map: Vec<FieldMapConfig>,
+    /// Capture schedule; `None` disables capture on this link.
+    #[serde(default = "default_capture")]
+    pub capture: Option<CaptureConfig>,
+    /// Which writes concord may make.
+    #[serde(default)]
+    pub write: WriteMode,
+    /// Record what would be written, write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Only records selected here are synced through this link.
+    #[serde(default)]
+    pub rollout: Option<RolloutConfig>,
+    /// What a delete of the record (decided elsewhere) does in this system.
+    #[serde(default)]
+    pub on_delete: OnDelete,
+    /// Country calling code assumed for phone numbers written without one ("+44").
+    #[serde(default)]
+    pub default_country_code: Option<String>,
+}
+
+impl LinkConfig {
+    /// Stable name of the link, used as the checkpoint stream and in status.
+    pub fn name(&self) -> String {
+        format!("{}.{}", self.system, self.entity)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Seconds between polls of the source.
+    #[serde(default = "default_capture_interval")]
+    pub interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// Only create records the system does not hold yet.
+    Create,
+    /// Only update records the system already holds.
+    Update,
+    /// Create or update.
+    #[default]
+    Upsert,
+    /// Never write.
+    ReadOnly,
+}
+
+impl WriteMode {
+    pub fn may_create(self) -> bool {
+        matches!(self, WriteMode::Create | WriteMode::Upsert)
+    }
+    pub fn may_update(self) -> bool {
+        matches!(self, WriteMode::Update | WriteMode::Upsert)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutConfig {
+    /// Share of records, 0..=100, chosen by a stable hash of the first match key.
+    #[serde(default)]
+    pub percent: Option<f64>,
+    /// Explicit match-key values (normalised as the key is) that are in the rollout.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OnDelete {
+    /// Delete the record in this system too.
+    #[default]
+    Propagate,
+    /// Leave this system's record alone.
+    Ignore,
+    /// Set a field instead of deleting.
+    SoftDelete {
+        /// System field to set.
+        field: String,
+        /// Value to set it to.
+        value: serde_json::Value,
+    },
+}
+
+/// One mapping rule between canonical fields and system fields.
+///
+/// `canonical` and `system` are each one field or a list; at most one of them is a list:
+/// one to one (rename with transforms), many system fields joined into one canonical
+/// field (and split on the way out), or one system field split into many canonical
+/// fields (and joined on the way out). A rule with `constant` and no `canonical` sets a
+/// system field on every write.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMapConfig {
+    #[serde(default)]
+    pub canonical: Option<OneOrMany>,
+    pub system: OneOrMany,
+    /// Transforms applied in order on the way in, undone in reverse order on the way out.
+    #[serde(default)]
+    pub transforms: Vec<Transform>,
+    /// Separator for join and split rules.
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    /// A constant value: written to the system field (no `canonical`), or taken as the
+    /// canonical value (with `canonical`).
+    #[serde(default)]
+    pub constant: Option<serde_json::Value>,
+    /// Which way the rule applies.
+    #[serde(default)]
+    pub direction: MapDirection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            OneOrMany::One(s) => std::slice::from_ref(s),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MapDirection {
+    #[default]
+    Both,
+    /// System to canonical only.
+    In,
+    /// Canonical to system only.
+    Out,
+}
+
+/// A value transform. Inbound it normalises a system value into the canonical form;
+/// outbound it is undone where that has meaning (dates, value maps) and is the
+/// identity otherwise (trim, case, phone).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Transform {
+    Trim,
+    Lower,
+    Upper,
+    /// Normalise a phone number to E.164 (`+` and 8 to 15 digits).
+    E164,
+    /// Reformat a date or time: `system` and `canonical` are strftime formats.
+    Date { system: String, canonical: String },
+    /// Replace values by a table; the inverse table is used on the way out.
+    Map(BTreeMap<String, serde_json::Value>),
+    /// Parse text into a boolean, integer or number on the way in.
+    Parse(ParseType),
+    /// An empty string becomes null on the way in.
+    EmptyAsNull,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ParseType {
+    Bool,
+    Integer,
+    Number,
+}
+
+fn default_batch_size() -> usize {
+    DEFAULT_BATCH_SIZE
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn default_backoff_min_ms() -> u64 {
+    DEFAULT_BACKOFF_MIN_MS
+}
+fn default_backoff_max_ms() -> u64 {
+    DEFAULT_BACKOFF_MAX_MS
+}
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_string()
+}
+fn default_cache_mb() -> u64 {
+    DEFAULT_STATE_CACHE_MB
+}
+fn default_decision_retention() -> u64 {
+    DEFAULT_DECISION_RETENTION
+}
+fn default_txlog_retention() -> u64 {
+    DEFAULT_TXLOG_RETENTION
+}
+fn default_retention_days() -> u64 {
+    DEFAULT_RETENTION_DAYS
+}
+fn default_capture_interval() -> u64 {
+    DEFAULT_CAPTURE_INTERVAL_SECS
+}
+fn default_capture() -> Option<CaptureConfig> {
+    Some(CaptureConfig { interval_secs: DEFAULT_CAPTURE_INTERVAL_SECS })
+}
+/// One burst slot per request per second, at least one.
+fn default_burst() -> u32 {
+    1
+}
+/// A batch that would delete a tenth of a system's records is more likely a broken
+/// export than a real clean-up.
+fn default_max_delete_share() -> f64 {
+    0.1
+}
+/// Below this many records the share is too noisy to judge.
+fn default_guard_min_records() -> u64 {
+    20
+}
+fn default_separator() -> String {
+    " ".to_string()
+}

@@ -1,0 +1,164 @@
+//! The seam between concord and the systems it connects: the [`Source`] and [`Sink`]
+//! contracts, the error classification every connector reports, and the closed set of
+//! connector types. Only code under this module talks to external systems.
+
+pub mod file;
+pub mod memory;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{SourceRecord, SourceReject, Write, WriteAck};
+
+/// How the engine should treat a failed operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// May succeed if tried again later (timeouts, 429, 5xx, connection refused).
+    Transient,
+    /// Will fail again the same way (validation refused, 4xx): dead-letter it.
+    Permanent,
+    /// The link cannot go on (slot lost, credentials revoked): stop the link, report.
+    Fatal,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Fatal => "fatal",
+        }
+    }
+}
+
+/// An error from a connector, classified. `reason` is a short lowercase text that never
+/// holds a secret or a record value; `kind` is a bounded label for metrics.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct ConnectorError {
+    pub class: ErrorClass,
+    pub kind: &'static str,
+    pub reason: String,
+    /// The system asked to wait this long before trying again (HTTP Retry-After).
+    pub retry_after: Option<Duration>,
+}
+
+impl ConnectorError {
+    pub fn transient(kind: &'static str, reason: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Transient, kind, reason: reason.into(), retry_after: None }
+    }
+    pub fn permanent(kind: &'static str, reason: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Permanent, kind, reason: reason.into(), retry_after: None }
+    }
+    pub fn fatal(kind: &'static str, reason: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Fatal, kind, reason: reason.into(), retry_after: None }
+    }
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+}
+
+/// An opaque source position (file and byte offset, cursor, LSN), stored in the state
+/// store in the same transaction as the batch's effects.
+pub type Checkpoint = serde_json::Value;
+
+/// What one call to [`Source::next_batch`] yields.
+#[derive(Debug, Default)]
+pub struct SourceBatch {
+    pub records: Vec<SourceRecord>,
+    /// Items that could not be read as records; they become dead letters.
+    pub rejects: Vec<SourceReject>,
+    /// The position after this batch. The engine stores it with the batch's effects and
+    /// then calls [`Source::committed`] with it.
+    pub checkpoint: Checkpoint,
+}
+
+/// A stream of changes from one link (one system, one entity).
+///
+/// Contract:
+/// - At least once: after a crash the source resumes from the last checkpoint the
+///   engine committed, so items after it may be yielded again. The merge makes a
+///   repeated change a no-op.
+/// - Order: items of one record are yielded in the order the system made them.
+/// - The engine calls `next_batch` and `committed` alternately from one task; a source
+///   acknowledges upstream (moves a file, confirms an LSN) only in `committed`, which
+///   runs after the redb commit that recorded the batch.
+/// - `Ok(None)` means nothing is available now; the engine waits the capture interval.
+/// - Errors are classified: transient ones are retried with backoff, fatal ones stop
+///   the link and show in status.
+pub trait Source: Send {
+    fn next_batch(
+        &mut self,
+        max_records: usize,
+    ) -> impl Future<Output = Result<Option<SourceBatch>, ConnectorError>> + Send;
+
+    fn committed(
+        &mut self,
+        checkpoint: &Checkpoint,
+    ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
+
+    /// Age in seconds of the oldest change the source knows of but has not yielded.
+    fn lag_seconds(&self) -> f64;
+}
+
+/// Writes to one system.
+///
+/// Contract:
+/// - Idempotent: the engine may repeat a write after a crash (it was sent but its
+///   confirmation was not committed). Sinks use upserts by id or external id and
+///   version checks where the system has them, so a repeat changes nothing.
+/// - `apply` returns one result per write, in order. A sink may apply the writes in any
+///   order except that writes to one record keep their order.
+/// - Creates return the id the system assigned; the engine records it in the identity
+///   map.
+pub trait Sink: Send {
+    fn apply(
+        &mut self,
+        writes: Vec<Write>,
+    ) -> impl Future<Output = Vec<Result<WriteAck, ConnectorError>>> + Send;
+}
+
+/// A source of any connector type. A closed enum: `match` dispatches.
+pub enum AnySource {
+    File(file::FileSource),
+    Memory(memory::MemorySource),
+}
+
+impl AnySource {
+    pub async fn next_batch(&mut self, max: usize) -> Result<Option<SourceBatch>, ConnectorError> {
+        match self {
+            AnySource::File(s) => s.next_batch(max).await,
+            AnySource::Memory(s) => s.next_batch(max).await,
+        }
+    }
+    pub async fn committed(&mut self, checkpoint: &Checkpoint) -> Result<(), ConnectorError> {
+        match self {
+            AnySource::File(s) => s.committed(checkpoint).await,
+            AnySource::Memory(s) => s.committed(checkpoint).await,
+        }
+    }
+    pub fn lag_seconds(&self) -> f64 {
+        match self {
+            AnySource::File(s) => s.lag_seconds(),
+            AnySource::Memory(s) => s.lag_seconds(),
+        }
+    }
+}
+
+/// A sink of any connector type.
+pub enum AnySink {
+    File(file::FileSink),
+    Memory(memory::MemorySink),
+}
+
+impl AnySink {
+    pub async fn apply(&mut self, writes: Vec<Write>) -> Vec<Result<WriteAck, ConnectorError>> {
+        match self {
+            AnySink::File(s) => s.apply(writes).await,
+            AnySink::Memory(s) => s.apply(writes).await,
+        }
+    }
+}
