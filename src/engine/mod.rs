@@ -1,1 +1,4 @@
 //! Engine.
+pub mod batch;
+pub mod runtime;
+pub mod status;

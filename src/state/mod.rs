@@ -1,1 +1,642 @@
-//! State store.
+//! The state store: everything concord remembers, in one redb file. Tables are defined
+//! in [`tables`]; this module gives them typed access.
+//!
+//! Writes go through [`StateStore::write`], which opens every table once, hands a
+//! [`WriteTables`] to the caller, and commits once: one durable commit per batch, not
+//! per change. A crash before the commit leaves the previous state untouched (redb is
+//! copy-on-write), which is what makes "acknowledge upstream only after commit" safe.
+//!
+//! Calls block on disk I/O; async callers run them in `spawn_blocking`.
+
+pub mod tables;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::merge::{Decision, WriteAction};
+use crate::model::{GlobalId, RecordState, SourceRecord, SourceReject, TimeMs};
+use tables::*;
+
+/// The state file's name inside the state directory.
+pub const STATE_FILE: &str = "concord.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open state file {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("state file has schema version {found}, this build reads version {expected}")]
+    SchemaVersion { found: u64, expected: u64 },
+    #[error("state store transaction failed")]
+    Transaction(#[from] redb::TransactionError),
+    #[error("state store table cannot be opened")]
+    Table(#[from] redb::TableError),
+    #[error("state store read or write failed")]
+    Storage(#[from] redb::StorageError),
+    #[error("state store commit failed")]
+    Commit(#[from] redb::CommitError),
+    #[error("state store value in table {table} cannot be decoded")]
+    Decode {
+        table: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A write waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub system: String,
+    pub entity: String,
+    pub global_id: GlobalId,
+    /// Canonical values to set (as agreed when the merge planned the write).
+    pub action: WriteAction,
+    /// The system whose change caused the write.
+    pub source_system: String,
+    pub source_time_ms: TimeMs,
+    pub decision: u64,
+    pub enqueued_ms: TimeMs,
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Why something was dead-lettered; bounded, usable as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterClass {
+    /// A source item that could not be read as a record.
+    Unreadable,
+    /// Mapping to canonical fields failed.
+    Mapping,
+    /// The mapped record does not satisfy the entity's schema.
+    Validation,
+    /// Two records in one system share a match key.
+    DuplicateMatchKey,
+    /// The batch would delete more than the guard allows.
+    DeleteGuard,
+    /// The system refused the write.
+    WriteRejected,
+    /// The write kept failing until the attempts ran out.
+    RetriesExhausted,
+}
+
+impl DeadLetterClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterClass::Unreadable => "unreadable",
+            DeadLetterClass::Mapping => "mapping",
+            DeadLetterClass::Validation => "validation",
+            DeadLetterClass::DuplicateMatchKey => "duplicate_match_key",
+            DeadLetterClass::DeleteGuard => "delete_guard",
+            DeadLetterClass::WriteRejected => "write_rejected",
+            DeadLetterClass::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// What was dead-lettered, kept whole so it can be replayed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum DeadItem {
+    /// A captured record; replay runs it through mapping and merge again.
+    Change { record: SourceRecord },
+    /// A source item that was not a record; replay is not possible, fix the source.
+    Reject { reject: SourceReject },
+    /// A write; replay queues it again.
+    Write { entry: OutboxEntry },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: u64,
+    pub time_ms: TimeMs,
+    /// The system the item came from (changes) or was going to (writes).
+    pub system: String,
+    pub entity: String,
+    pub class: DeadLetterClass,
+    /// Why, without record values.
+    pub reason: String,
+    pub item: DeadItem,
+}
+
+/// One write attempt, without values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteLogEntry {
+    pub id: u64,
+    pub time_ms: TimeMs,
+    pub source_system: String,
+    pub target_system: String,
+    pub entity: String,
+    pub global_id: GlobalId,
+    pub op: String,
+    /// ok, retry, dead_letter.
+    pub outcome: String,
+    pub attempt: u32,
+    pub seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One audited access through the admin API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub time_ms: TimeMs,
+    pub who: String,
+    pub action: String,
+    pub target: String,
+    pub from: String,
+}
+
+/// Handle to the state file. Cheap to clone.
+#[derive(Clone)]
+pub struct StateStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (or creates) `dir/concord.redb` with a page cache of `cache_mb` MiB.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<StateStore, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+        let path = dir.join(STATE_FILE);
+        let db = Database::builder()
+            .set_cache_size((cache_mb as usize).saturating_mul(1024 * 1024))
+            .create(&path)
+            .map_err(|source| StateError::Open { path: path.clone(), source })?;
+        let store = StateStore { db: Arc::new(db), path };
+        store.init()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn init(&self) -> Result<(), StateError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|v| v.value());
+            match found {
+                Some(v) if v != SCHEMA_VERSION => {
+                    return Err(StateError::SchemaVersion { found: v, expected: SCHEMA_VERSION });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+            }
+            // Create every table so readers never meet a missing one.
+            txn.open_table(SEQUENCES)?;
+            txn.open_table(RECORDS)?;
+            txn.open_table(IDENTITY)?;
+            txn.open_table(MATCH_INDEX)?;
+            txn.open_table(CHECKPOINTS)?;
+            txn.open_table(OUTBOX)?;
+            txn.open_table(DEAD_LETTERS)?;
+            txn.open_table(DECISIONS)?;
+            txn.open_table(WRITE_LOG)?;
+            txn.open_table(AUDIT)?;
+            txn.open_table(COUNTS)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` in one write transaction and commits it once if `f` succeeds.
+    pub fn write<T, E: From<StateError>>(&self, f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>) -> Result<T, E> {
+        let txn = self.db.begin_write().map_err(StateError::from)?;
+        let result = {
+            let mut tables = WriteTables::open(&txn)?;
+            f(&mut tables)?
+        };
+        let started = std::time::Instant::now();
+        txn.commit().map_err(StateError::from)?;
+        metrics::histogram!(crate::metrics::STATE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
+        Ok(result)
+    }
+
+    /// A consistent read-only view.
+    pub fn read(&self) -> Result<ReadView, StateError> {
+        Ok(ReadView { txn: self.db.begin_read()? })
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state values are plain data and always serialise")
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|source| StateError::Decode { table, source })
+}
+
+/// Every table, open for writing inside one transaction.
+pub struct WriteTables<'txn> {
+    sequences: Table<'txn, &'static str, u64>,
+    records: Table<'txn, (&'static str, u128), &'static [u8]>,
+    identity: Table<'txn, (&'static str, &'static str, &'static str), u128>,
+    match_index: Table<'txn, (&'static str, &'static str, &'static str), u128>,
+    checkpoints: Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
+    dead_letters: Table<'txn, u64, &'static [u8]>,
+    decisions: Table<'txn, u64, &'static [u8]>,
+    write_log: Table<'txn, u64, &'static [u8]>,
+    audit: Table<'txn, u64, &'static [u8]>,
+    counts: Table<'txn, (&'static str, &'static str), u64>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StateError> {
+        Ok(Self {
+            sequences: txn.open_table(SEQUENCES)?,
+            records: txn.open_table(RECORDS)?,
+            identity: txn.open_table(IDENTITY)?,
+            match_index: txn.open_table(MATCH_INDEX)?,
+            checkpoints: txn.open_table(CHECKPOINTS)?,
+            outbox: txn.open_table(OUTBOX)?,
+            dead_letters: txn.open_table(DEAD_LETTERS)?,
+            decisions: txn.open_table(DECISIONS)?,
+            write_log: txn.open_table(WRITE_LOG)?,
+            audit: txn.open_table(AUDIT)?,
+            counts: txn.open_table(COUNTS)?,
+        })
+    }
+
+    /// Next id of a sequence; ids start at 1.
+    pub fn next_id(&mut self, sequence: &str) -> Result<u64, StateError> {
+        let next = self.sequences.get(sequence)?.map(|v| v.value()).unwrap_or(1);
+        self.sequences.insert(sequence, next + 1)?;
+        Ok(next)
+    }
+
+    pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
+        match self.records.get((entity, id.as_u128()))? {
+            Some(v) => Ok(Some(decode("records", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_record(&mut self, entity: &str, id: GlobalId, state: &RecordState) -> Result<(), StateError> {
+        self.records.insert((entity, id.as_u128()), encode(state).as_slice())?;
+        Ok(())
+    }
+
+    pub fn remove_record(&mut self, entity: &str, id: GlobalId) -> Result<(), StateError> {
+        self.records.remove((entity, id.as_u128()))?;
+        Ok(())
+    }
+
+    pub fn identity(&self, entity: &str, system: &str, local_id: &str) -> Result<Option<GlobalId>, StateError> {
+        Ok(self.identity.get((entity, system, local_id))?.map(|v| GlobalId::from_u128(v.value())))
+    }
+
+    /// Maps a local id to a global id. Returns true when the mapping is new, so the
+    /// caller can count the record as one more that the system holds.
+    pub fn put_identity(&mut self, entity: &str, system: &str, local_id: &str, id: GlobalId) -> Result<bool, StateError> {
+        let previous = self.identity.insert((entity, system, local_id), id.as_u128())?;
+        let new = previous.is_none();
+        drop(previous);
+        if new {
+            self.add_count(entity, system, 1)?;
+        }
+        Ok(new)
+    }
+
+    pub fn remove_identity(&mut self, entity: &str, system: &str, local_id: &str) -> Result<(), StateError> {
+        let removed = self.identity.remove((entity, system, local_id))?.is_some();
+        if removed {
+            self.add_count(entity, system, -1)?;
+        }
+        Ok(())
+    }
+
+    pub fn match_key(&self, entity: &str, key: &str, value: &str) -> Result<Option<GlobalId>, StateError> {
+        Ok(self.match_index.get((entity, key, value))?.map(|v| GlobalId::from_u128(v.value())))
+    }
+
+    pub fn put_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
+        self.match_index.insert((entity, key, value), id.as_u128())?;
+        Ok(())
+    }
+
+    /// Removes a match-key entry if it still points at `id`.
+    pub fn remove_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
+        let current = self.match_index.get((entity, key, value))?.map(|v| v.value());
+        if current == Some(id.as_u128()) {
+            self.match_index.remove((entity, key, value))?;
+        }
+        Ok(())
+    }
+
+    pub fn count(&self, entity: &str, system: &str) -> Result<u64, StateError> {
+        Ok(self.counts.get((entity, system))?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    fn add_count(&mut self, entity: &str, system: &str, delta: i64) -> Result<(), StateError> {
+        let current = self.count(entity, system)?;
+        self.counts.insert((entity, system), current.saturating_add_signed(delta))?;
+        Ok(())
+    }
+
+    pub fn checkpoint(&self, system: &str, stream: &str) -> Result<Option<serde_json::Value>, StateError> {
+        match self.checkpoints.get((system, stream))? {
+            Some(v) => Ok(Some(decode("checkpoints", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_checkpoint(&mut self, system: &str, stream: &str, checkpoint: &serde_json::Value) -> Result<(), StateError> {
+        self.checkpoints.insert((system, stream), encode(checkpoint).as_slice())?;
+        Ok(())
+    }
+
+    /// Queues a write; `entry.seq` is assigned here and returned.
+    pub fn enqueue(&mut self, mut entry: OutboxEntry) -> Result<u64, StateError> {
+        let seq = self.next_id("outbox")?;
+        entry.seq = seq;
+        self.outbox.insert((entry.system.as_str(), seq), encode(&entry).as_slice())?;
+        Ok(seq)
+    }
+
+    /// Replaces an entry kept for another attempt.
+    pub fn update_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StateError> {
+        self.outbox.insert((entry.system.as_str(), entry.seq), encode(entry).as_slice())?;
+        Ok(())
+    }
+
+    pub fn remove_outbox(&mut self, system: &str, seq: u64) -> Result<Option<OutboxEntry>, StateError> {
+        match self.outbox.remove((system, seq))? {
+            Some(v) => Ok(Some(decode("outbox", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_decision(&mut self, decision: &Decision) -> Result<(), StateError> {
+        self.decisions.insert(decision.id, encode(decision).as_slice())?;
+        Ok(())
+    }
+
+    /// Stores a dead letter; `letter.id` is assigned here and returned.
+    pub fn dead_letter(&mut self, mut letter: DeadLetter) -> Result<u64, StateError> {
+        letter.id = self.next_id("dead_letter")?;
+        self.dead_letters.insert(letter.id, encode(&letter).as_slice())?;
+        metrics::counter!(crate::metrics::DEAD_LETTERS,
+            crate::metrics::LABEL_SYSTEM => letter.system.clone(),
+            crate::metrics::LABEL_ENTITY => letter.entity.clone(),
+            crate::metrics::LABEL_CLASS => letter.class.as_str())
+        .increment(1);
+        Ok(letter.id)
+    }
+
+    pub fn take_dead_letter(&mut self, id: u64) -> Result<Option<DeadLetter>, StateError> {
+        match self.dead_letters.remove(id)? {
+            Some(v) => Ok(Some(decode("dead_letters", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn log_write(&mut self, mut entry: WriteLogEntry) -> Result<(), StateError> {
+        entry.id = self.next_id("write_log")?;
+        self.write_log.insert(entry.id, encode(&entry).as_slice())?;
+        Ok(())
+    }
+
+    pub fn audit(&mut self, mut entry: AuditEntry) -> Result<u64, StateError> {
+        entry.id = self.next_id("audit")?;
+        self.audit.insert(entry.id, encode(&entry).as_slice())?;
+        Ok(entry.id)
+    }
+
+    /// Drops decisions and write-log entries beyond `max` or older than `min_time_ms`.
+    /// Returns how many rows were removed.
+    pub fn prune(&mut self, max_decisions: u64, max_write_log: u64, min_time_ms: TimeMs) -> Result<u64, StateError> {
+        let mut removed = prune_table(&mut self.decisions, max_decisions, min_time_ms, |b| {
+            decode::<TimeOnly>("decisions", b).map(|t| t.time_ms)
+        })?;
+        removed += prune_table(&mut self.write_log, max_write_log, min_time_ms, |b| {
+            decode::<TimeOnly>("write_log", b).map(|t| t.time_ms)
+        })?;
+        Ok(removed)
+    }
+}
+
+#[derive(Deserialize)]
+struct TimeOnly {
+    time_ms: TimeMs,
+}
+
+/// Removes the oldest rows of an id-keyed log table while it holds more than `max` rows
+/// or its oldest row is older than `min_time_ms`. Ids grow with time, so the oldest
+/// rows are the first.
+fn prune_table(
+    table: &mut Table<'_, u64, &'static [u8]>,
+    max: u64,
+    min_time_ms: TimeMs,
+    time_of: impl Fn(&[u8]) -> Result<TimeMs, StateError>,
+) -> Result<u64, StateError> {
+    let mut len = table.len()?;
+    let mut removed = 0;
+    // Bounded per call so a large backlog is pruned over several maintenance runs
+    // instead of one long transaction.
+    while removed < 100_000 {
+        let Some((id, too_old)) = ({
+            let first = table.first()?;
+            match first {
+                Some((k, v)) => Some((k.value(), time_of(v.value())? < min_time_ms)),
+                None => None,
+            }
+        }) else {
+            break;
+        };
+        if len <= max && !too_old {
+            break;
+        }
+        table.remove(id)?;
+        len -= 1;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// A consistent snapshot for reading (admin API, appliers).
+pub struct ReadView {
+    txn: redb::ReadTransaction,
+}
+
+impl ReadView {
+    pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
+        let table = self.txn.open_table(RECORDS)?;
+        match table.get((entity, id.as_u128()))? {
+            Some(v) => Ok(Some(decode("records", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn identity(&self, entity: &str, system: &str, local_id: &str) -> Result<Option<GlobalId>, StateError> {
+        let table = self.txn.open_table(IDENTITY)?;
+        Ok(table.get((entity, system, local_id))?.map(|v| GlobalId::from_u128(v.value())))
+    }
+
+    pub fn checkpoint(&self, system: &str, stream: &str) -> Result<Option<serde_json::Value>, StateError> {
+        let table = self.txn.open_table(CHECKPOINTS)?;
+        match table.get((system, stream))? {
+            Some(v) => Ok(Some(decode("checkpoints", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` pending writes for `system`, oldest first.
+    pub fn outbox(&self, system: &str, limit: usize) -> Result<Vec<OutboxEntry>, StateError> {
+        let table = self.txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for row in table.range((system, 0u64)..=(system, u64::MAX))?.take(limit) {
+            let (_, v) = row?;
+            out.push(decode("outbox", v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn outbox_depth(&self, system: &str) -> Result<u64, StateError> {
+        let table = self.txn.open_table(OUTBOX)?;
+        let mut n = 0;
+        for row in table.range((system, 0u64)..=(system, u64::MAX))? {
+            row?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Dead letters, newest first, optionally of one system.
+    pub fn dead_letters(&self, system: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StateError> {
+        let table = self.txn.open_table(DEAD_LETTERS)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev() {
+            let (_, v) = row?;
+            let letter: DeadLetter = decode("dead_letters", v.value())?;
+            if system.is_none_or(|s| s == letter.system) {
+                out.push(letter);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StateError> {
+        let table = self.txn.open_table(DEAD_LETTERS)?;
+        match table.get(id)? {
+            Some(v) => Ok(Some(decode("dead_letters", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Dead-letter count per system.
+    pub fn dead_letter_depths(&self) -> Result<std::collections::BTreeMap<String, u64>, StateError> {
+        let table = self.txn.open_table(DEAD_LETTERS)?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in table.iter()? {
+            let (_, v) = row?;
+            let letter: DeadLetter = decode("dead_letters", v.value())?;
+            *out.entry(letter.system).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    /// Decisions, newest first, filtered by entity, global id and flagged/conflict.
+    pub fn decisions(&self, filter: &DecisionFilter, limit: usize) -> Result<Vec<Decision>, StateError> {
+        let table = self.txn.open_table(DECISIONS)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev() {
+            let (_, v) = row?;
+            let d: Decision = decode("decisions", v.value())?;
+            if filter.matches(&d) {
+                out.push(d);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Write-log entries, newest first.
+    pub fn write_log(&self, system: Option<&str>, limit: usize) -> Result<Vec<WriteLogEntry>, StateError> {
+        let table = self.txn.open_table(WRITE_LOG)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev() {
+            let (_, v) = row?;
+            let e: WriteLogEntry = decode("write_log", v.value())?;
+            if system.is_none_or(|s| s == e.target_system || s == e.source_system) {
+                out.push(e);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StateError> {
+        let table = self.txn.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in table.iter()?.rev().take(limit) {
+            let (_, v) = row?;
+            out.push(decode("audit", v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every record of an entity (for tests and small exports; streams from disk).
+    pub fn records(&self, entity: &str) -> Result<Vec<(GlobalId, RecordState)>, StateError> {
+        let table = self.txn.open_table(RECORDS)?;
+        let mut out = Vec::new();
+        for row in table.range((entity, 0u128)..=(entity, u128::MAX))? {
+            let (k, v) = row?;
+            out.push((GlobalId::from_u128(k.value().1), decode("records", v.value())?));
+        }
+        Ok(out)
+    }
+
+    pub fn record_count(&self) -> Result<u64, StateError> {
+        Ok(self.txn.open_table(RECORDS)?.len()?)
+    }
+}
+
+/// Which decisions to list.
+#[derive(Debug, Clone, Default)]
+pub struct DecisionFilter {
+    pub entity: Option<String>,
+    pub global_id: Option<GlobalId>,
+    pub system: Option<String>,
+    pub flagged_only: bool,
+    pub conflicts_only: bool,
+}
+
+impl DecisionFilter {
+    fn matches(&self, d: &Decision) -> bool {
+        self.entity.as_ref().is_none_or(|e| *e == d.entity)
+            && self.global_id.is_none_or(|g| g == d.global_id)
+            && self.system.as_ref().is_none_or(|s| *s == d.system)
+            && (!self.flagged_only || d.flagged)
+            && (!self.conflicts_only || d.conflicts().next().is_some())
+    }
+}

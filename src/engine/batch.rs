@@ -1,0 +1,349 @@
+//! One captured batch through map → validate → identify → merge → state, inside one
+//! write transaction. Runs on a blocking thread; the caller commits once.
+
+use std::collections::BTreeSet;
+
+use crate::config::RolloutConfig;
+use crate::connector::Checkpoint;
+use crate::mapping::{in_rollout, normalise_key};
+use crate::merge::{self, MergeInput, Target, WriteMode};
+use crate::metrics as m;
+use crate::model::{Change, ChangeKind, GlobalId, RecordState, SourceRecord, SourceReject, TimeMs};
+use crate::state::{DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, WriteTables};
+
+use super::runtime::{EntityRuntime, LinkRuntime, Runtime};
+
+/// What a batch did, for the caller's metrics and to wake appliers.
+#[derive(Debug, Default)]
+pub struct BatchReport {
+    pub captured: u64,
+    pub merged: u64,
+    pub dead_lettered: u64,
+    pub skipped: u64,
+    /// Systems that got new outbox entries.
+    pub wake: BTreeSet<String>,
+}
+
+/// Processes the records and rejects of one batch from `link`, and stores `checkpoint`
+/// (when given) in the same transaction.
+pub fn process(
+    rt: &Runtime,
+    tables: &mut WriteTables<'_>,
+    link: &LinkRuntime,
+    records: &[SourceRecord],
+    rejects: &[SourceReject],
+    checkpoint: Option<&Checkpoint>,
+    now: TimeMs,
+) -> Result<BatchReport, StateError> {
+    let entity = rt.entities.get(&link.config.entity).expect("every link's entity is compiled with the runtime");
+    let system = link.config.system.as_str();
+    let mut report = BatchReport { captured: records.len() as u64, ..BatchReport::default() };
+
+    for reject in rejects {
+        tables.dead_letter(DeadLetter {
+            id: 0,
+            time_ms: now,
+            system: system.to_string(),
+            entity: entity.name.clone(),
+            class: DeadLetterClass::Unreadable,
+            reason: reject.reason.clone(),
+            item: DeadItem::Reject { reject: reject.clone() },
+        })?;
+        report.dead_lettered += 1;
+    }
+
+    let guarded = delete_guard_trips(tables, entity, system, records)?;
+    for record in records {
+        if guarded && record.kind == ChangeKind::Delete {
+            let reason = format!(
+                "batch deletes more than {:.0}% of the records {system} holds; held for review",
+                entity.delete.max_share * 100.0
+            );
+            dead_letter_change(tables, entity, system, record, DeadLetterClass::DeleteGuard, reason, now)?;
+            report.dead_lettered += 1;
+            continue;
+        }
+        match process_record(rt, tables, entity, link, record, now)? {
+            RecordOutcome::Merged(wake) => {
+                report.merged += 1;
+                report.wake.extend(wake);
+            }
+            RecordOutcome::DeadLettered => report.dead_lettered += 1,
+            RecordOutcome::Skipped => report.skipped += 1,
+        }
+    }
+    if let Some(checkpoint) = checkpoint {
+        tables.put_checkpoint(system, &link.name, checkpoint)?;
+    }
+    metrics::counter!(m::CHANGES_CAPTURED, m::LABEL_SYSTEM => system.to_string(), m::LABEL_ENTITY => entity.name.clone())
+        .increment(report.captured);
+    Ok(report)
+}
+
+enum RecordOutcome {
+    Merged(Vec<String>),
+    DeadLettered,
+    Skipped,
+}
+
+/// The mass-delete guard: true when the batch's deletes exceed the allowed share of
+/// the records the system holds.
+fn delete_guard_trips(
+    tables: &WriteTables<'_>,
+    entity: &EntityRuntime,
+    system: &str,
+    records: &[SourceRecord],
+) -> Result<bool, StateError> {
+    let deletes = records.iter().filter(|r| r.kind == ChangeKind::Delete).count() as u64;
+    if deletes == 0 {
+        return Ok(false);
+    }
+    let held = tables.count(&entity.name, system)?;
+    Ok(held >= entity.delete.guard_min_records && deletes as f64 > entity.delete.max_share * held as f64)
+}
+
+fn dead_letter_change(
+    tables: &mut WriteTables<'_>,
+    entity: &EntityRuntime,
+    system: &str,
+    record: &SourceRecord,
+    class: DeadLetterClass,
+    reason: String,
+    now: TimeMs,
+) -> Result<(), StateError> {
+    if matches!(class, DeadLetterClass::Mapping | DeadLetterClass::Validation) {
+        metrics::counter!(m::VALIDATION_FAILURES, m::LABEL_SYSTEM => system.to_string(), m::LABEL_ENTITY => entity.name.clone())
+            .increment(1);
+    }
+    tables.dead_letter(DeadLetter {
+        id: 0,
+        time_ms: now,
+        system: system.to_string(),
+        entity: entity.name.clone(),
+        class,
+        reason,
+        item: DeadItem::Change { record: record.clone() },
+    })?;
+    Ok(())
+}
+
+/// The normalised values of the entity's match keys present in `fields`.
+fn key_values(entity: &EntityRuntime, fields: &crate::model::Fields) -> Vec<(String, String)> {
+    entity
+        .match_keys
+        .iter()
+        .filter_map(|(key, format)| {
+            let value = fields.get(key)?;
+            normalise_key(value, format.as_deref()).map(|v| (key.clone(), v))
+        })
+        .collect()
+}
+
+/// Whether a record with these match-key values is in a link's rollout.
+pub fn rollout_selects(rollout: Option<&RolloutConfig>, keys: &[(String, String)]) -> bool {
+    match rollout {
+        None => true,
+        Some(r) => in_rollout(r, keys.first().map(|(_, v)| v.as_str())),
+    }
+}
+
+/// Maps, validates, identifies and merges one record, storing every effect.
+/// Public within the crate so that dead-letter replay takes the same path.
+pub(crate) fn process_record(
+    rt: &Runtime,
+    tables: &mut WriteTables<'_>,
+    entity: &EntityRuntime,
+    link: &LinkRuntime,
+    record: &SourceRecord,
+    now: TimeMs,
+) -> Result<RecordOutcome, StateError> {
+    let system = link.config.system.as_str();
+    let fields = match record.kind {
+        ChangeKind::Upsert => match link.mapping.inbound(&record.fields) {
+            Ok(fields) => fields,
+            Err(error) => {
+                dead_letter_change(tables, entity, system, record, DeadLetterClass::Mapping, error.to_string(), now)?;
+                return Ok(RecordOutcome::DeadLettered);
+            }
+        },
+        ChangeKind::Delete => Default::default(),
+    };
+    if record.kind == ChangeKind::Upsert {
+        if let Err(problems) = entity.schema.validate(&fields) {
+            dead_letter_change(tables, entity, system, record, DeadLetterClass::Validation, problems.join("; "), now)?;
+            return Ok(RecordOutcome::DeadLettered);
+        }
+    }
+
+    // Identify: the identity map first, then the match keys.
+    let keys = key_values(entity, &fields);
+    let known = tables.identity(&entity.name, system, &record.local_id)?;
+    let (global_id, state) = match known {
+        Some(id) => (id, tables.record(&entity.name, id)?),
+        None => {
+            if record.kind == ChangeKind::Delete {
+                // A delete of a record concord never saw changes nothing.
+                return Ok(RecordOutcome::Skipped);
+            }
+            let mut found = None;
+            for (key, value) in &keys {
+                if let Some(id) = tables.match_key(&entity.name, key, value)? {
+                    found = Some(id);
+                    break;
+                }
+            }
+            match found {
+                Some(id) => {
+                    let state = tables.record(&entity.name, id)?;
+                    let other = state.as_ref().and_then(|s| s.shadows.get(system)).filter(|sh| {
+                        !sh.deleted && sh.local_id.as_deref().is_some_and(|l| l != record.local_id)
+                    });
+                    if let Some(other) = other {
+                        let reason = format!(
+                            "another {system} record ({}) has the same match key; not merged",
+                            other.local_id.as_deref().unwrap_or_default()
+                        );
+                        dead_letter_change(tables, entity, system, record, DeadLetterClass::DuplicateMatchKey, reason, now)?;
+                        return Ok(RecordOutcome::DeadLettered);
+                    }
+                    (id, state)
+                }
+                None => (GlobalId::new_v7(), None),
+            }
+        }
+    };
+
+    // Rollout on capture: a record outside this link's rollout is not taken from it.
+    if !rollout_selects(link.config.rollout.as_ref(), &keys) && state.is_none() {
+        return Ok(RecordOutcome::Skipped);
+    }
+
+    let change = Change {
+        system: system.to_string(),
+        entity: entity.name.clone(),
+        local_id: record.local_id.clone(),
+        kind: record.kind,
+        fields,
+        version: record.version.clone(),
+        source_time_ms: record.source_time_ms.unwrap_or(now),
+    };
+    let decision_id = tables.next_id("decision")?;
+    let output = merge_change(rt, entity, &change, global_id, state.as_ref(), decision_id, now);
+    let mut decision = output.decision;
+    let mut new_state = output.state;
+
+    // Keep the match index in step with the agreed values.
+    let new_keys = key_values(entity, &new_state.base.values());
+    for (key, value) in &state.as_ref().map(|s| s.match_keys.clone()).unwrap_or_default() {
+        if new_keys.iter().all(|(k, v)| k != key || v != value) {
+            tables.remove_match_key(&entity.name, key, value, global_id)?;
+        }
+    }
+    new_state.match_keys = new_keys.iter().cloned().collect();
+    for (key, value) in &new_keys {
+        tables.put_match_key(&entity.name, key, value, global_id)?;
+    }
+
+    match record.kind {
+        ChangeKind::Upsert => {
+            tables.put_identity(&entity.name, system, &record.local_id, global_id)?;
+        }
+        ChangeKind::Delete => {
+            tables.remove_identity(&entity.name, system, &record.local_id)?;
+        }
+    }
+
+    let mut wake = Vec::new();
+    for (write, summary) in output.writes.iter().zip(decision.writes.iter_mut()) {
+        if write.mode != WriteMode::Send {
+            metrics::counter!(m::WRITES, m::LABEL_SYSTEM => write.system.clone(), m::LABEL_ENTITY => entity.name.clone(),
+                m::LABEL_OP => summary.action.clone(), m::LABEL_OUTCOME => "dry_run")
+            .increment(1);
+            continue;
+        }
+        let seq = tables.enqueue(OutboxEntry {
+            seq: 0,
+            system: write.system.clone(),
+            entity: entity.name.clone(),
+            global_id,
+            action: write.action.clone(),
+            source_system: system.to_string(),
+            source_time_ms: change.source_time_ms,
+            decision: decision_id,
+            enqueued_ms: now,
+            attempts: 0,
+            last_error: None,
+        })?;
+        summary.seq = Some(seq);
+        wake.push(write.system.clone());
+    }
+    tables.put_record(&entity.name, global_id, &new_state)?;
+    tables.put_decision(&decision)?;
+    record_metrics(&decision);
+    Ok(RecordOutcome::Merged(wake))
+}
+
+/// Builds the merge's view of every target and merges.
+fn merge_change(
+    rt: &Runtime,
+    entity: &EntityRuntime,
+    change: &Change,
+    global_id: GlobalId,
+    state: Option<&RecordState>,
+    decision_id: u64,
+    now: TimeMs,
+) -> merge::MergeOutput {
+    // Rollout of writes is decided on the agreed match keys, or the change's when new.
+    let keys_source = state.map(|s| s.base.values()).unwrap_or_else(|| change.fields.clone());
+    let keys = key_values(entity, &keys_source);
+    let targets: Vec<Target<'_>> = entity
+        .links
+        .iter()
+        .map(|&i| &rt.links[i])
+        .filter(|l| l.writes)
+        .map(|l| Target {
+            system: &l.config.system,
+            fields: &l.outbound,
+            may_create: l.config.write.may_create(),
+            may_update: l.config.write.may_update(),
+            on_delete: &l.config.on_delete,
+            mode: if l.config.dry_run {
+                WriteMode::DryRun
+            } else if !rollout_selects(l.config.rollout.as_ref(), &keys) {
+                WriteMode::OutsideRollout
+            } else {
+                WriteMode::Send
+            },
+        })
+        .collect();
+    merge::merge(MergeInput {
+        decision_id,
+        global_id,
+        state,
+        change,
+        policy: &entity.policy,
+        targets: &targets,
+        now_ms: now,
+    })
+}
+
+fn record_metrics(decision: &merge::Decision) {
+    metrics::counter!(m::CHANGES_MERGED, m::LABEL_ENTITY => decision.entity.clone(), m::LABEL_OUTCOME => decision.outcome.as_str())
+        .increment(1);
+    for field in &decision.fields {
+        if field.conflict {
+            metrics::counter!(m::CONFLICTS, m::LABEL_ENTITY => decision.entity.clone(), m::LABEL_FIELD => field.field.clone())
+                .increment(1);
+        }
+        if let Some(policy) = field.policy {
+            let policy = match policy {
+                crate::config::NonOwnerPolicy::Revert => "revert",
+                crate::config::NonOwnerPolicy::Ignore => "ignore",
+                crate::config::NonOwnerPolicy::Flag => "flag",
+            };
+            metrics::counter!(m::FIELD_REJECTIONS, m::LABEL_ENTITY => decision.entity.clone(),
+                m::LABEL_FIELD => field.field.clone(), m::LABEL_POLICY => policy)
+            .increment(1);
+        }
+    }
+}
