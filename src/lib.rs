@@ -19,3 +19,4 @@ pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod state;
+pub mod bench;

@@ -56,6 +56,30 @@ pub const RECORDS: &str = "concord_records";
 /// Admin API requests, by outcome (status class).
 pub const ADMIN_REQUESTS: &str = "concord_admin_requests_total";
 
+/// Every metric name above, for the tests that hold dashboards, alerts and the
+/// exposition to this list.
+pub const ALL: &[&str] = &[
+    BUILD_INFO,
+    CHANGES_CAPTURED,
+    CHANGES_MERGED,
+    FIELD_REJECTIONS,
+    CONFLICTS,
+    VALIDATION_FAILURES,
+    DEAD_LETTERS,
+    DLQ_DEPTH,
+    OUTBOX_DEPTH,
+    WRITES,
+    SOURCE_LAG,
+    END_TO_END_LATENCY,
+    STATE_COMMIT_DURATION,
+    FILES,
+    LAST_SUCCESS,
+    SYSTEM_ERRORS,
+    LINK_UP,
+    RECORDS,
+    ADMIN_REQUESTS,
+];
+
 /// Buckets for latency histograms, in seconds: 1 ms to 5 minutes.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,

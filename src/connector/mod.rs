@@ -162,3 +162,49 @@ impl AnySink {
         }
     }
 }
+
+/// Opens every source (capturing links, resumed from their committed checkpoints) and
+/// every sink (writing systems) the configuration asks for.
+pub fn open_all(
+    rt: &crate::engine::runtime::Runtime,
+    store: &crate::state::StateStore,
+) -> Result<crate::engine::Connectors, OpenError> {
+    use crate::config::ConnectorConfig;
+    let mut connectors = crate::engine::Connectors::default();
+    let view = store.read()?;
+    let base_dir = &rt.config.base_dir;
+    for link in rt.links.iter().filter(|l| l.captures) {
+        let system = &rt.config.systems[&link.config.system];
+        let checkpoint = view.checkpoint(&link.config.system, &link.name)?;
+        let source = match &system.connector {
+            ConnectorConfig::File(cfg) => AnySource::File(
+                file::FileSource::open(&link.config.system, cfg, &link.config, base_dir, checkpoint.as_ref())
+                    .map_err(|source| OpenError::Connector { what: link.name.clone(), source })?,
+            ),
+        };
+        connectors.sources.push((link.index, source));
+    }
+    for system_name in rt.writing_systems() {
+        let system = &rt.config.systems[&system_name];
+        let sink = match &system.connector {
+            ConnectorConfig::File(cfg) => AnySink::File(
+                file::FileSink::open(&system_name, cfg, base_dir)
+                    .map_err(|source| OpenError::Connector { what: system_name.clone(), source })?,
+            ),
+        };
+        connectors.sinks.insert(system_name, sink);
+    }
+    Ok(connectors)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open {what}")]
+    Connector {
+        what: String,
+        #[source]
+        source: ConnectorError,
+    },
+    #[error("cannot read checkpoints")]
+    State(#[from] crate::state::StateError),
+}

@@ -20,6 +20,8 @@ pub struct BatchReport {
     pub merged: u64,
     pub dead_lettered: u64,
     pub skipped: u64,
+    /// Ids of the dead letters the batch wrote.
+    pub dead_letter_ids: Vec<u64>,
     /// Systems that got new outbox entries.
     pub wake: BTreeSet<String>,
 }
@@ -40,7 +42,7 @@ pub fn process(
     let mut report = BatchReport { captured: records.len() as u64, ..BatchReport::default() };
 
     for reject in rejects {
-        tables.dead_letter(DeadLetter {
+        let id = tables.dead_letter(DeadLetter {
             id: 0,
             time_ms: now,
             system: system.to_string(),
@@ -50,6 +52,7 @@ pub fn process(
             item: DeadItem::Reject { reject: reject.clone() },
         })?;
         report.dead_lettered += 1;
+        report.dead_letter_ids.push(id);
     }
 
     let guarded = delete_guard_trips(tables, entity, system, records)?;
@@ -59,8 +62,9 @@ pub fn process(
                 "batch deletes more than {:.0}% of the records {system} holds; held for review",
                 entity.delete.max_share * 100.0
             );
-            dead_letter_change(tables, entity, system, record, DeadLetterClass::DeleteGuard, reason, now)?;
+            let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::DeleteGuard, reason, now)?;
             report.dead_lettered += 1;
+            report.dead_letter_ids.push(id);
             continue;
         }
         match process_record(rt, tables, entity, link, record, now)? {
@@ -68,7 +72,10 @@ pub fn process(
                 report.merged += 1;
                 report.wake.extend(wake);
             }
-            RecordOutcome::DeadLettered => report.dead_lettered += 1,
+            RecordOutcome::DeadLettered(id) => {
+                report.dead_lettered += 1;
+                report.dead_letter_ids.push(id);
+            }
             RecordOutcome::Skipped => report.skipped += 1,
         }
     }
@@ -82,7 +89,7 @@ pub fn process(
 
 enum RecordOutcome {
     Merged(Vec<String>),
-    DeadLettered,
+    DeadLettered(u64),
     Skipped,
 }
 
@@ -110,7 +117,7 @@ fn dead_letter_change(
     class: DeadLetterClass,
     reason: String,
     now: TimeMs,
-) -> Result<(), StateError> {
+) -> Result<u64, StateError> {
     if matches!(class, DeadLetterClass::Mapping | DeadLetterClass::Validation) {
         metrics::counter!(m::VALIDATION_FAILURES, m::LABEL_SYSTEM => system.to_string(), m::LABEL_ENTITY => entity.name.clone())
             .increment(1);
@@ -123,8 +130,7 @@ fn dead_letter_change(
         class,
         reason,
         item: DeadItem::Change { record: record.clone() },
-    })?;
-    Ok(())
+    })
 }
 
 /// The normalised values of the entity's match keys present in `fields`.
@@ -148,8 +154,7 @@ pub fn rollout_selects(rollout: Option<&RolloutConfig>, keys: &[(String, String)
 }
 
 /// Maps, validates, identifies and merges one record, storing every effect.
-/// Public within the crate so that dead-letter replay takes the same path.
-pub(crate) fn process_record(
+fn process_record(
     rt: &Runtime,
     tables: &mut WriteTables<'_>,
     entity: &EntityRuntime,
@@ -162,16 +167,17 @@ pub(crate) fn process_record(
         ChangeKind::Upsert => match link.mapping.inbound(&record.fields) {
             Ok(fields) => fields,
             Err(error) => {
-                dead_letter_change(tables, entity, system, record, DeadLetterClass::Mapping, error.to_string(), now)?;
-                return Ok(RecordOutcome::DeadLettered);
+
+                let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::Mapping, error.to_string(), now)?;
+                return Ok(RecordOutcome::DeadLettered(id));
             }
         },
         ChangeKind::Delete => Default::default(),
     };
     if record.kind == ChangeKind::Upsert {
         if let Err(problems) = entity.schema.validate(&fields) {
-            dead_letter_change(tables, entity, system, record, DeadLetterClass::Validation, problems.join("; "), now)?;
-            return Ok(RecordOutcome::DeadLettered);
+            let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::Validation, problems.join("; "), now)?;
+            return Ok(RecordOutcome::DeadLettered(id));
         }
     }
 
@@ -203,8 +209,9 @@ pub(crate) fn process_record(
                             "another {system} record ({}) has the same match key; not merged",
                             other.local_id.as_deref().unwrap_or_default()
                         );
-                        dead_letter_change(tables, entity, system, record, DeadLetterClass::DuplicateMatchKey, reason, now)?;
-                        return Ok(RecordOutcome::DeadLettered);
+
+                        let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::DuplicateMatchKey, reason, now)?;
+                        return Ok(RecordOutcome::DeadLettered(id));
                     }
                     (id, state)
                 }
@@ -214,7 +221,12 @@ pub(crate) fn process_record(
     };
 
     // Rollout on capture: a record outside this link's rollout is not taken from it.
-    if !rollout_selects(link.config.rollout.as_ref(), &keys) && state.is_none() {
+    // Its match keys are the agreed ones when concord knows the record.
+    let rollout_keys = match &state {
+        Some(s) if record.kind == ChangeKind::Delete || keys.is_empty() => key_values(entity, &s.base.values()),
+        _ => keys.clone(),
+    };
+    if !rollout_selects(link.config.rollout.as_ref(), &rollout_keys) {
         return Ok(RecordOutcome::Skipped);
     }
 

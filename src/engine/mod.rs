@@ -1,4 +1,360 @@
-//! Engine.
+//! The engine runs the flows: one capture task per capturing link, one applier per
+//! writing system, and a maintenance task (retention, gauges).
+//!
+//! A capture task takes a batch from its source, merges it in one redb write
+//! transaction (see [`batch`]), and only after that commit tells the source it may
+//! acknowledge upstream. redb has one writer at a time, so batches from different
+//! links are serialised at the state store, and merges of one record never interleave.
+//!
+//! Shutdown (SIGTERM, SIGINT) cancels a token: capture tasks finish the batch in hand
+//! (merge, commit, acknowledge) and stop; appliers finish the sink call in hand and
+//! record its results; then `run` returns.
+
+mod apply;
+mod backoff;
 pub mod batch;
 pub mod runtime;
 pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::connector::{AnySink, AnySource, ErrorClass};
+use crate::http::{ReplayError, ReplayOutcome};
+use crate::metrics as m;
+use crate::model::now_ms;
+use crate::state::{DeadItem, StateStore};
+
+pub use backoff::Backoff;
+use runtime::Runtime;
+use status::SharedStatus;
+
+/// How long `run` goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Until shutdown is requested.
+    Forever,
+    /// Until every source is drained and every outbox is empty (or shutdown).
+    UntilIdle,
+}
+
+/// The connectors the engine drives: sources by link index, sinks by system.
+#[derive(Default)]
+pub struct Connectors {
+    pub sources: Vec<(usize, AnySource)>,
+    pub sinks: BTreeMap<String, AnySink>,
+}
+
+/// State shared by the engine's tasks.
+pub(crate) struct Shared {
+    pub rt: Arc<Runtime>,
+    pub store: StateStore,
+    pub status: SharedStatus,
+    pub shutdown: CancellationToken,
+    wakers: BTreeMap<String, Arc<Notify>>,
+}
+
+impl Shared {
+    fn waker(&self, system: &str) -> Arc<Notify> {
+        self.wakers.get(system).cloned().unwrap_or_default()
+    }
+    fn wake(&self, system: &str) {
+        if let Some(w) = self.wakers.get(system) {
+            w.notify_one();
+        }
+    }
+}
+
+/// A running engine's handle.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    pub fn new(rt: Arc<Runtime>, store: StateStore) -> Engine {
+        let wakers = rt.writing_systems().into_iter().map(|s| (s, Arc::new(Notify::new()))).collect();
+        let status = SharedStatus::default();
+        status.update(|s| {
+            s.version = env!("CARGO_PKG_VERSION");
+            s.started_ms = now_ms();
+        });
+        Engine { shared: Arc::new(Shared { rt, store, status, shutdown: CancellationToken::new(), wakers }) }
+    }
+
+    pub fn status(&self) -> SharedStatus {
+        self.shared.status.clone()
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.shared.store
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.shared.rt
+    }
+
+    /// Cancelling this token stops the engine gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Runs every flow until shutdown (or, in [`RunMode::UntilIdle`], until idle).
+    pub async fn run(&self, connectors: Connectors, mode: RunMode) {
+        let shared = self.shared.clone();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut idle_flags = Vec::new();
+        for (index, source) in connectors.sources {
+            let idle = Arc::new(AtomicBool::new(false));
+            idle_flags.push(idle.clone());
+            tasks.spawn(capture(shared.clone(), index, source, idle));
+        }
+        for (system, sink) in connectors.sinks {
+            tasks.spawn(apply::run(shared.clone(), system, sink));
+        }
+        tasks.spawn(maintenance(shared.clone()));
+        shared.status.update(|s| s.ready = true);
+        tracing::info!(links = shared.rt.links.len(), "engine started");
+
+        if mode == RunMode::UntilIdle {
+            let watcher = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = watcher.shutdown.cancelled() => return,
+                    }
+                    if idle_flags.iter().all(|f| f.load(Ordering::SeqCst)) && outboxes_empty(&watcher).await {
+                        tracing::info!("every source drained and every outbox empty; stopping");
+                        watcher.shutdown.cancel();
+                        return;
+                    }
+                }
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(error = %error, "engine task failed");
+            }
+        }
+        shared.status.update(|s| s.ready = false);
+        tracing::info!("engine stopped");
+    }
+
+    /// Replays one dead letter: a change goes through mapping and merge again, a write
+    /// is queued again. Blocking; call from a blocking thread.
+    pub fn replay(&self, id: u64) -> Result<ReplayOutcome, ReplayError> {
+        let shared = &self.shared;
+        let now = now_ms();
+        let outcome = shared.store.write(|t| {
+            let letter = t.take_dead_letter(id)?.ok_or(ReplayError::NotFound(id))?;
+            match letter.item {
+                DeadItem::Reject { .. } => Err(ReplayError::NotReplayable(id)),
+                DeadItem::Write { mut entry } => {
+                    entry.attempts = 0;
+                    entry.last_error = None;
+                    entry.enqueued_ms = now;
+                    let seq = t.enqueue(entry)?;
+                    Ok((ReplayOutcome::Requeued { seq }, Some(letter.system)))
+                }
+                DeadItem::Change { record } => {
+                    let link = shared.rt.link(&letter.system, &letter.entity).ok_or_else(|| ReplayError::NoLink {
+                        system: letter.system.clone(),
+                        entity: letter.entity.clone(),
+                    })?;
+                    let report = batch::process(&shared.rt, t, link, std::slice::from_ref(&record), &[], None, now)?;
+                    if let Some(&id) = report.dead_letter_ids.first() {
+                        Ok((ReplayOutcome::DeadLetteredAgain { id }, None))
+                    } else {
+                        for system in &report.wake {
+                            shared.wake(system);
+                        }
+                        Ok((ReplayOutcome::Merged, None))
+                    }
+                }
+            }
+        });
+        let (outcome, wake) = outcome?;
+        if let Some(system) = wake {
+            shared.wake(&system);
+        }
+        Ok(outcome)
+    }
+}
+
+async fn outboxes_empty(shared: &Arc<Shared>) -> bool {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        let Ok(view) = shared.store.read() else { return false };
+        shared.wakers.keys().all(|s| view.outbox_depth(s).map(|d| d == 0).unwrap_or(false))
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// Captures from one link until shutdown or a fatal error.
+async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle: Arc<AtomicBool>) {
+    let link = &shared.rt.links[index];
+    let name = link.name.clone();
+    let system = link.config.system.clone();
+    let interval = Duration::from_secs(link.config.capture.as_ref().map(|c| c.interval_secs).unwrap_or(10));
+    let cfg = &shared.rt.config.engine;
+    let mut backoff = Backoff::new(cfg.backoff_min_ms, cfg.backoff_max_ms);
+    shared.status.link(&name, |s| {
+        s.link = name.clone();
+        s.system = system.clone();
+        s.entity = link.config.entity.clone();
+        s.state = "running".into();
+    });
+    metrics::gauge!(m::LINK_UP, m::LABEL_LINK => name.clone()).set(1.0);
+
+    while !shared.shutdown.is_cancelled() {
+        let batch = source.next_batch(cfg.batch_size).await;
+        let lag = source.lag_seconds();
+        metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);
+        shared.status.link(&name, |s| s.lag_seconds = lag);
+        match batch {
+            Ok(Some(batch)) => {
+                idle.store(false, Ordering::SeqCst);
+                let checkpoint = batch.checkpoint.clone();
+                let result = {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let link = &shared.rt.links[index];
+                        shared.store.write(|t| {
+                            batch::process(&shared.rt, t, link, &batch.records, &batch.rejects, Some(&batch.checkpoint), now_ms())
+                        })
+                    })
+                    .await
+                };
+                match result {
+                    Ok(Ok(report)) => {
+                        for target in &report.wake {
+                            shared.wake(target);
+                        }
+                        let now = now_ms();
+                        shared.status.link(&name, |s| {
+                            s.captured += report.captured;
+                            s.dead_lettered += report.dead_lettered;
+                            s.last_success_ms = Some(now);
+                            s.state = "running".into();
+                        });
+                        metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.clone()).set(now as f64 / 1000.0);
+                        if let Err(error) = source.committed(&checkpoint).await {
+                            // The checkpoint is committed; the source acknowledges it again
+                            // on its next call, so only the acknowledgement is late.
+                            note_link_error(&shared, &name, &system, error.class, &error.reason);
+                        }
+                        backoff.reset();
+                    }
+                    Ok(Err(error)) => {
+                        tracing::error!(link = %name, error = %error, "cannot commit a batch; the link stops");
+                        stop_link(&shared, &name, "state store commit failed");
+                        return;
+                    }
+                    Err(join) => {
+                        tracing::error!(link = %name, error = %join, "batch task failed; the link stops");
+                        stop_link(&shared, &name, "batch processing failed");
+                        return;
+                    }
+                }
+            }
+            Ok(None) => {
+                idle.store(true, Ordering::SeqCst);
+                shared.status.link(&name, |s| s.state = "idle".into());
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
+            Err(error) => {
+                note_link_error(&shared, &name, &system, error.class, &error.reason);
+                if error.class == ErrorClass::Fatal {
+                    stop_link(&shared, &name, &error.reason);
+                    return;
+                }
+                let delay = backoff.next_delay().max(error.retry_after.unwrap_or_default());
+                shared.status.link(&name, |s| s.state = "backing_off".into());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shared.shutdown.cancelled() => {}
+                }
+            }
+        }
+    }
+    shared.status.link(&name, |s| s.state = "stopped".into());
+}
+
+fn note_link_error(shared: &Shared, name: &str, system: &str, class: ErrorClass, reason: &str) {
+    tracing::warn!(link = %name, class = class.as_str(), reason = %reason, "capture error");
+    metrics::counter!(m::SYSTEM_ERRORS, m::LABEL_SYSTEM => system.to_string(), m::LABEL_CLASS => class.as_str()).increment(1);
+    shared.status.link(name, |s| {
+        s.last_error = Some(reason.to_string());
+        s.last_error_ms = Some(now_ms());
+    });
+}
+
+fn stop_link(shared: &Shared, name: &str, reason: &str) {
+    metrics::gauge!(m::LINK_UP, m::LABEL_LINK => name.to_string()).set(0.0);
+    shared.status.link(name, |s| {
+        s.state = "stopped".into();
+        s.last_error = Some(reason.to_string());
+        s.last_error_ms = Some(now_ms());
+    });
+}
+
+/// Interval of the maintenance task: gauges stay fresh enough for a 15 s scrape.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+/// Retention pruning runs on every twelfth maintenance pass (once a minute).
+const PRUNE_EVERY: u32 = 12;
+
+async fn maintenance(shared: Arc<Shared>) {
+    let mut pass: u32 = 0;
+    loop {
+        let s = shared.clone();
+        let prune = pass.is_multiple_of(PRUNE_EVERY);
+        let result = tokio::task::spawn_blocking(move || refresh(&s, prune)).await;
+        if let Ok(Err(error)) = result {
+            tracing::warn!(error = %error, "maintenance pass failed");
+        }
+        pass = pass.wrapping_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+fn refresh(shared: &Shared, prune: bool) -> Result<(), crate::state::StateError> {
+    let state = &shared.rt.config.state;
+    if prune {
+        let min_time = now_ms() - (state.retention_days as i64) * 86_400_000;
+        let removed = shared.store.write(|t| t.prune(state.max_decisions, state.max_write_log, min_time))?;
+        if removed > 0 {
+            tracing::debug!(removed, "pruned decisions and write log");
+        }
+    }
+    let view = shared.store.read()?;
+    let dlq = view.dead_letter_depths()?;
+    let records = view.record_count()?;
+    metrics::gauge!(m::RECORDS).set(records as f64);
+    let mut systems: Vec<String> = shared.rt.config.systems.keys().cloned().collect();
+    systems.sort();
+    for system in systems {
+        let outbox = view.outbox_depth(&system)?;
+        let dead = dlq.get(&system).copied().unwrap_or(0);
+        metrics::gauge!(m::OUTBOX_DEPTH, m::LABEL_SYSTEM => system.clone()).set(outbox as f64);
+        metrics::gauge!(m::DLQ_DEPTH, m::LABEL_SYSTEM => system.clone()).set(dead as f64);
+        shared.status.system(&system, |s| {
+            s.outbox_depth = outbox;
+            s.dlq_depth = dead;
+        });
+    }
+    shared.status.update(|s| s.records = records);
+    Ok(())
+}

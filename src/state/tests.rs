@@ -1,0 +1,256 @@
+//! The state store against a model: random operations applied both to redb (through the
+//! typed API, in transactions that sometimes abort, with the file sometimes reopened)
+//! and to plain `BTreeMap`s must leave the same observable state.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::merge::WriteAction;
+use crate::model::{Fields, RecordState};
+
+const ENTITIES: &[&str] = &["contact", "employee"];
+const SYSTEMS: &[&str] = &["crm", "hr", "lms"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    PutRecord { entity: usize, id: u8, value: u8 },
+    RemoveRecord { entity: usize, id: u8 },
+    PutIdentity { entity: usize, system: usize, local: u8, id: u8 },
+    RemoveIdentity { entity: usize, system: usize, local: u8 },
+    Enqueue { system: usize, id: u8 },
+    RemoveOutboxAt { system: usize, index: usize },
+    PutCheckpoint { system: usize, value: u16 },
+    /// A transaction that does work and then fails: nothing of it may remain.
+    Aborted { entity: usize, id: u8 },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let e = 0..ENTITIES.len();
+    let s = 0..SYSTEMS.len();
+    prop_oneof![
+        (e.clone(), 0u8..16, any::<u8>()).prop_map(|(entity, id, value)| Op::PutRecord { entity, id, value }),
+        (e.clone(), 0u8..16).prop_map(|(entity, id)| Op::RemoveRecord { entity, id }),
+        (e.clone(), s.clone(), 0u8..8, 0u8..16).prop_map(|(entity, system, local, id)| Op::PutIdentity {
+            entity,
+            system,
+            local,
+            id
+        }),
+        (e.clone(), s.clone(), 0u8..8).prop_map(|(entity, system, local)| Op::RemoveIdentity { entity, system, local }),
+        (s.clone(), 0u8..16).prop_map(|(system, id)| Op::Enqueue { system, id }),
+        (s.clone(), 0usize..4).prop_map(|(system, index)| Op::RemoveOutboxAt { system, index }),
+        (s.clone(), any::<u16>()).prop_map(|(system, value)| Op::PutCheckpoint { system, value }),
+        (e, 0u8..16).prop_map(|(entity, id)| Op::Aborted { entity, id }),
+        Just(Op::Reopen),
+    ]
+}
+
+fn gid(id: u8) -> GlobalId {
+    GlobalId::from_u128(id as u128 + 1)
+}
+
+fn record(value: u8) -> RecordState {
+    let mut state = RecordState::default();
+    state.created_ms = value as i64;
+    state.match_keys.insert("email".into(), format!("v{value}"));
+    state
+}
+
+#[derive(Default)]
+struct Model {
+    records: BTreeMap<(usize, u8), u8>,
+    identity: BTreeMap<(usize, usize, u8), u8>,
+    outbox: BTreeMap<usize, Vec<(u64, u8)>>,
+    checkpoints: BTreeMap<usize, u16>,
+    next_seq: u64,
+}
+
+impl Model {
+    fn count(&self, entity: usize, system: usize) -> u64 {
+        self.identity.keys().filter(|(e, s, _)| *e == entity && *s == system).count() as u64
+    }
+}
+
+#[derive(Debug)]
+struct Abort;
+impl From<StateError> for Abort {
+    fn from(e: StateError) -> Self {
+        panic!("state error in model test: {e}")
+    }
+}
+
+fn apply(store: &StateStore, model: &mut Model, op: &Op) {
+    match *op {
+        Op::PutRecord { entity, id, value } => {
+            store.write(|t| t.put_record(ENTITIES[entity], gid(id), &record(value))).unwrap();
+            model.records.insert((entity, id), value);
+        }
+        Op::RemoveRecord { entity, id } => {
+            store.write(|t| t.remove_record(ENTITIES[entity], gid(id))).unwrap();
+            model.records.remove(&(entity, id));
+        }
+        Op::PutIdentity { entity, system, local, id } => {
+            let new = store
+                .write(|t| t.put_identity(ENTITIES[entity], SYSTEMS[system], &local.to_string(), gid(id)))
+                .unwrap();
+            let model_new = model.identity.insert((entity, system, local), id).is_none();
+            assert_eq!(new, model_new, "put_identity reports whether the mapping is new");
+        }
+        Op::RemoveIdentity { entity, system, local } => {
+            store.write(|t| t.remove_identity(ENTITIES[entity], SYSTEMS[system], &local.to_string())).unwrap();
+            model.identity.remove(&(entity, system, local));
+        }
+        Op::Enqueue { system, id } => {
+            let seq = store
+                .write(|t| {
+                    t.enqueue(OutboxEntry {
+                        seq: 0,
+                        system: SYSTEMS[system].into(),
+                        entity: "contact".into(),
+                        global_id: gid(id),
+                        action: WriteAction::Upsert { fields: Fields::new() },
+                        source_system: "hr".into(),
+                        source_time_ms: 0,
+                        decision: 0,
+                        enqueued_ms: 0,
+                        attempts: 0,
+                        last_error: None,
+                    })
+                })
+                .unwrap();
+            model.next_seq += 1;
+            assert_eq!(seq, model.next_seq, "outbox sequence is dense and increasing");
+            model.outbox.entry(system).or_default().push((seq, id));
+        }
+        Op::RemoveOutboxAt { system, index } => {
+            let queue = model.outbox.entry(system).or_default();
+            if index < queue.len() {
+                let (seq, _) = queue.remove(index);
+                let removed = store.write(|t| t.remove_outbox(SYSTEMS[system], seq)).unwrap();
+                assert_eq!(removed.map(|e| e.seq), Some(seq));
+            }
+        }
+        Op::PutCheckpoint { system, value } => {
+            store.write(|t| t.put_checkpoint(SYSTEMS[system], "stream", &serde_json::json!(value))).unwrap();
+            model.checkpoints.insert(system, value);
+        }
+        Op::Aborted { entity, id } => {
+            let result: Result<(), Abort> = store.write(|t| {
+                t.put_record(ENTITIES[entity], gid(id), &record(255))?;
+                t.put_identity(ENTITIES[entity], "crm", "aborted", gid(id))?;
+                t.next_id("outbox")?;
+                Err(Abort)
+            });
+            assert!(result.is_err());
+        }
+        Op::Reopen => {}
+    }
+}
+
+fn check(store: &StateStore, model: &Model) {
+    let view = store.read().unwrap();
+    for (e, entity) in ENTITIES.iter().enumerate() {
+        for id in 0u8..16 {
+            let got = view.record(entity, gid(id)).unwrap().map(|r| r.created_ms as u8);
+            assert_eq!(got, model.records.get(&(e, id)).copied(), "record {entity}/{id}");
+        }
+        for (s, system) in SYSTEMS.iter().enumerate() {
+            for local in 0u8..8 {
+                let got = view.identity(entity, system, &local.to_string()).unwrap();
+                assert_eq!(got, model.identity.get(&(e, s, local)).map(|&id| gid(id)), "identity {entity}/{system}/{local}");
+            }
+            assert_eq!(view.identity(entity, system, "aborted").unwrap(), None, "aborted transaction left nothing");
+        }
+    }
+    for (s, system) in SYSTEMS.iter().enumerate() {
+        let got: Vec<(u64, GlobalId)> = view.outbox(system, 100).unwrap().iter().map(|e| (e.seq, e.global_id)).collect();
+        let want: Vec<(u64, GlobalId)> =
+            model.outbox.get(&s).map(|q| q.iter().map(|&(seq, id)| (seq, gid(id))).collect()).unwrap_or_default();
+        assert_eq!(got, want, "outbox of {system} in sequence order");
+        assert_eq!(view.outbox_depth(system).unwrap(), want.len() as u64);
+        let checkpoint = view.checkpoint(system, "stream").unwrap().and_then(|v| v.as_u64()).map(|v| v as u16);
+        assert_eq!(checkpoint, model.checkpoints.get(&s).copied(), "checkpoint of {system}");
+    }
+    drop(view);
+    store
+        .write(|t| {
+            for (e, entity) in ENTITIES.iter().enumerate() {
+                for (s, system) in SYSTEMS.iter().enumerate() {
+                    assert_eq!(t.count(entity, system)?, model.count(e, s), "live count {entity}/{system}");
+                }
+            }
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn state_store_matches_a_btreemap_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = StateStore::open(dir.path(), 4).unwrap();
+        let mut model = Model::default();
+        for op in &ops {
+            if matches!(op, Op::Reopen) {
+                drop(store);
+                store = StateStore::open(dir.path(), 4).unwrap();
+            }
+            apply(&store, &mut model, op);
+            check(&store, &model);
+        }
+    }
+}
+
+#[test]
+fn a_file_from_another_schema_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", SCHEMA_VERSION + 1).unwrap();
+        txn.commit().unwrap();
+    }
+    match StateStore::open(dir.path(), 4) {
+        Err(StateError::SchemaVersion { found, expected }) => {
+            assert_eq!((found, expected), (SCHEMA_VERSION + 1, SCHEMA_VERSION));
+        }
+        Err(other) => panic!("unexpected error: {other}"),
+        Ok(_) => panic!("a newer state file was opened"),
+    }
+}
+
+#[test]
+fn pruning_removes_the_oldest_beyond_count_and_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    store
+        .write(|t| {
+            for i in 0..10 {
+                t.log_write(WriteLogEntry {
+                    id: 0,
+                    time_ms: i * 1000,
+                    source_system: "hr".into(),
+                    target_system: "crm".into(),
+                    entity: "contact".into(),
+                    global_id: gid(1),
+                    op: "upsert".into(),
+                    outcome: "ok".into(),
+                    attempt: 1,
+                    seq: i as u64,
+                    error: None,
+                })?;
+            }
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+    // Keep at most 6, and nothing older than t = 5 s: entries at 5..=9 s remain.
+    let removed = store.write(|t| t.prune(100, 6, 5_000)).unwrap();
+    assert_eq!(removed, 5);
+    let left: Vec<i64> = store.read().unwrap().write_log(None, 100).unwrap().iter().map(|e| e.time_ms).collect();
+    assert_eq!(left, vec![9000, 8000, 7000, 6000, 5000]);
+}

@@ -9,6 +9,18 @@ use crate::model::{Write, WriteAck};
 pub struct FileSource {}
 
 impl FileSource {
+    pub fn open(
+        _system: &str,
+        _config: &FileSystemConfig,
+        _link: &crate::config::LinkConfig,
+        _base_dir: &std::path::Path,
+        _checkpoint: Option<&Checkpoint>,
+    ) -> Result<FileSource, ConnectorError> {
+        todo!()
+    }
+}
+
+impl FileSource {
     pub async fn next_batch(&mut self, _max: usize) -> Result<Option<SourceBatch>, ConnectorError> {
         todo!()
     }
@@ -21,6 +33,12 @@ impl FileSource {
 }
 
 pub struct FileSink {}
+
+impl FileSink {
+    pub fn open(_system: &str, _config: &FileSystemConfig, _base_dir: &std::path::Path) -> Result<FileSink, ConnectorError> {
+        todo!()
+    }
+}
 
 impl FileSink {
     pub async fn apply(&mut self, _writes: Vec<Write>) -> Vec<Result<WriteAck, ConnectorError>> {

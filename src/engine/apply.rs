@@ -1,0 +1,396 @@
+//! One applier per target system: drains that system's outbox in sequence order,
+//! hands the writes to the sink, and records each result in the same transaction that
+//! removes the entry (or keeps it for a retry, or dead-letters it).
+//!
+//! Writes of one record in one batch are coalesced into one write. An entry is removed
+//! only after the system confirmed it; a crash in between repeats the write, which the
+//! sink contract makes harmless.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::connector::{AnySink, ConnectorError, ErrorClass};
+use crate::merge::{self, WriteAction};
+use crate::metrics as m;
+use crate::model::{Fields, GlobalId, TimeMs, Write, WriteAck, WriteOp, now_ms};
+use crate::state::{DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, WriteLogEntry};
+
+use super::Shared;
+use super::backoff::Backoff;
+
+/// Writes of one record, coalesced from one or more outbox entries.
+struct Group {
+    entries: Vec<OutboxEntry>,
+    entity: String,
+    global_id: GlobalId,
+    action: WriteAction,
+}
+
+/// A group resolved into a sink write, or settled without one.
+enum Planned {
+    Send { group: Group, write: Write, written: Fields },
+    /// Nothing to send (the system never held the record, the link no longer writes).
+    Done { group: Group, note: &'static str },
+    /// Cannot be sent: dead-letter it.
+    Fail { group: Group, reason: String },
+}
+
+pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) {
+    let cfg = &shared.rt.config.engine;
+    let mut backoff = Backoff::new(cfg.backoff_min_ms, cfg.backoff_max_ms);
+    let wake = shared.waker(&system);
+    shared.status.system(&system, |s| s.state = "idle".into());
+    loop {
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+        let plan = {
+            let shared = shared.clone();
+            let system = system.clone();
+            tokio::task::spawn_blocking(move || plan_batch(&shared, &system)).await
+        };
+        let planned = match plan {
+            Ok(Ok(planned)) => planned,
+            Ok(Err(error)) => {
+                tracing::error!(system = %system, error = %error, "cannot read the outbox");
+                shared.status.system(&system, |s| note_error(s, "state store read failed"));
+                sleep_or_shutdown(&shared, Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(join) => {
+                tracing::error!(system = %system, error = %join, "outbox planning task failed");
+                break;
+            }
+        };
+        if planned.is_empty() {
+            shared.status.system(&system, |s| s.state = "idle".into());
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shared.shutdown.cancelled() => break,
+            }
+            continue;
+        }
+        shared.status.system(&system, |s| s.state = "running".into());
+
+        let mut sends = Vec::new();
+        let mut writes = Vec::new();
+        let mut others = Vec::new();
+        for p in planned {
+            match p {
+                Planned::Send { group, write, written } => {
+                    writes.push(write);
+                    sends.push((group, written));
+                }
+                other => others.push(other),
+            }
+        }
+        let results = if writes.is_empty() { Vec::new() } else { sink.apply(writes).await };
+        let settle = {
+            let shared = shared.clone();
+            let system = system.clone();
+            tokio::task::spawn_blocking(move || settle(&shared, &system, sends, results, others)).await
+        };
+        match settle {
+            Ok(Ok(Some(retry))) => {
+                let delay = backoff.next_delay().max(retry.unwrap_or_default());
+                shared.status.system(&system, |s| {
+                    s.state = "backing_off".into();
+                    s.retry_at_ms = Some(now_ms() + delay.as_millis() as TimeMs);
+                });
+                sleep_or_shutdown(&shared, delay).await;
+            }
+            Ok(Ok(None)) => {
+                backoff.reset();
+                shared.status.system(&system, |s| s.retry_at_ms = None);
+            }
+            Ok(Err(error)) => {
+                tracing::error!(system = %system, error = %error, "cannot record write results; they will be repeated");
+                shared.status.system(&system, |s| note_error(s, "state store write failed"));
+                sleep_or_shutdown(&shared, backoff.next_delay()).await;
+            }
+            Err(join) => {
+                tracing::error!(system = %system, error = %join, "write settlement task failed");
+                break;
+            }
+        }
+    }
+    tracing::debug!(system = %system, "applier stopped");
+}
+
+async fn sleep_or_shutdown(shared: &Shared, delay: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shared.shutdown.cancelled() => {}
+    }
+}
+
+fn note_error(s: &mut super::status::SystemStatus, error: &str) {
+    s.last_error = Some(error.to_string());
+    s.last_error_ms = Some(now_ms());
+}
+
+/// Reads the next entries and resolves each record's writes.
+fn plan_batch(shared: &Shared, system: &str) -> Result<Vec<Planned>, StateError> {
+    let view = shared.store.read()?;
+    let entries = view.outbox(system, shared.rt.config.engine.batch_size)?;
+    let mut groups: Vec<Group> = Vec::new();
+    for entry in entries {
+        let joinable = groups.iter().position(|g| g.global_id == entry.global_id && g.entity == entry.entity);
+        match (joinable, &entry.action) {
+            (None, _) => groups.push(Group {
+                entity: entry.entity.clone(),
+                global_id: entry.global_id,
+                action: entry.action.clone(),
+                entries: vec![entry],
+            }),
+            (Some(i), WriteAction::Upsert { fields }) if matches!(groups[i].action, WriteAction::Upsert { .. }) => {
+                if let WriteAction::Upsert { fields: merged } = &mut groups[i].action {
+                    merged.extend(fields.clone());
+                }
+                groups[i].entries.push(entry);
+            }
+            // A delete after an upsert of the same record (or the reverse) keeps its
+            // order by waiting for the next batch.
+            (Some(_), _) => break,
+        }
+    }
+    let mut planned = Vec::new();
+    for group in groups {
+        planned.push(plan_group(shared, &view, system, group)?);
+    }
+    Ok(planned)
+}
+
+fn plan_group(shared: &Shared, view: &crate::state::ReadView, system: &str, group: Group) -> Result<Planned, StateError> {
+    let Some(link) = shared.rt.link(system, &group.entity).filter(|l| l.writes) else {
+        return Ok(Planned::Done { group, note: "link no longer writes" });
+    };
+    let Some(state) = view.record(&group.entity, group.global_id)? else {
+        return Ok(Planned::Done { group, note: "record forgotten" });
+    };
+    let shadow = state.shadows.get(system);
+    let local_id = shadow.and_then(|s| s.local_id.clone());
+    let expected_version = shadow.and_then(|s| s.version.clone());
+    let seq = group.entries.last().map(|e| e.seq).unwrap_or_default();
+    let make = |op: WriteOp, fields: serde_json::Map<String, serde_json::Value>| Write {
+        seq,
+        entity: group.entity.clone(),
+        global_id: group.global_id,
+        op,
+        local_id: local_id.clone(),
+        object: link.config.object.clone(),
+        fields,
+        expected_version: expected_version.clone(),
+    };
+    let (write, written) = match &group.action {
+        WriteAction::Upsert { fields } => {
+            let mut values = state.base.values();
+            values.extend(fields.clone());
+            if local_id.is_none() {
+                if !link.config.write.may_create() {
+                    return Ok(Planned::Done { group, note: "link does not create" });
+                }
+                let written: Fields = values
+                    .iter()
+                    .filter(|(k, v)| link.outbound.contains(*k) && !v.is_null())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                match link.mapping.outbound(&written, None) {
+                    Ok(out) => (make(WriteOp::Create, out), written),
+                    Err(e) => return Ok(Planned::Fail { reason: e.to_string(), group }),
+                }
+            } else {
+                let only: BTreeSet<String> = fields.keys().cloned().collect();
+                match link.mapping.outbound(&values, Some(&only)) {
+                    Ok(out) => (make(WriteOp::Update, out), fields.clone()),
+                    Err(e) => return Ok(Planned::Fail { reason: e.to_string(), group }),
+                }
+            }
+        }
+        WriteAction::Delete => {
+            if local_id.is_none() {
+                return Ok(Planned::Done { group, note: "system never held the record" });
+            }
+            (make(WriteOp::Delete, Default::default()), Fields::new())
+        }
+        WriteAction::SoftDelete { field, value } => {
+            if local_id.is_none() {
+                return Ok(Planned::Done { group, note: "system never held the record" });
+            }
+            let mut out = serde_json::Map::new();
+            out.insert(field.clone(), value.clone());
+            (make(WriteOp::Update, out), Fields::new())
+        }
+    };
+    Ok(Planned::Send { group, write, written })
+}
+
+/// Records every result. Returns `Some(retry_after)` when a transient failure asks the
+/// applier to back off.
+fn settle(
+    shared: &Shared,
+    system: &str,
+    sends: Vec<(Group, Fields)>,
+    results: Vec<Result<WriteAck, ConnectorError>>,
+    others: Vec<Planned>,
+) -> Result<Option<Option<Duration>>, StateError> {
+    let max_attempts = shared.rt.config.engine.max_attempts;
+    let now = now_ms();
+    let mut retry: Option<Option<Duration>> = None;
+    let mut ok = 0u64;
+    let mut failed = 0u64;
+    let mut last_error: Option<String> = None;
+    shared.store.write(|t| {
+        let mut results = results.into_iter();
+        for (group, written) in sends {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(ConnectorError::transient("no_result", "sink returned fewer results than writes")));
+            let op = op_name(&group.action);
+            match result {
+                Ok(ack) => {
+                    ok += 1;
+                    if let Some(mut state) = t.record(&group.entity, group.global_id)? {
+                        let deleted = matches!(group.action, WriteAction::Delete);
+                        merge::confirm_write(&mut state, system, &written, &ack.local_id, ack.version.clone(), deleted);
+                        t.put_record(&group.entity, group.global_id, &state)?;
+                        if deleted {
+                            t.remove_identity(&group.entity, system, &ack.local_id)?;
+                        } else {
+                            t.put_identity(&group.entity, system, &ack.local_id, group.global_id)?;
+                        }
+                    }
+                    for entry in &group.entries {
+                        t.remove_outbox(system, entry.seq)?;
+                        log(t, entry, system, op, "ok", None, now)?;
+                        let latency = (now - entry.source_time_ms).max(0) as f64 / 1000.0;
+                        metrics::histogram!(m::END_TO_END_LATENCY, m::LABEL_SYSTEM => system.to_string()).record(latency);
+                    }
+                    count_write(system, &group.entity, op, "ok", group.entries.len());
+                }
+                Err(error) => {
+                    failed += 1;
+                    last_error = Some(error.reason.clone());
+                    metrics::counter!(m::SYSTEM_ERRORS, m::LABEL_SYSTEM => system.to_string(), m::LABEL_CLASS => error.class.as_str())
+                        .increment(1);
+                    let permanent = error.class == ErrorClass::Permanent;
+                    for mut entry in group.entries.clone() {
+                        entry.attempts += 1;
+                        entry.last_error = Some(error.reason.clone());
+                        if permanent || entry.attempts >= max_attempts {
+                            let class = if permanent { DeadLetterClass::WriteRejected } else { DeadLetterClass::RetriesExhausted };
+                            dead_letter_write(t, system, entry, class, &error.reason, now)?;
+                            count_write(system, &group.entity, op, "dead_letter", 1);
+                        } else {
+                            t.update_outbox(&entry)?;
+                            log(t, &entry, system, op, "retry", Some(&error.reason), now)?;
+                            count_write(system, &group.entity, op, "retry", 1);
+                            let after = retry.flatten().max(error.retry_after);
+                            retry = Some(after);
+                        }
+                    }
+                }
+            }
+        }
+        for other in others {
+            match other {
+                Planned::Done { group, note } => {
+                    tracing::debug!(system = %system, entity = %group.entity, note, "write settled without sending");
+                    for entry in &group.entries {
+                        t.remove_outbox(system, entry.seq)?;
+                        log(t, entry, system, op_name(&group.action), "skipped", Some(note), now)?;
+                    }
+                }
+                Planned::Fail { group, reason } => {
+                    for entry in group.entries {
+                        failed += 1;
+                        dead_letter_write(t, system, entry, DeadLetterClass::WriteRejected, &reason, now)?;
+                    }
+                    last_error = Some(reason);
+                }
+                Planned::Send { .. } => unreachable!("sends are settled above"),
+            }
+        }
+        Ok::<_, StateError>(())
+    })?;
+    shared.status.system(system, |s| {
+        s.writes_ok += ok;
+        s.writes_failed += failed;
+        if ok > 0 {
+            s.last_success_ms = Some(now);
+        }
+        if let Some(e) = last_error {
+            note_error(s, &e);
+        }
+    });
+    if ok > 0 {
+        metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.to_string()).set(now as f64 / 1000.0);
+    }
+    Ok(retry)
+}
+
+fn op_name(action: &WriteAction) -> &'static str {
+    match action {
+        WriteAction::Upsert { .. } => "upsert",
+        WriteAction::Delete => "delete",
+        WriteAction::SoftDelete { .. } => "soft_delete",
+    }
+}
+
+fn count_write(system: &str, entity: &str, op: &'static str, outcome: &'static str, n: usize) {
+    metrics::counter!(m::WRITES, m::LABEL_SYSTEM => system.to_string(), m::LABEL_ENTITY => entity.to_string(),
+        m::LABEL_OP => op, m::LABEL_OUTCOME => outcome)
+    .increment(n as u64);
+}
+
+fn dead_letter_write(
+    t: &mut crate::state::WriteTables<'_>,
+    system: &str,
+    entry: OutboxEntry,
+    class: DeadLetterClass,
+    reason: &str,
+    now: TimeMs,
+) -> Result<(), StateError> {
+    t.remove_outbox(system, entry.seq)?;
+    if let (Some(mut state), WriteAction::Upsert { fields }) = (t.record(&entry.entity, entry.global_id)?, &entry.action) {
+        merge::abandon_write(&mut state, system, fields);
+        t.put_record(&entry.entity, entry.global_id, &state)?;
+    }
+    log(t, &entry, system, op_name(&entry.action), "dead_letter", Some(reason), now)?;
+    t.dead_letter(DeadLetter {
+        id: 0,
+        time_ms: now,
+        system: system.to_string(),
+        entity: entry.entity.clone(),
+        class,
+        reason: reason.to_string(),
+        item: DeadItem::Write { entry },
+    })?;
+    Ok(())
+}
+
+fn log(
+    t: &mut crate::state::WriteTables<'_>,
+    entry: &OutboxEntry,
+    system: &str,
+    op: &str,
+    outcome: &str,
+    error: Option<&str>,
+    now: TimeMs,
+) -> Result<(), StateError> {
+    t.log_write(WriteLogEntry {
+        id: 0,
+        time_ms: now,
+        source_system: entry.source_system.clone(),
+        target_system: system.to_string(),
+        entity: entry.entity.clone(),
+        global_id: entry.global_id,
+        op: op.to_string(),
+        outcome: outcome.to_string(),
+        attempt: entry.attempts.max(1),
+        seq: entry.seq,
+        error: error.map(str::to_string),
+    })
+}
