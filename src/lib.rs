@@ -18,4 +18,5 @@ pub mod mapping;
 pub mod merge;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod state;
