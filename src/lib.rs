@@ -18,5 +18,6 @@ pub mod mapping;
 pub mod merge;
 pub mod metrics;
 pub mod model;
+pub mod plan;
 pub mod state;
 pub mod bench;

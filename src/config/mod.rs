@@ -22,6 +22,13 @@ pub use load::{LoadError, load, parse};
 pub use secret::SecretRef;
 pub use validate::{Problem, validate};
 
+/// The JSON Schema (2020-12) of the configuration file, generated from these types.
+/// `schemas/concord.config.schema.json` is this value, pretty-printed; a test keeps
+/// the two equal.
+pub fn json_schema() -> serde_json::Value {
+    schemars::schema_for!(Config).to_value()
+}
+
 /// Default number of changes merged in one redb write transaction: large enough that
 /// the fsync of a commit (about a millisecond) is shared by many changes, small enough
 /// that a batch is a fraction of a second of work.
@@ -133,8 +140,13 @@ impl Default for EngineConfig {
 }
 
 /// One connected application.
+///
+/// serde cannot combine `deny_unknown_fields` with `flatten` (every key of the
+/// flattened connector would count as unknown), so unknown keys are rejected one level
+/// down: the connector's own settings struct denies them. The JSON Schema still denies
+/// them here (`unevaluatedProperties: false`).
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+#[schemars(deny_unknown_fields)]
 pub struct SystemConfig {
     /// Connector type and its settings.
     #[serde(flatten)]
@@ -328,8 +340,9 @@ pub struct LinkConfig {
     /// Field mapping rules, each both ways unless restricted.
     #[serde(default)]
     pub map: Vec<FieldMapConfig>,
-    /// Capture schedule; `None` disables capture on this link.
-    #[serde(default = "default_capture")]
+    /// Capture schedule; absent means this link does not capture. Capture also needs
+    /// a system whose direction reads.
+    #[serde(default)]
     pub capture: Option<CaptureConfig>,
     /// Which writes concord may make.
     #[serde(default)]
@@ -527,9 +540,6 @@ fn default_retention_days() -> u64 {
 }
 fn default_capture_interval() -> u64 {
     DEFAULT_CAPTURE_INTERVAL_SECS
-}
-fn default_capture() -> Option<CaptureConfig> {
-    Some(CaptureConfig { interval_secs: DEFAULT_CAPTURE_INTERVAL_SECS })
 }
 /// One burst slot per request per second, at least one.
 fn default_burst() -> u32 {

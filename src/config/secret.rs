@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use secrecy::SecretString;
+use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// Where a secret comes from. Exactly one key is allowed; a literal string is rejected
-/// by the parser because this type has no variant that holds one.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+/// by the parser because this type has no variant that holds one. `Deserialize` is
+/// written by hand so that the rejection of a literal never repeats the literal (serde's
+/// derived message would quote it as an unknown variant).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SecretRef {
     /// Path of a file holding the secret (trailing newline removed); relative to the
@@ -22,6 +25,75 @@ pub enum SecretRef {
     Env(String),
     /// Name of a systemd credential.
     Credential(String),
+}
+
+const SECRET_KEYS: &[&str] = &["file", "env", "credential"];
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SecretRefVisitor)
+    }
+}
+
+struct SecretRefVisitor;
+
+impl SecretRefVisitor {
+    fn literal<E: de::Error>(self) -> Result<SecretRef, E> {
+        Err(E::custom(
+            "a secret cannot be written literally; use { file = \"...\" }, { env = \"...\" } \
+             or { credential = \"...\" }",
+        ))
+    }
+}
+
+impl<'de> Visitor<'de> for SecretRefVisitor {
+    type Value = SecretRef;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a secret reference: { file = ... }, { env = ... } or { credential = ... }")
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<SecretRef, E> {
+        self.literal()
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<SecretRef, E> {
+        self.literal()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<SecretRef, E> {
+        self.literal()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<SecretRef, E> {
+        self.literal()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<SecretRef, E> {
+        self.literal()
+    }
+    fn visit_bytes<E: de::Error>(self, _: &[u8]) -> Result<SecretRef, E> {
+        self.literal()
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<SecretRef, A::Error> {
+        self.literal()
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<SecretRef, A::Error> {
+        let Some(key) = map.next_key::<String>()? else {
+            return Err(de::Error::custom(
+                "a secret reference needs one of file, env, credential",
+            ));
+        };
+        let secret = match key.as_str() {
+            "file" => SecretRef::File(map.next_value()?),
+            "env" => SecretRef::Env(map.next_value()?),
+            "credential" => SecretRef::Credential(map.next_value()?),
+            _ => return Err(de::Error::unknown_field(&key, SECRET_KEYS)),
+        };
+        if map.next_key::<String>()?.is_some() {
+            return Err(de::Error::custom(
+                "a secret reference has exactly one of file, env, credential",
+            ));
+        }
+        Ok(secret)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,11 +173,35 @@ mod tests {
     #[test]
     fn literal_secret_is_rejected_by_the_parser() {
         #[derive(Deserialize)]
-        #[allow(dead_code)]
         struct Holder {
             key: SecretRef,
         }
-        assert!(toml::from_str::<Holder>(r#"key = "literal""#).is_err());
-        assert!(toml::from_str::<Holder>(r#"key = { env = "X" }"#).is_ok());
+        let error = toml::from_str::<Holder>(r#"key = "literal-canary""#)
+            .err()
+            .expect("literal rejected");
+        // The message; the full Display of a toml error also quotes the source line.
+        assert!(
+            error
+                .message()
+                .starts_with("a secret cannot be written literally"),
+            "{error}"
+        );
+        assert!(!error.message().contains("literal-canary"), "{error}");
+        assert!(toml::from_str::<Holder>("key = 12345").is_err());
+        assert!(toml::from_str::<Holder>(r#"key = { env = "X", file = "f" }"#).is_err());
+        assert!(toml::from_str::<Holder>(r#"key = { password = "X" }"#).is_err());
+        assert!(toml::from_str::<Holder>("key = {}").is_err());
+        assert_eq!(
+            toml::from_str::<Holder>(r#"key = { env = "X" }"#)
+                .map(|h| h.key)
+                .ok(),
+            Some(SecretRef::Env("X".into()))
+        );
+        assert_eq!(
+            toml::from_str::<Holder>(r#"key = { file = "/run/t" }"#)
+                .map(|h| h.key)
+                .ok(),
+            Some(SecretRef::File("/run/t".into()))
+        );
     }
 }
