@@ -126,7 +126,7 @@ impl<'a> Plan<'a> {
                 Some(Flow {
                     link,
                     captures: system.direction.reads() && link.capture.is_some(),
-                    writes: system.direction.writes() && link.write != WriteMode::ReadOnly,
+                    writes: system.direction.writes() && link.write_mode() != WriteMode::ReadOnly,
                 })
             })
             .collect();

@@ -344,9 +344,10 @@ pub struct LinkConfig {
     /// a system whose direction reads.
     #[serde(default)]
     pub capture: Option<CaptureConfig>,
-    /// Which writes concord may make.
+    /// Which writes concord may make; `upsert` when left out on a system concord
+    /// writes to.
     #[serde(default)]
-    pub write: WriteMode,
+    pub write: Option<WriteMode>,
     /// Record what would be written, write nothing.
     #[serde(default)]
     pub dry_run: bool,
@@ -362,6 +363,11 @@ pub struct LinkConfig {
 }
 
 impl LinkConfig {
+    /// The write mode in force: as configured, `upsert` by default.
+    pub fn write_mode(&self) -> WriteMode {
+        self.write.unwrap_or_default()
+    }
+
     /// Stable name of the link, used as the checkpoint stream and in status.
     pub fn name(&self) -> String {
         format!("{}.{}", self.system, self.entity)

@@ -235,7 +235,7 @@ impl<'a> Checker<'a> {
             if direction.reads() && link.capture.is_some() {
                 capturing.push(format!("links[{index}]"));
             }
-            if direction.writes() && link.write != WriteMode::ReadOnly {
+            if direction.writes() && link.write_mode() != WriteMode::ReadOnly {
                 writing.push(format!("links[{index}]"));
             }
         }
@@ -411,7 +411,7 @@ impl<'a> Checker<'a> {
                     ),
                 );
             }
-            if system.direction == Direction::Read && link.write != WriteMode::ReadOnly {
+            if system.direction == Direction::Read && link.write.is_some_and(|w| w != WriteMode::ReadOnly) {
                 self.report(
                     format!("{path}.write"),
                     format!(
@@ -830,6 +830,7 @@ mod tests {
             object = ""
             id_field = ""
             version_field = ""
+            write = "upsert"
             capture = { interval_secs = 0 }
             rollout = { percent = 150 }
             default_country_code = "44"

@@ -189,7 +189,7 @@ fn plan_group(shared: &Shared, view: &crate::state::ReadView, system: &str, grou
             let mut values = state.base.values();
             values.extend(fields.clone());
             if local_id.is_none() {
-                if !link.config.write.may_create() {
+                if !link.config.write_mode().may_create() {
                     return Ok(Planned::Done { group, note: "link does not create" });
                 }
                 let written: Fields = values

@@ -316,8 +316,8 @@ fn merge_change(
         .map(|l| Target {
             system: &l.config.system,
             fields: &l.outbound,
-            may_create: l.config.write.may_create(),
-            may_update: l.config.write.may_update(),
+            may_create: l.config.write_mode().may_create(),
+            may_update: l.config.write_mode().may_update(),
             on_delete: &l.config.on_delete,
             mode: if l.config.dry_run {
                 WriteMode::DryRun

@@ -113,7 +113,7 @@ impl Runtime {
                 outbound: mapping.outbound_fields(),
                 mapping,
                 captures: link.capture.is_some() && system.direction.reads(),
-                writes: link.write != crate::config::WriteMode::ReadOnly && system.direction.writes(),
+                writes: link.write_mode() != crate::config::WriteMode::ReadOnly && system.direction.writes(),
                 config: link.clone(),
             });
         }
