@@ -33,20 +33,16 @@ pub fn load(path: &Path) -> Result<Config, LoadError> {
 /// Parses configuration text. The error names the key path (`systems.hr.inbox`) and the
 /// line and column when the parser knows them.
 pub fn parse(text: &str) -> Result<Config, LoadError> {
+    // Only the message and the line: the parser's own rendering quotes the source line,
+    // which may hold a secret someone pasted by mistake.
     let deserializer = toml::Deserializer::parse(text).map_err(|e| LoadError::Parse {
         path: "(syntax)".into(),
-        message: one_line(&e.to_string()),
+        message: format!("{}{}", first_line(e.message()), line_of(text, e.span())),
     })?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        let location = inner
-            .span()
-            .map(|span| {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-                format!(" (line {line})")
-            })
-            .unwrap_or_default();
+        let location = line_of(text, inner.span());
         LoadError::Parse {
             path: if path == "." { "(root)".into() } else { path },
             message: format!("{}{location}", first_line(inner.message())),
@@ -58,6 +54,23 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_string()
 }
 
-fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|span| {
+        let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+        format!(" (line {line})")
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_name_the_line_but_never_quote_it() {
+        let text = "[state]\ndir = \"s\"\n[systems.crm]\ntoken = \"canary-secret-value\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("line 4"), "{err}");
+        assert!(!err.contains("canary-secret-value"), "{err}");
+    }
 }
