@@ -1,11 +1,33 @@
-//! Admin HTTP: health, readiness, Prometheus metrics, and the JSON status API.
+//! Admin HTTP: health, readiness, Prometheus metrics, and the JSON API operators use to
+//! see what concord is doing and why (status, records, decisions, dead letters, writes,
+//! audit), all on one listener.
+//!
+//! Every response is JSON except `/metrics`; every error is `{"error": "<message>"}`
+//! with a fitting status, including unknown routes (404), wrong methods (405) and
+//! oversized bodies (413). Server-side failures are logged and answered with a generic
+//! message: no internals and no record values leave the process in an error.
 
+mod api;
+mod error;
+mod extract;
+
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::engine::status::SharedStatus;
+use crate::metrics::{ADMIN_REQUESTS, LABEL_OUTCOME};
 use crate::state::StateStore;
+use error::ApiError;
+pub use extract::MAX_BODY_BYTES;
 
 /// What replaying a dead letter did.
 #[derive(Debug, Clone, Serialize)]
@@ -44,4 +66,99 @@ pub struct AdminContext {
     pub replay: ReplayFn,
     /// Entity names, to tell an unknown entity from an unknown record.
     pub entities: Vec<String>,
+}
+
+/// Content type of the Prometheus text exposition format.
+const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// The admin API's routes, fallbacks and middleware, ready to serve.
+pub fn router(ctx: AdminContext) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(prometheus_metrics))
+        .route("/api/v1/status", get(api::status))
+        .route("/api/v1/entities/{entity}/records/{id}", get(api::record))
+        .route("/api/v1/decisions", get(api::decisions))
+        .route("/api/v1/dlq", get(api::dead_letters))
+        .route("/api/v1/dlq/{id}/replay", post(api::replay))
+        .route("/api/v1/writes", get(api::writes))
+        .route("/api/v1/audit", get(api::audit_log))
+        // Applies to the routes above, so it comes after them.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(count_requests))
+        .with_state(ctx)
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes, then stops accepting
+/// and waits for requests in flight to finish.
+pub async fn serve(
+    ctx: AdminContext,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[derive(Serialize)]
+struct Probe {
+    status: &'static str,
+}
+
+/// Liveness: the process serves requests.
+async fn healthz() -> Json<Probe> {
+    Json(Probe { status: "ok" })
+}
+
+/// Readiness: every link and applier has started.
+async fn readyz(State(ctx): State<AdminContext>) -> (StatusCode, Json<Probe>) {
+    if ctx.status.snapshot().ready {
+        (StatusCode::OK, Json(Probe { status: "ready" }))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Probe { status: "starting" }),
+        )
+    }
+}
+
+async fn prometheus_metrics(State(ctx): State<AdminContext>) -> Result<Response, ApiError> {
+    match &ctx.metrics {
+        Some(handle) => Ok((
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            handle.render(),
+        )
+            .into_response()),
+        None => Err(ApiError::not_found("metrics are not enabled")),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+}
+
+/// Counts every request by status class. Nothing answers 1xx or 3xx, so those would be
+/// counted with 2xx. `/readyz` answers 503 until the engine is ready, which counts as
+/// 5xx: alerts on this counter should leave out the first minutes after a start.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let outcome = if status.is_server_error() {
+        "5xx"
+    } else if status.is_client_error() {
+        "4xx"
+    } else {
+        "2xx"
+    };
+    metrics::counter!(ADMIN_REQUESTS, LABEL_OUTCOME => outcome).increment(1);
+    response
 }
