@@ -111,8 +111,14 @@ fn record(n: u64, title_round: u64) -> SourceRecord {
     fields.insert("email".into(), format!("User{n}@Example.com ").into());
     fields.insert("first".into(), format!("First{n}").into());
     fields.insert("last".into(), format!("Last{n}").into());
-    fields.insert("job_title".into(), format!("Engineer grade {}", (n + title_round) % 50).into());
-    fields.insert("phone".into(), format!("+1 (555) {:03}-{:04}", (n / 10_000) % 1000, n % 10_000).into());
+    fields.insert(
+        "job_title".into(),
+        format!("Engineer grade {}", (n + title_round) % 50).into(),
+    );
+    fields.insert(
+        "phone".into(),
+        format!("+1 (555) {:03}-{:04}", (n / 10_000) % 1000, n % 10_000).into(),
+    );
     SourceRecord {
         local_id: format!("e{n}"),
         kind: ChangeKind::Upsert,
@@ -128,7 +134,10 @@ pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<B
     let dir = match dir {
         Some(d) => d,
         None => {
-            temp = tempfile::Builder::new().prefix("concord-bench").tempdir().context("creating a temporary directory")?;
+            temp = tempfile::Builder::new()
+                .prefix("concord-bench")
+                .tempdir()
+                .context("creating a temporary directory")?;
             temp.path().to_path_buf()
         }
     };
@@ -147,7 +156,15 @@ pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<B
         for chunk in range.chunks(batch_size) {
             let batch: Vec<SourceRecord> = chunk.iter().map(|&n| record(n, round)).collect();
             store.write(|t| {
-                batch::process(&rt, t, link, &batch, &[], Some(&serde_json::json!(chunk[0])), crate::model::now_ms())
+                batch::process(
+                    &rt,
+                    t,
+                    link,
+                    &batch,
+                    &[],
+                    Some(&serde_json::json!(chunk[0])),
+                    crate::model::now_ms(),
+                )
             })?;
         }
         Ok(started.elapsed().as_secs_f64())
@@ -156,12 +173,16 @@ pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<B
     let load_secs = feed((0..records).collect(), 0)?;
     // Updates touch records spread over the whole key space, in a fixed pseudo-random
     // order (a multiplicative hash), so the cache cannot hold the working set.
-    let picks: Vec<u64> = (0..changes).map(|i| (i.wrapping_mul(2_654_435_761)) % records.max(1)).collect();
+    let picks: Vec<u64> = (0..changes)
+        .map(|i| (i.wrapping_mul(2_654_435_761)) % records.max(1))
+        .collect();
     let cpu_before = cpu_seconds();
     let update_secs = feed(picks, 1)?;
     let update_cpu_secs = cpu_seconds() - cpu_before;
     let (rss_mb, peak_rss_mb) = rss_mb();
-    let state_file_mb = std::fs::metadata(store.path()).map(|m| m.len() as f64 / 1_048_576.0).unwrap_or(0.0);
+    let state_file_mb = std::fs::metadata(store.path())
+        .map(|m| m.len() as f64 / 1_048_576.0)
+        .unwrap_or(0.0);
     Ok(BenchReport {
         records,
         changes,

@@ -10,6 +10,7 @@
 //! - No secret or record value appears in a log line, a metric label, an error sent
 //!   over HTTP, or a panic.
 
+pub mod bench;
 pub mod config;
 pub mod connector;
 pub mod engine;
@@ -20,4 +21,3 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod state;
-pub mod bench;

@@ -88,7 +88,10 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::ConfigSchema => {
-            println!("{}", serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&config::json_schema()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Command::Run { config, once } => {
@@ -117,7 +120,11 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CONCORD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// Loads and validates; on failure prints every problem and returns exit code 2.
@@ -180,7 +187,9 @@ async fn run(cfg: Config, mode: RunMode) -> anyhow::Result<()> {
     };
     let shutdown = engine.shutdown_token();
     let http_shutdown = shutdown.clone();
-    let server = tokio::spawn(concord::http::serve(ctx, listener, async move { http_shutdown.cancelled().await }));
+    let server = tokio::spawn(concord::http::serve(ctx, listener, async move {
+        http_shutdown.cancelled().await
+    }));
 
     let signals = shutdown.clone();
     tokio::spawn(async move {

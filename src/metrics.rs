@@ -94,18 +94,42 @@ pub fn describe() {
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
     describe_counter!(CHANGES_CAPTURED, Unit::Count, "Records captured from a source.");
     describe_counter!(CHANGES_MERGED, Unit::Count, "Changes merged, by outcome.");
-    describe_counter!(FIELD_REJECTIONS, Unit::Count, "Field changes rejected by field authority.");
-    describe_counter!(CONFLICTS, Unit::Count, "Fields changed by two systems since the last agreed version.");
-    describe_counter!(VALIDATION_FAILURES, Unit::Count, "Changes that failed mapping or schema validation.");
+    describe_counter!(
+        FIELD_REJECTIONS,
+        Unit::Count,
+        "Field changes rejected by field authority."
+    );
+    describe_counter!(
+        CONFLICTS,
+        Unit::Count,
+        "Fields changed by two systems since the last agreed version."
+    );
+    describe_counter!(
+        VALIDATION_FAILURES,
+        Unit::Count,
+        "Changes that failed mapping or schema validation."
+    );
     describe_counter!(DEAD_LETTERS, Unit::Count, "Items put in the dead-letter queue.");
     describe_gauge!(DLQ_DEPTH, Unit::Count, "Entries in the dead-letter queue.");
     describe_gauge!(OUTBOX_DEPTH, Unit::Count, "Pending writes in the outbox.");
     describe_counter!(WRITES, Unit::Count, "Write attempts to systems, by outcome.");
     describe_gauge!(SOURCE_LAG, Unit::Seconds, "Age of the oldest change not yet captured.");
-    describe_histogram!(END_TO_END_LATENCY, Unit::Seconds, "Time from source commit to applied in the target.");
-    describe_histogram!(STATE_COMMIT_DURATION, Unit::Seconds, "Duration of one state store commit.");
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        Unit::Seconds,
+        "Time from source commit to applied in the target."
+    );
+    describe_histogram!(
+        STATE_COMMIT_DURATION,
+        Unit::Seconds,
+        "Duration of one state store commit."
+    );
     describe_counter!(FILES, Unit::Count, "Export files finished, by outcome.");
-    describe_gauge!(LAST_SUCCESS, Unit::Seconds, "Unix time of the last successful capture or write.");
+    describe_gauge!(
+        LAST_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last successful capture or write."
+    );
     describe_counter!(SYSTEM_ERRORS, Unit::Count, "Errors talking to a system, by class.");
     describe_gauge!(LINK_UP, "1 while a link runs, 0 after it stopped on a fatal error.");
     describe_gauge!(RECORDS, Unit::Count, "Records in the state store.");

@@ -15,8 +15,8 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::config::{
-    Config, ConnectorConfig, DefaultPolicy, Direction, EntityConfig, FieldMapConfig, LinkConfig,
-    MapDirection, NonOwnerPolicy, OneOrMany, SystemConfig, Transform, WriteMode,
+    Config, ConnectorConfig, DefaultPolicy, Direction, EntityConfig, FieldMapConfig, LinkConfig, MapDirection,
+    NonOwnerPolicy, OneOrMany, SystemConfig, Transform, WriteMode,
 };
 
 /// Placeholder for an empty cell.
@@ -67,13 +67,7 @@ impl Flow<'_> {
         if !self.captures {
             return Vec::new();
         }
-        unique(
-            self.link
-                .map
-                .iter()
-                .filter(|r| inbound(r))
-                .flat_map(canonical_fields),
-        )
+        unique(self.link.map.iter().filter(|r| inbound(r)).flat_map(canonical_fields))
     }
 
     /// Canonical fields this link writes to its system, in rule order.
@@ -81,13 +75,7 @@ impl Flow<'_> {
         if !self.writes {
             return Vec::new();
         }
-        unique(
-            self.link
-                .map
-                .iter()
-                .filter(|r| outbound(r))
-                .flat_map(canonical_fields),
-        )
+        unique(self.link.map.iter().filter(|r| outbound(r)).flat_map(canonical_fields))
     }
 
     /// How writes through this link are held back, if they are: "dry run", a rollout.
@@ -150,11 +138,7 @@ impl<'a> Plan<'a> {
     fn inventory(&self) -> String {
         let mut rows = Vec::new();
         for (name, system) in &self.config.systems {
-            let flows: Vec<&Flow> = self
-                .flows
-                .iter()
-                .filter(|f| &f.link.system == name)
-                .collect();
+            let flows: Vec<&Flow> = self.flows.iter().filter(|f| &f.link.system == name).collect();
             let entities = unique(flows.iter().map(|f| f.link.entity.as_str()));
             let mut owns = Vec::new();
             for (entity_name, entity) in &self.config.entities {
@@ -169,17 +153,10 @@ impl<'a> Plan<'a> {
                 system.connector.type_name().to_string(),
                 direction_name(system.direction).to_string(),
                 capture_summary(system, &flows),
-                system
-                    .auth
-                    .as_ref()
-                    .map_or("none", |a| a.method_name())
-                    .to_string(),
+                system.auth.as_ref().map_or("none", |a| a.method_name()).to_string(),
                 list_or_none(&entities),
                 list_or_none(&owns),
-                system
-                    .description
-                    .clone()
-                    .unwrap_or_else(|| NONE.to_string()),
+                system.description.clone().unwrap_or_else(|| NONE.to_string()),
             ]);
         }
         let headers = [
@@ -229,10 +206,7 @@ impl<'a> Plan<'a> {
                     continue;
                 }
                 if flow.captures && rules.iter().any(|r| inbound(r)) {
-                    let constant = rules
-                        .iter()
-                        .filter(|r| inbound(r))
-                        .all(|r| r.constant.is_some());
+                    let constant = rules.iter().filter(|r| inbound(r)).all(|r| r.constant.is_some());
                     read_from.push(if constant {
                         format!("{system} (constant)")
                     } else {
@@ -266,14 +240,7 @@ impl<'a> Plan<'a> {
             ]);
         }
         table(
-            &[
-                "field",
-                "owners",
-                "non-owner",
-                "read from",
-                "written to",
-                "transforms",
-            ],
+            &["field", "owners", "non-owner", "read from", "written to", "transforms"],
             rows,
         )
     }
@@ -286,20 +253,10 @@ impl<'a> Plan<'a> {
                 system.connector.type_name(),
                 direction_name(system.direction)
             );
-            let _ = writeln!(
-                out,
-                "    {}[\"{}\"]",
-                node_id("s", name),
-                escape_label(&label)
-            );
+            let _ = writeln!(out, "    {}[\"{}\"]", node_id("s", name), escape_label(&label));
         }
         for name in self.config.entities.keys() {
-            let _ = writeln!(
-                out,
-                "    {}([\"{}\"])",
-                node_id("e", name),
-                escape_label(name)
-            );
+            let _ = writeln!(out, "    {}([\"{}\"])", node_id("e", name), escape_label(name));
         }
         for flow in &self.flows {
             let system_node = node_id("s", &flow.link.system);
@@ -310,11 +267,7 @@ impl<'a> Plan<'a> {
                     .fields
                     .get(field)
                     .is_some_and(|a| a.owners.contains(&flow.link.system));
-                if owns {
-                    format!("{field}*")
-                } else {
-                    field.to_string()
-                }
+                if owns { format!("{field}*") } else { field.to_string() }
             };
             let captured = flow.captured_fields();
             if !captured.is_empty() {
@@ -327,11 +280,7 @@ impl<'a> Plan<'a> {
             }
             let written = flow.written_fields();
             if !written.is_empty() {
-                let mut label = written
-                    .iter()
-                    .map(|f| owned(f))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let mut label = written.iter().map(|f| owned(f)).collect::<Vec<_>>().join(", ");
                 let notes = flow.write_notes();
                 if !notes.is_empty() {
                     let _ = write!(label, " ({})", notes.join(", "));
@@ -369,9 +318,9 @@ fn capture_summary(system: &SystemConfig, flows: &[&Flow]) -> String {
 }
 
 fn duration_text(secs: u64) -> String {
-    if secs >= 3600 && secs % 3600 == 0 {
+    if secs >= 3600 && secs.is_multiple_of(3600) {
         format!("{}h", secs / 3600)
-    } else if secs >= 60 && secs % 60 == 0 {
+    } else if secs >= 60 && secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")
@@ -453,29 +402,19 @@ fn non_owner_name(policy: NonOwnerPolicy) -> &'static str {
 /// First occurrences, in order.
 fn unique<'s>(items: impl IntoIterator<Item = &'s str>) -> Vec<&'s str> {
     let mut seen = BTreeSet::new();
-    items
-        .into_iter()
-        .filter(|item| seen.insert(*item))
-        .collect()
+    items.into_iter().filter(|item| seen.insert(*item)).collect()
 }
 
 fn unique_owned(items: impl IntoIterator<Item = String>) -> Vec<String> {
     let mut seen = BTreeSet::new();
-    items
-        .into_iter()
-        .filter(|item| seen.insert(item.clone()))
-        .collect()
+    items.into_iter().filter(|item| seen.insert(item.clone())).collect()
 }
 
 fn list_or_none<S: AsRef<str>>(items: &[S]) -> String {
     if items.is_empty() {
         NONE.to_string()
     } else {
-        items
-            .iter()
-            .map(AsRef::as_ref)
-            .collect::<Vec<_>>()
-            .join(", ")
+        items.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -491,10 +430,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
     let mut out = String::new();
-    for row in std::iter::once(&header)
-        .chain(std::iter::once(&rule))
-        .chain(&rows)
-    {
+    for row in std::iter::once(&header).chain(std::iter::once(&rule)).chain(&rows) {
         let mut line = String::new();
         for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
             if i > 0 {
@@ -515,13 +451,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 fn node_id(kind: &str, name: &str) -> String {
     let safe: String = name
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
         .collect();
     format!("{kind}_{safe}")
 }
@@ -637,10 +567,7 @@ mod tests {
                 "crm",
                 "crm | file | both | file inbox, every 10s | bearer | contact | contact.phone, contact.title | —",
             ),
-            (
-                "directory",
-                "directory | file | write | — | none | contact | — | —",
-            ),
+            ("directory", "directory | file | write | — | none | contact | — | —"),
             (
                 "hr",
                 "hr | file | read | file inbox, every 5m | none | contact | contact.full_name, contact.phone, contact.title | nightly HR export",
@@ -657,10 +584,7 @@ mod tests {
                 "phone",
                 "phone | crm > hr | flag | hr, crm | crm | hr: e164; crm: trim, e164",
             ),
-            (
-                "title",
-                "title | hr = crm | ignore | hr | directory (dry run) | —",
-            ),
+            ("title", "title | hr = crm | ignore | hr | directory (dry run) | —"),
         ];
         for (first, expected) in expected_rows {
             assert_eq!(row(&text, first), expected, "in\n{text}");
@@ -669,17 +593,11 @@ mod tests {
             text.contains("\nentity contact (schemas/contact.schema.json)\n"),
             "{text}"
         );
-        assert!(
-            text.lines().all(|l| !l.ends_with(' ')),
-            "trailing spaces in\n{text}"
-        );
+        assert!(text.lines().all(|l| !l.ends_with(' ')), "trailing spaces in\n{text}");
 
         // Columns line up: every cell of the owners column starts at the same character.
         let column = |line_start: &str, cell: &str| {
-            let line = text
-                .lines()
-                .find(|l| l.starts_with(line_start))
-                .expect("line present");
+            let line = text.lines().find(|l| l.starts_with(line_start)).expect("line present");
             let byte = line.find(cell).expect("cell present");
             line[..byte].chars().count()
         };
@@ -688,11 +606,7 @@ mod tests {
         assert_eq!(column("phone ", "crm > hr"), owners);
         let read_from = column("field ", "read from");
         assert_eq!(column("title ", "hr = crm"), owners);
-        assert_eq!(
-            column("email ", "hr, crm"),
-            read_from,
-            "after a cell holding '—'"
-        );
+        assert_eq!(column("email ", "hr, crm"), read_from, "after a cell holding '—'");
     }
 
     #[test]
@@ -709,20 +623,11 @@ mod tests {
             r#"    e_contact -->|"email, full_name, phone*"| s_crm"#,
             r#"    e_contact -.->|"full_name, title (dry run)"| s_directory"#,
         ] {
-            assert!(
-                text.lines().any(|l| l == line),
-                "no line {line:?} in\n{text}"
-            );
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
         }
         // hr is read-only and directory write-only: no edge goes the other way.
-        assert!(
-            !text.contains("-->|\"email, full_name, phone, title\"| s_hr"),
-            "{text}"
-        );
-        assert!(
-            !text.lines().any(|l| l.starts_with("    s_directory -")),
-            "{text}"
-        );
+        assert!(!text.contains("-->|\"email, full_name, phone, title\"| s_hr"), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("    s_directory -")), "{text}");
         assert!(!text.lines().any(|l| l.contains("| s_hr")), "{text}");
     }
 
@@ -745,9 +650,7 @@ mod tests {
         let mermaid = render(&config, PlanFormat::Mermaid);
         assert!(!mermaid.contains("ghost"), "{mermaid}");
         assert!(
-            mermaid.contains(
-                r#"e_contact -->|"email, full_name, phone* (rollout 25% + 1 listed)"| s_crm"#
-            ),
+            mermaid.contains(r#"e_contact -->|"email, full_name, phone* (rollout 25% + 1 listed)"| s_crm"#),
             "{mermaid}"
         );
     }
@@ -755,10 +658,7 @@ mod tests {
     #[test]
     fn format_names_parse() {
         assert_eq!("table".parse::<PlanFormat>().ok(), Some(PlanFormat::Table));
-        assert_eq!(
-            "mermaid".parse::<PlanFormat>().ok(),
-            Some(PlanFormat::Mermaid)
-        );
+        assert_eq!("mermaid".parse::<PlanFormat>().ok(), Some(PlanFormat::Mermaid));
         assert!("dot".parse::<PlanFormat>().is_err());
     }
 }

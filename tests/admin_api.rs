@@ -8,16 +8,11 @@ use std::sync::{Arc, OnceLock};
 
 use concord::engine::status::SharedStatus;
 use concord::http::{AdminContext, MAX_BODY_BYTES, ReplayError, ReplayFn, ReplayOutcome, serve};
-use concord::merge::{
-    Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMode, WriteSummary,
-};
+use concord::merge::{Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMode, WriteSummary};
 use concord::model::{
-    AgreedField, Base, ChangeKind, GlobalId, Provenance, RecordState, Shadow, SourceRecord,
-    SourceReject,
+    AgreedField, Base, ChangeKind, GlobalId, Provenance, RecordState, Shadow, SourceRecord, SourceReject,
 };
-use concord::state::{
-    DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, StateStore, WriteLogEntry,
-};
+use concord::state::{DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, StateStore, WriteLogEntry};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,8 +31,7 @@ fn recorder() -> PrometheusHandle {
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new().build_recorder();
             let handle = recorder.handle();
-            metrics::set_global_recorder(recorder)
-                .expect("this test binary installs no other recorder");
+            metrics::set_global_recorder(recorder).expect("this test binary installs no other recorder");
             handle
         })
         .clone()
@@ -88,18 +82,10 @@ impl HttpResponse {
 
 /// Sends raw request bytes and reads the response until the server closes.
 async fn exchange(addr: SocketAddr, raw: &[u8]) -> Result<HttpResponse, String> {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .write_all(raw)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    stream.write_all(raw).await.map_err(|e| format!("write: {e}"))?;
     let mut bytes = Vec::new();
-    stream
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| format!("read: {e}"))?;
+    stream.read_to_end(&mut bytes).await.map_err(|e| format!("read: {e}"))?;
     parse_response(&bytes)
 }
 
@@ -158,24 +144,15 @@ fn parse_response(bytes: &[u8]) -> Result<HttpResponse, String> {
     let body = if find("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         decode_chunked(rest)?
     } else if let Some(length) = find("content-length") {
-        let length: usize = length
-            .parse()
-            .map_err(|_| format!("bad content-length {length:?}"))?;
+        let length: usize = length.parse().map_err(|_| format!("bad content-length {length:?}"))?;
         if rest.len() != length {
-            return Err(format!(
-                "content-length {length} but {} body bytes",
-                rest.len()
-            ));
+            return Err(format!("content-length {length} but {} body bytes", rest.len()));
         }
         rest.to_vec()
     } else {
         rest.to_vec()
     };
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-    })
+    Ok(HttpResponse { status, headers, body })
 }
 
 fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
@@ -185,11 +162,9 @@ fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
             .windows(2)
             .position(|w| w == b"\r\n")
             .ok_or("chunk size line not ended")?;
-        let size_text =
-            std::str::from_utf8(&rest[..line_end]).map_err(|_| "chunk size is not utf-8")?;
+        let size_text = std::str::from_utf8(&rest[..line_end]).map_err(|_| "chunk size is not utf-8")?;
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| format!("bad chunk size {size_text:?}"))?;
         rest = &rest[line_end + 2..];
         if size == 0 {
             return Ok(body);
@@ -223,9 +198,7 @@ struct Server {
 }
 
 fn person_id() -> GlobalId {
-    "0190a3c2-0000-7000-8000-000000000001"
-        .parse()
-        .expect("literal uuid")
+    "0190a3c2-0000-7000-8000-000000000001".parse().expect("literal uuid")
 }
 
 fn outbox_entry(system: &str, id: GlobalId) -> OutboxEntry {
@@ -296,10 +269,7 @@ fn seed(store: &StateStore) -> Seeded {
                         Shadow {
                             local_id: Some("h-1".to_string()),
                             fields: BTreeMap::from([("name".to_string(), json!("A. Lovelace"))]),
-                            pending: BTreeMap::from([(
-                                "email".to_string(),
-                                json!("ada@example.com"),
-                            )]),
+                            pending: BTreeMap::from([("email".to_string(), json!("ada@example.com"))]),
                             diverged: ["name".to_string()].into(),
                             ..Shadow::default()
                         },
@@ -418,9 +388,7 @@ fn store_replay(store: StateStore) -> ReplayFn {
             };
             match letter.item {
                 DeadItem::Reject { .. } => Err(ReplayError::NotReplayable(id)),
-                DeadItem::Write { entry } => Ok(ReplayOutcome::Requeued {
-                    seq: t.enqueue(entry)?,
-                }),
+                DeadItem::Write { entry } => Ok(ReplayOutcome::Requeued { seq: t.enqueue(entry)? }),
                 DeadItem::Change { .. } => Ok(ReplayOutcome::Merged),
             }
         })
@@ -458,14 +426,10 @@ impl Server {
             store: store.clone(),
             status: status.clone(),
             metrics: options.metrics.then(recorder),
-            replay: options
-                .replay
-                .unwrap_or_else(|| store_replay(store.clone())),
+            replay: options.replay.unwrap_or_else(|| store_replay(store.clone())),
             entities: vec![ENTITY.to_string()],
         };
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(ctx, listener, async move {
@@ -535,10 +499,7 @@ async fn metrics_count_requests_by_status_class() {
     assert_eq!(get(server.addr, "/no/such/route").await.status, 404);
     let response = get(server.addr, "/metrics").await;
     assert_eq!(response.status, 200);
-    assert_eq!(
-        response.header("content-type"),
-        Some("text/plain; version=0.0.4")
-    );
+    assert_eq!(response.header("content-type"), Some("text/plain; version=0.0.4"));
     let text = String::from_utf8(response.body).expect("exposition is utf-8");
     let count = |outcome: &str| {
         let prefix = format!("concord_admin_requests_total{{outcome=\"{outcome}\"}} ");
@@ -589,12 +550,7 @@ async fn record_by_global_id_explains_every_field() {
     let server = Server::start().await;
     let id = server.seeded.person.to_string();
     let response = get(server.addr, &record_path(ENTITY, &id)).await;
-    assert_eq!(
-        response.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&response.body)
-    );
+    assert_eq!(response.status, 200, "{:?}", String::from_utf8_lossy(&response.body));
     let body = response.json();
     assert_eq!(body["entity"], json!(ENTITY));
     assert_eq!(body["global_id"], json!(id));
@@ -628,9 +584,7 @@ async fn record_by_global_id_explains_every_field() {
     assert_eq!(body["match_keys"], json!({"email": "ada@example.com"}));
     assert_eq!(body["created"], json!("2023-11-14T22:13:20.000Z"));
     assert_eq!(body["updated"], json!("2023-11-14T22:13:21.000Z"));
-    let decisions = body["recent_decisions"]
-        .as_array()
-        .expect("recent decisions list");
+    let decisions = body["recent_decisions"].as_array().expect("recent decisions list");
     assert_eq!(decisions.len(), 1);
     assert_eq!(decisions[0]["id"], json!(server.seeded.decision));
 }
@@ -654,12 +608,7 @@ async fn reading_a_record_is_audited_with_the_peer_address() {
     let server = Server::start().await;
     let id = server.seeded.person;
     assert!(audit_actions(server.addr).await.is_empty());
-    assert_eq!(
-        get(server.addr, &record_path(ENTITY, "crm:c-1"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(get(server.addr, &record_path(ENTITY, "crm:c-1")).await.status, 200);
     let response = get(server.addr, "/api/v1/audit").await;
     let body = response.json();
     let entry = &body["audit"][0];
@@ -726,16 +675,8 @@ async fn record_lookup_errors_are_json() {
 async fn decisions_filter_and_validate_parameters() {
     let server = Server::start().await;
     let count = |response: HttpResponse| {
-        assert_eq!(
-            response.status,
-            200,
-            "{:?}",
-            String::from_utf8_lossy(&response.body)
-        );
-        response.json()["decisions"]
-            .as_array()
-            .expect("decision list")
-            .len()
+        assert_eq!(response.status, 200, "{:?}", String::from_utf8_lossy(&response.body));
+        response.json()["decisions"].as_array().expect("decision list").len()
     };
     let id = server.seeded.person;
     assert_eq!(count(get(server.addr, "/api/v1/decisions").await), 1);
@@ -753,18 +694,9 @@ async fn decisions_filter_and_validate_parameters() {
         count(get(server.addr, "/api/v1/decisions?conflicts=true&system=crm").await),
         1
     );
-    assert_eq!(
-        count(get(server.addr, "/api/v1/decisions?flagged=true").await),
-        0
-    );
-    assert_eq!(
-        count(get(server.addr, "/api/v1/decisions?system=hr").await),
-        0
-    );
-    assert_eq!(
-        count(get(server.addr, "/api/v1/decisions?limit=1000").await),
-        1
-    );
+    assert_eq!(count(get(server.addr, "/api/v1/decisions?flagged=true").await), 0);
+    assert_eq!(count(get(server.addr, "/api/v1/decisions?system=hr").await), 0);
+    assert_eq!(count(get(server.addr, "/api/v1/decisions?limit=1000").await), 1);
     let first = get(server.addr, "/api/v1/decisions").await.json();
     assert_eq!(
         first["decisions"][0]["fields"][0]["previous"],
@@ -782,10 +714,7 @@ async fn decisions_filter_and_validate_parameters() {
     ] {
         let response = get(server.addr, &format!("/api/v1/decisions?{query}")).await;
         assert_eq!(response.status, 400, "{query}");
-        assert!(
-            response.error().starts_with("invalid query string"),
-            "{query}"
-        );
+        assert!(response.error().starts_with("invalid query string"), "{query}");
     }
     let unknown = get(server.addr, "/api/v1/decisions?entity=invoice").await;
     assert_eq!(unknown.status, 404);
@@ -803,10 +732,7 @@ async fn write_log_lists_attempts_by_system() {
     let server = Server::start().await;
     let list = |response: HttpResponse| {
         assert_eq!(response.status, 200);
-        response.json()["writes"]
-            .as_array()
-            .expect("write list")
-            .clone()
+        response.json()["writes"].as_array().expect("write list").clone()
     };
     let all = list(get(server.addr, "/api/v1/writes").await);
     assert_eq!(all.len(), 1);
@@ -816,25 +742,14 @@ async fn write_log_lists_attempts_by_system() {
         list(get(server.addr, "/api/v1/writes?system=crm&limit=5").await).len(),
         1
     );
-    assert_eq!(
-        list(get(server.addr, "/api/v1/writes?system=lms").await).len(),
-        0
-    );
-    assert_eq!(
-        get(server.addr, "/api/v1/writes?limit=-1").await.status,
-        400
-    );
+    assert_eq!(list(get(server.addr, "/api/v1/writes?system=lms").await).len(), 0);
+    assert_eq!(get(server.addr, "/api/v1/writes?limit=-1").await.status, 400);
 }
 
 #[tokio::test]
 async fn audit_lists_newest_first_with_a_limit() {
     let server = Server::start().await;
-    assert_eq!(
-        get(server.addr, &record_path(ENTITY, "crm:c-1"))
-            .await
-            .status,
-        200
-    );
+    assert_eq!(get(server.addr, &record_path(ENTITY, "crm:c-1")).await.status, 200);
     assert_eq!(get(server.addr, "/api/v1/dlq").await.status, 200);
     let actions = audit_actions(server.addr).await;
     assert_eq!(
@@ -858,11 +773,7 @@ async fn dead_letters_carry_their_items_and_are_audited() {
     let letters = body["dead_letters"].as_array().expect("dead letter list");
     let ids: Vec<u64> = letters.iter().filter_map(|l| l["id"].as_u64()).collect();
     let s = &server.seeded;
-    assert_eq!(
-        ids,
-        [s.write_letter, s.reject_letter, s.change_letter],
-        "newest first"
-    );
+    assert_eq!(ids, [s.write_letter, s.reject_letter, s.change_letter], "newest first");
     let change = &letters[2];
     assert_eq!(change["time"], json!("2023-11-14T22:13:20.000Z"));
     assert_eq!(change["system"], json!("crm"));
@@ -871,17 +782,12 @@ async fn dead_letters_carry_their_items_and_are_audited() {
     assert_eq!(change["reason"], json!("see item"));
     assert_eq!(change["replayable"], json!(true));
     assert_eq!(change["item"]["type"], json!("change"));
-    assert_eq!(
-        change["item"]["record"]["fields"],
-        json!({"Email": "not-an-email"})
-    );
+    assert_eq!(change["item"]["record"]["fields"], json!({"Email": "not-an-email"}));
     assert_eq!(letters[1]["item"]["type"], json!("reject"));
     assert_eq!(letters[1]["replayable"], json!(false));
     assert_eq!(letters[0]["item"]["type"], json!("write"));
 
-    let hr = get(server.addr, "/api/v1/dlq?system=hr&limit=10")
-        .await
-        .json();
+    let hr = get(server.addr, "/api/v1/dlq?system=hr&limit=10").await.json();
     assert_eq!(hr["dead_letters"].as_array().map(Vec::len), Some(1));
     assert_eq!(get(server.addr, "/api/v1/dlq?limit=5000").await.status, 400);
 
@@ -902,12 +808,7 @@ async fn replay_requeues_and_reports_each_failure() {
     let replay = |id: u64| format!("/api/v1/dlq/{id}/replay");
 
     let requeued = post(server.addr, &replay(s.write_letter)).await;
-    assert_eq!(
-        requeued.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&requeued.body)
-    );
+    assert_eq!(requeued.status, 200, "{:?}", String::from_utf8_lossy(&requeued.body));
     let outcome = requeued.json();
     assert_eq!(outcome["result"], json!("requeued"));
     assert!(outcome["seq"].as_u64().is_some());
@@ -927,10 +828,7 @@ async fn replay_requeues_and_reports_each_failure() {
 
     let again = post(server.addr, &replay(s.write_letter)).await;
     assert_eq!(again.status, 404);
-    assert_eq!(
-        again.error(),
-        format!("dead letter {} not found", s.write_letter)
-    );
+    assert_eq!(again.error(), format!("dead letter {} not found", s.write_letter));
 
     let reject = post(server.addr, &replay(s.reject_letter)).await;
     assert_eq!(reject.status, 409);
@@ -949,10 +847,7 @@ async fn replay_requeues_and_reports_each_failure() {
     for bad in ["abc", "-1", "1.5", "99999999999999999999999"] {
         let response = post(server.addr, &format!("/api/v1/dlq/{bad}/replay")).await;
         assert_eq!(response.status, 400, "{bad}");
-        assert_eq!(
-            response.error(),
-            "dead letter id must be a positive integer"
-        );
+        assert_eq!(response.error(), "dead letter id must be a positive integer");
     }
 
     let replays = audit_actions(server.addr)
@@ -970,10 +865,7 @@ async fn replay_maps_engine_errors_without_internals() {
             system: "lms".to_string(),
             entity: ENTITY.to_string(),
         }),
-        _ => Err(ReplayError::State(StateError::SchemaVersion {
-            found: 7,
-            expected: 1,
-        })),
+        _ => Err(ReplayError::State(StateError::SchemaVersion { found: 7, expected: 1 })),
     });
     let server = Server::start_with(Options {
         metrics: true,
@@ -997,9 +889,7 @@ async fn oversized_body_is_refused_with_413() {
         "POST /api/v1/dlq/1/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         MAX_BODY_BYTES + 1
     );
-    let response = exchange(server.addr, raw.as_bytes())
-        .await
-        .expect("a response");
+    let response = exchange(server.addr, raw.as_bytes()).await.expect("a response");
     assert_eq!(response.status, 413);
     assert_eq!(
         response.error(),
@@ -1111,32 +1001,15 @@ fn random_target(rng: &mut StdRng, person: &str) -> String {
         ),
         4 => format!("/{}", random_segment(rng)),
         5 => format!("/api/v1/{}", random_segment(rng)),
-        _ => format!(
-            "/api/v1/entities/{}/{}",
-            random_segment(rng),
-            random_segment(rng)
-        ),
+        _ => format!("/api/v1/entities/{}/{}", random_segment(rng), random_segment(rng)),
     };
     if !rng.random_bool(0.5) {
         return path;
     }
     let pairs: Vec<String> = (0..rng.random_range(1..4))
         .map(|_| {
-            let key = segment(
-                rng,
-                &[
-                    "limit",
-                    "system",
-                    "entity",
-                    "global_id",
-                    "flagged",
-                    "conflicts",
-                ],
-            );
-            let value = segment(
-                rng,
-                &["1", "1000", "0", "true", "false", "crm", ENTITY, person],
-            );
+            let key = segment(rng, &["limit", "system", "entity", "global_id", "flagged", "conflicts"]);
+            let value = segment(rng, &["1", "1000", "0", "true", "false", "crm", ENTITY, person]);
             format!("{key}={value}")
         })
         .collect();
@@ -1156,16 +1029,10 @@ async fn random_requests_get_json_answers_and_never_break_the_server() {
     for _ in 0..200 {
         let method = pick(
             &mut rng,
-            &[
-                "GET", "GET", "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
-            ],
+            &["GET", "GET", "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"],
         );
         let target = random_target(&mut rng, &person);
-        let body: &[u8] = if rng.random_bool(0.2) {
-            b"{\"x\":1}"
-        } else {
-            b""
-        };
+        let body: &[u8] = if rng.random_bool(0.2) { b"{\"x\":1}" } else { b"" };
         let mut raw = format!(
             "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
             body.len()
@@ -1176,11 +1043,7 @@ async fn random_requests_get_json_answers_and_never_break_the_server() {
         let response = exchange(server.addr, &raw)
             .await
             .unwrap_or_else(|e| panic!("{context}: {e}"));
-        assert!(
-            response.status < 500,
-            "{context}: status {}",
-            response.status
-        );
+        assert!(response.status < 500, "{context}: status {}", response.status);
         if method == "GET" && target.split('?').next() == Some("/metrics") {
             assert_eq!(response.status, 200, "{context}");
             continue;
@@ -1207,9 +1070,7 @@ async fn serve_stops_on_shutdown() {
     if let Some(shutdown) = server.shutdown.take() {
         shutdown.send(()).expect("server is still running");
     }
-    let result = (&mut server.task)
-        .await
-        .expect("server task does not panic");
+    let result = (&mut server.task).await.expect("server task does not panic");
     assert!(result.is_ok(), "{result:?}");
     assert!(
         TcpStream::connect(server.addr).await.is_err(),

@@ -22,8 +22,7 @@ fn generated_text() -> String {
 }
 
 fn validator() -> jsonschema::Validator {
-    jsonschema::validator_for(&concord::config::json_schema())
-        .expect("the generated schema is a valid JSON Schema")
+    jsonschema::validator_for(&concord::config::json_schema()).expect("the generated schema is a valid JSON Schema")
 }
 
 /// TOML text as the JSON value the schema describes.
@@ -78,25 +77,19 @@ fn every_example_passes_the_schema_the_loader_and_validation() {
     let validator = validator();
     for path in &examples {
         let text = std::fs::read_to_string(path).expect("read example");
-        let instance =
-            toml_to_json(&text).unwrap_or_else(|e| panic!("{} is not TOML: {e}", path.display()));
+        let instance = toml_to_json(&text).unwrap_or_else(|e| panic!("{} is not TOML: {e}", path.display()));
         let errors = schema_errors(&validator, &instance);
         assert!(
             errors.is_empty(),
             "{} fails the JSON Schema: {errors:#?}",
             path.display()
         );
-        let config = concord::config::load(path)
-            .unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
+        let config = concord::config::load(path).unwrap_or_else(|e| panic!("{} does not load: {e}", path.display()));
         let problems: Vec<String> = concord::config::validate(&config)
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert!(
-            problems.is_empty(),
-            "{} has problems: {problems:#?}",
-            path.display()
-        );
+        assert!(problems.is_empty(), "{} has problems: {problems:#?}", path.display());
     }
 }
 
@@ -146,18 +139,12 @@ fn mistakes_are_rejected_by_the_schema_and_by_the_loader() {
         ),
         (
             "unknown key in a link",
-            BASE.replace(
-                "object = \"contacts\"",
-                "object = \"contacts\"\nobjekt = \"x\"",
-            ),
+            BASE.replace("object = \"contacts\"", "object = \"contacts\"\nobjekt = \"x\""),
             "links[0].objekt",
         ),
         (
             "unknown key in a map rule",
-            BASE.replace(
-                "system = \"Email\" }",
-                "system = \"Email\", canonicle = \"x\" }",
-            ),
+            BASE.replace("system = \"Email\" }", "system = \"Email\", canonicle = \"x\" }"),
             "links[0].map[0].canonicle",
         ),
         (
@@ -167,10 +154,7 @@ fn mistakes_are_rejected_by_the_schema_and_by_the_loader() {
         ),
         (
             "two secret sources",
-            BASE.replace(
-                "{ env = \"CRM_TOKEN\" }",
-                "{ env = \"CRM_TOKEN\", file = \"t\" }",
-            ),
+            BASE.replace("{ env = \"CRM_TOKEN\" }", "{ env = \"CRM_TOKEN\", file = \"t\" }"),
             "systems.crm.auth",
         ),
         (
@@ -183,11 +167,7 @@ fn mistakes_are_rejected_by_the_schema_and_by_the_loader() {
             BASE.replace("type = \"file\"\n", ""),
             "systems.crm",
         ),
-        (
-            "missing id_field",
-            BASE.replace("id_field = \"Id\"\n", ""),
-            "links[0]",
-        ),
+        ("missing id_field", BASE.replace("id_field = \"Id\"\n", ""), "links[0]"),
         (
             "wrong value type",
             BASE.replace("interval_secs = 30", "interval_secs = \"30\""),
@@ -204,14 +184,9 @@ fn mistakes_are_rejected_by_the_schema_and_by_the_loader() {
         }
         match concord::config::parse(&text) {
             Ok(_) => failures.push(format!("{name}: the loader accepts it")),
-            Err(concord::config::LoadError::Parse {
-                path: found,
-                message,
-            }) => {
+            Err(concord::config::LoadError::Parse { path: found, message }) => {
                 if found != path {
-                    failures.push(format!(
-                        "{name}: loader error at {found} ({message}), not {path}"
-                    ));
+                    failures.push(format!("{name}: loader error at {found} ({message}), not {path}"));
                 }
             }
             Err(other) => failures.push(format!("{name}: unexpected error {other:?}")),
@@ -222,10 +197,7 @@ fn mistakes_are_rejected_by_the_schema_and_by_the_loader() {
 
 #[test]
 fn a_literal_secret_is_not_echoed_in_the_load_error() {
-    let text = BASE.replace(
-        "token = { env = \"CRM_TOKEN\" }",
-        "token = \"s3cr3t-canary\"",
-    );
+    let text = BASE.replace("token = { env = \"CRM_TOKEN\" }", "token = \"s3cr3t-canary\"");
     let error = concord::config::parse(&text).expect_err("literal secret rejected");
     assert!(!error.to_string().contains("s3cr3t-canary"), "{error}");
 }

@@ -105,7 +105,9 @@ map = [
   {{ canonical = "phone", system = "phone" }},
 ]
 "#,
-        schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json").display()
+        schema = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas/contact.schema.json")
+            .display()
     )
 }
 
@@ -135,7 +137,7 @@ fn write_inputs(dir: &Path) -> usize {
                 "Email": format!("person{n}@example.com"),
                 "Phone": format!("+1 415 555 {:04}", n % 10_000),
             });
-            if n % 7 == 0 {
+            if n.is_multiple_of(7) {
                 rec["Title"] = Value::from(format!("Self-declared {n}"));
             }
             jsonl.push_str(&rec.to_string());
@@ -176,7 +178,11 @@ fn run_to_completion(dir: &Path) {
 /// number of create operations seen per email.
 fn fold_exports(dir: &Path) -> (BTreeMap<String, BTreeMap<String, Value>>, BTreeMap<String, u32>) {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "jsonl")).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     let mut by_id: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
@@ -261,7 +267,10 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let total_ms = started.elapsed().as_millis() as u64;
     let (low, high) = ((total_ms / 60).max(30), (total_ms / 15).max(60));
 
-    let seed: u64 = std::env::var("CONCORD_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("CONCORD_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("crash seed {seed} (set CONCORD_CRASH_SEED to repeat)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills = 0;
@@ -282,7 +291,10 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
             }
         }
     }
-    assert!(kills >= 10, "only {kills} kills landed before the sync finished; the workload is too small");
+    assert!(
+        kills >= 10,
+        "only {kills} kills landed before the sync finished; the workload is too small"
+    );
     run_to_completion(crashed.path());
 
     inputs_all_processed(reference.path());
@@ -299,7 +311,11 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         assert!(!want.is_empty(), "{target} received writes");
         assert!(want == got, "{target} content differs after crashes");
         let duplicated: Vec<_> = got_creates.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(duplicated.is_empty(), "{target} has duplicated creates: {:?}", &duplicated[..duplicated.len().min(5)]);
+        assert!(
+            duplicated.is_empty(),
+            "{target} has duplicated creates: {:?}",
+            &duplicated[..duplicated.len().min(5)]
+        );
         assert_eq!(want_creates, got_creates, "{target} creates differ");
     }
 }

@@ -30,7 +30,10 @@ fn synced(port: u16) -> Option<Value> {
     let status = request(port, "GET", "/api/v1/status")?;
     let status = status.json();
     let links = status["links"].as_object()?;
-    let all_idle = links.len() == 2 && links.values().all(|l| l["state"] == "idle" && l["captured"].as_u64() > Some(0));
+    let all_idle = links.len() == 2
+        && links
+            .values()
+            .all(|l| l["state"] == "idle" && l["captured"].as_u64() > Some(0));
     let outbox = status["systems"]["directory"]["outbox_depth"].as_u64();
     (all_idle && outbox == Some(0) && status["records"].as_u64() == Some(6)).then_some(status)
 }
@@ -42,7 +45,9 @@ fn example_syncs_explains_and_stops_gracefully() {
     let config = example_copy(dir.path(), port);
     let mut child = start(&config, false);
 
-    wait_for("readiness", 60, || request(port, "GET", "/readyz").filter(|r| r.status == 200));
+    wait_for("readiness", 60, || {
+        request(port, "GET", "/readyz").filter(|r| r.status == 200)
+    });
     let status = wait_for("the sync to finish", 60, || synced(port));
     assert_eq!(status["systems"]["directory"]["dlq_depth"], 0);
 
@@ -62,7 +67,10 @@ fn example_syncs_explains_and_stops_gracefully() {
     // HR owns names: the LMS's "Alan M. Turing" does not win.
     assert_eq!(by_mail["alan.turing@example.com"]["display_name"], "Alan Turing");
     // A learner HR does not know still becomes a contact, with the LMS's name.
-    assert_eq!(by_mail["margaret.hamilton@example.com"]["display_name"], "Margaret Hamilton");
+    assert_eq!(
+        by_mail["margaret.hamilton@example.com"]["display_name"],
+        "Margaret Hamilton"
+    );
     assert_eq!(by_mail["barbara.liskov@example.com"]["telephone"], "+442079460958");
     // Edsger's phone number is invalid: nothing of his row is written anywhere.
     assert!(!by_mail.contains_key("edsger.dijkstra@example.com"));
@@ -95,7 +103,10 @@ fn example_syncs_explains_and_stops_gracefully() {
     assert_eq!(ada["fields"]["title"]["system"], "hr");
     assert_eq!(ada["fields"]["certified"]["system"], "lms");
     assert_eq!(ada["fields"]["certified"]["rule"], "owner");
-    assert!(ada["systems"]["directory"]["local_id"].is_string(), "the directory's id is known: {ada}");
+    assert!(
+        ada["systems"]["directory"]["local_id"].is_string(),
+        "the directory's id is known: {ada}"
+    );
     let audit = get(port, "/api/v1/audit").json();
     assert!(audit.to_string().contains("read_record"), "{audit}");
 
@@ -136,13 +147,22 @@ fn metrics_pass_promtool_and_are_all_declared() {
     use std::io::Write;
     promtool.stdin.as_ref().unwrap().write_all(text.as_bytes()).unwrap();
     let output = promtool.wait_with_output().unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success() && said.trim().is_empty(), "promtool check metrics: {said}");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}"
+    );
 
     // Every exported family is declared in metrics.rs.
     for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
         let name = line.split(['{', ' ']).next().unwrap();
-        let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
         assert!(
             concord::metrics::ALL.contains(&family) || concord::metrics::ALL.contains(&name),
             "{name} is exported but not declared in metrics.rs"
@@ -175,7 +195,10 @@ fn metrics_pass_promtool_and_are_all_declared() {
 #[test]
 fn check_reports_every_problem_with_its_path_and_exit_2() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let ok = concord(&["check", "--config"]).arg(root.join("examples/hr-sync/concord.toml")).output().unwrap();
+    let ok = concord(&["check", "--config"])
+        .arg(root.join("examples/hr-sync/concord.toml"))
+        .output()
+        .unwrap();
     assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
 
     let dir = tempfile::tempdir().unwrap();
@@ -184,13 +207,22 @@ fn check_reports_every_problem_with_its_path_and_exit_2() {
     let broken = std::fs::read_to_string(&config)
         .unwrap()
         .replace("owners = [\"lms\"]", "owners = [\"lsm\"]")
-        .replace("system = \"directory\"\nentity = \"contact\"", "system = \"directory\"\nentity = \"contcat\"");
+        .replace(
+            "system = \"directory\"\nentity = \"contact\"",
+            "system = \"directory\"\nentity = \"contcat\"",
+        );
     std::fs::write(&config, broken).unwrap();
     let out = concord(&["check", "--config"]).arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("entities.contact.fields.certified.owners[0]: unknown system \"lsm\""), "{stderr}");
-    assert!(stderr.contains("links[2].entity: unknown entity \"contcat\""), "{stderr}");
+    assert!(
+        stderr.contains("entities.contact.fields.certified.owners[0]: unknown system \"lsm\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("links[2].entity: unknown entity \"contcat\""),
+        "{stderr}"
+    );
 
     std::fs::write(&config, "[state]\ndir = \"s\"\nunknown_key = 1\n").unwrap();
     let out = concord(&["check", "--config"]).arg(&config).output().unwrap();
@@ -213,7 +245,10 @@ fn plan_prints_inventory_and_mermaid() {
     for needle in ["hr", "lms", "directory", "certified", "e164"] {
         assert!(table.contains(needle), "plan lacks {needle}:\n{table}");
     }
-    let mermaid = concord(&["plan", "--format", "mermaid", "--config"]).arg(&config).output().unwrap();
+    let mermaid = concord(&["plan", "--format", "mermaid", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     assert!(mermaid.status.success());
     let mermaid = String::from_utf8_lossy(&mermaid.stdout);
     assert!(mermaid.starts_with("flowchart LR"), "{mermaid}");

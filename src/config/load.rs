@@ -19,8 +19,10 @@ pub enum LoadError {
 
 /// Reads and parses `path`; relative paths inside resolve against its directory.
 pub fn load(path: &Path) -> Result<Config, LoadError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut config = parse(&text)?;
     config.base_dir = path
         .parent()

@@ -107,7 +107,9 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: default_admin_listen() }
+        Self {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -500,7 +502,10 @@ pub enum Transform {
     /// Normalise a phone number to E.164 (`+` and 8 to 15 digits).
     E164,
     /// Reformat a date or time: `system` and `canonical` are strftime formats.
-    Date { system: String, canonical: String },
+    Date {
+        system: String,
+        canonical: String,
+    },
     /// Replace values by a table; the inverse table is used on the way out.
     Map(BTreeMap<String, serde_json::Value>),
     /// Parse text into a boolean, integer or number on the way in.

@@ -129,9 +129,7 @@ impl SecretRef {
                 let path = base_dir.join(path);
                 std::fs::read_to_string(&path).map_err(|source| SecretError::File { path, source })?
             }
-            SecretRef::Env(name) => {
-                std::env::var(name).map_err(|_| SecretError::Env { name: name.clone() })?
-            }
+            SecretRef::Env(name) => std::env::var(name).map_err(|_| SecretError::Env { name: name.clone() })?,
             SecretRef::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
                     .ok_or_else(|| SecretError::NoCredentialsDirectory { name: name.clone() })?;
@@ -166,7 +164,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = SecretRef::File("nope".into()).resolve(dir.path()).unwrap_err();
         assert!(err.to_string().contains("cannot be read"), "{err}");
-        let err = SecretRef::Env("CONCORD_TEST_SURELY_UNSET".into()).resolve(dir.path()).unwrap_err();
+        let err = SecretRef::Env("CONCORD_TEST_SURELY_UNSET".into())
+            .resolve(dir.path())
+            .unwrap_err();
         assert!(err.to_string().contains("CONCORD_TEST_SURELY_UNSET"), "{err}");
     }
 
@@ -181,9 +181,7 @@ mod tests {
             .expect("literal rejected");
         // The message; the full Display of a toml error also quotes the source line.
         assert!(
-            error
-                .message()
-                .starts_with("a secret cannot be written literally"),
+            error.message().starts_with("a secret cannot be written literally"),
             "{error}"
         );
         assert!(!error.message().contains("literal-canary"), "{error}");
@@ -192,9 +190,7 @@ mod tests {
         assert!(toml::from_str::<Holder>(r#"key = { password = "X" }"#).is_err());
         assert!(toml::from_str::<Holder>("key = {}").is_err());
         assert_eq!(
-            toml::from_str::<Holder>(r#"key = { env = "X" }"#)
-                .map(|h| h.key)
-                .ok(),
+            toml::from_str::<Holder>(r#"key = { env = "X" }"#).map(|h| h.key).ok(),
             Some(SecretRef::Env("X".into()))
         );
         assert_eq!(

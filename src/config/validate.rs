@@ -16,8 +16,8 @@ use std::path::Path;
 
 use super::secret::SecretRef;
 use super::{
-    AuthConfig, Config, ConnectorConfig, Direction, EntityConfig, FieldMapConfig, LinkConfig,
-    MapDirection, OnDelete, OneOrMany, SystemConfig, Transform, WriteMode,
+    AuthConfig, Config, ConnectorConfig, Direction, EntityConfig, FieldMapConfig, LinkConfig, MapDirection, OnDelete,
+    OneOrMany, SystemConfig, Transform, WriteMode,
 };
 
 /// One problem, with the key path it is about.
@@ -127,10 +127,7 @@ impl<'a> Checker<'a> {
         if config.admin.listen.parse::<SocketAddr>().is_err() {
             self.report(
                 "admin.listen",
-                format!(
-                    "{:?} is not a socket address (ip:port)",
-                    config.admin.listen
-                ),
+                format!("{:?} is not a socket address (ip:port)", config.admin.listen),
             );
         }
         if config.state.dir.as_os_str().is_empty() {
@@ -196,25 +193,14 @@ impl<'a> Checker<'a> {
                 }
                 let (capturing, writing) = self.links_of(name, system.direction);
                 if file.inbox.is_none() && !capturing.is_empty() {
-                    let verb = if capturing.len() == 1 {
-                        "captures"
-                    } else {
-                        "capture"
-                    };
+                    let verb = if capturing.len() == 1 { "captures" } else { "capture" };
                     self.report(
                         format!("{path}.inbox"),
-                        format!(
-                            "must be set: {} {verb} from this system",
-                            capturing.join(", ")
-                        ),
+                        format!("must be set: {} {verb} from this system", capturing.join(", ")),
                     );
                 }
                 if file.export_dir.is_none() && !writing.is_empty() {
-                    let verb = if writing.len() == 1 {
-                        "writes"
-                    } else {
-                        "write"
-                    };
+                    let verb = if writing.len() == 1 { "writes" } else { "write" };
                     self.report(
                         format!("{path}.export_dir"),
                         format!("must be set: {} {verb} to this system", writing.join(", ")),
@@ -275,20 +261,14 @@ impl<'a> Checker<'a> {
                 if name.is_empty() {
                     self.report(format!("{path}.env"), "must not be empty");
                 } else if name.contains(['=', '\0']) {
-                    self.report(
-                        format!("{path}.env"),
-                        "not a valid environment variable name",
-                    );
+                    self.report(format!("{path}.env"), "not a valid environment variable name");
                 }
             }
             SecretRef::Credential(name) => {
                 if name.is_empty() {
                     self.report(format!("{path}.credential"), "must not be empty");
                 } else if name.contains(['/', '\0']) || name == "." || name == ".." {
-                    self.report(
-                        format!("{path}.credential"),
-                        "must be a credential name, not a path",
-                    );
+                    self.report(format!("{path}.credential"), "must be a credential name, not a path");
                 }
             }
         }
@@ -305,10 +285,7 @@ impl<'a> Checker<'a> {
             if !seen.insert(key.as_str()) {
                 self.report(&key_path, format!("{key:?} is listed twice"));
             } else if self.is_property(name, key) == Some(false) {
-                self.report(
-                    &key_path,
-                    format!("{key:?} is not a property of the schema"),
-                );
+                self.report(&key_path, format!("{key:?} is not a property of the schema"));
             }
         }
 
@@ -329,17 +306,12 @@ impl<'a> Checker<'a> {
                     continue;
                 }
                 match self.link_for(owner, name) {
-                    None => self.report(
-                        &owner_path,
-                        format!("system {owner:?} has no link for entity {name:?}"),
-                    ),
+                    None => self.report(&owner_path, format!("system {owner:?} has no link for entity {name:?}")),
                     Some((index, link)) => {
                         if !link.map.iter().any(|rule| produces(rule, field)) {
                             self.report(
                                 &owner_path,
-                                format!(
-                                    "system {owner:?} does not map this field inbound (links[{index}])"
-                                ),
+                                format!("system {owner:?} does not map this field inbound (links[{index}])"),
                             );
                         }
                     }
@@ -349,10 +321,7 @@ impl<'a> Checker<'a> {
 
         let share = entity.delete.max_share;
         if !(0.0..=1.0).contains(&share) {
-            self.report(
-                format!("{path}.delete.max_share"),
-                "must be between 0 and 1",
-            );
+            self.report(format!("{path}.delete.max_share"), "must be between 0 and 1");
         }
         for (i, system) in entity.delete.allowed_from.iter().enumerate() {
             let system_path = format!("{path}.delete.allowed_from[{i}]");
@@ -372,20 +341,12 @@ impl<'a> Checker<'a> {
         let system = self.config.systems.get(&link.system);
         let entity = self.config.entities.get(&link.entity);
         if system.is_none() {
-            self.report(
-                format!("{path}.system"),
-                format!("unknown system {:?}", link.system),
-            );
+            self.report(format!("{path}.system"), format!("unknown system {:?}", link.system));
         }
         if entity.is_none() {
-            self.report(
-                format!("{path}.entity"),
-                format!("unknown entity {:?}", link.entity),
-            );
+            self.report(format!("{path}.entity"), format!("unknown entity {:?}", link.entity));
         }
-        let first = self
-            .link_for(&link.system, &link.entity)
-            .map(|(first, _)| first);
+        let first = self.link_for(&link.system, &link.entity).map(|(first, _)| first);
         if let Some(first) = first.filter(|&first| first != index) {
             self.report(
                 &path,
@@ -405,19 +366,13 @@ impl<'a> Checker<'a> {
             if system.direction == Direction::Write && link.capture.is_some() {
                 self.report(
                     format!("{path}.capture"),
-                    format!(
-                        "system {:?} is write-only (direction = \"write\")",
-                        link.system
-                    ),
+                    format!("system {:?} is write-only (direction = \"write\")", link.system),
                 );
             }
             if system.direction == Direction::Read && link.write.is_some_and(|w| w != WriteMode::ReadOnly) {
                 self.report(
                     format!("{path}.write"),
-                    format!(
-                        "system {:?} is read-only (direction = \"read\")",
-                        link.system
-                    ),
+                    format!("system {:?} is read-only (direction = \"read\")", link.system),
                 );
             }
         }
@@ -426,14 +381,8 @@ impl<'a> Checker<'a> {
         }
 
         if let Some(rollout) = &link.rollout {
-            if rollout
-                .percent
-                .is_some_and(|percent| !(0.0..=100.0).contains(&percent))
-            {
-                self.report(
-                    format!("{path}.rollout.percent"),
-                    "must be between 0 and 100",
-                );
+            if rollout.percent.is_some_and(|percent| !(0.0..=100.0).contains(&percent)) {
+                self.report(format!("{path}.rollout.percent"), "must be between 0 and 100");
             }
             if rollout.percent.is_none() && rollout.allow.is_empty() {
                 self.report(format!("{path}.rollout"), "set percent, allow, or both");
@@ -441,10 +390,7 @@ impl<'a> Checker<'a> {
             if entity.is_some_and(|e| e.match_keys.is_empty()) {
                 self.report(
                     format!("{path}.rollout"),
-                    format!(
-                        "entity {:?} has no match_keys to select records by",
-                        link.entity
-                    ),
+                    format!("entity {:?} has no match_keys to select records by", link.entity),
                 );
             }
         }
@@ -511,10 +457,7 @@ impl<'a> Checker<'a> {
         if canonical_many && system_many {
             self.report(path, "canonical and system cannot both be lists");
         }
-        for (key, list) in [
-            ("canonical", rule.canonical.as_ref()),
-            ("system", Some(&rule.system)),
-        ] {
+        for (key, list) in [("canonical", rule.canonical.as_ref()), ("system", Some(&rule.system))] {
             let Some(list) = list else { continue };
             if matches!(list, OneOrMany::Many(fields) if fields.len() < 2) {
                 self.report(format!("{path}.{key}"), "a list needs at least two fields");
@@ -528,10 +471,7 @@ impl<'a> Checker<'a> {
             }
         }
         if (canonical_many || system_many) && rule.separator.is_empty() {
-            self.report(
-                format!("{path}.separator"),
-                "must not be empty for a join or split",
-            );
+            self.report(format!("{path}.separator"), "must not be empty for a join or split");
         }
         match (&rule.canonical, &rule.constant) {
             (None, None) => self.report(path, "needs canonical or constant"),
@@ -542,10 +482,7 @@ impl<'a> Checker<'a> {
             _ => {}
         }
         if rule.constant.is_some() && (canonical_many || system_many) {
-            self.report(
-                format!("{path}.constant"),
-                "cannot be used with a list of fields",
-            );
+            self.report(format!("{path}.constant"), "cannot be used with a list of fields");
         }
         for (k, transform) in rule.transforms.iter().enumerate() {
             if let Transform::Date { system, canonical } = transform {
@@ -566,15 +503,13 @@ impl<'a> Checker<'a> {
 /// problem message, naming the path as written in the configuration.
 fn read_schema_properties(base_dir: &Path, schema: &Path) -> Result<BTreeSet<String>, String> {
     let shown = schema.display();
-    let text = std::fs::read_to_string(base_dir.join(schema))
-        .map_err(|error| format!("cannot read {shown} ({error})"))?;
-    let value: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|error| format!("{shown} is not valid JSON ({error})"))?;
+    let text =
+        std::fs::read_to_string(base_dir.join(schema)).map_err(|error| format!("cannot read {shown} ({error})"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|error| format!("{shown} is not valid JSON ({error})"))?;
     match value.get("properties").and_then(|p| p.as_object()) {
         Some(properties) if value.is_object() => Ok(properties.keys().cloned().collect()),
-        _ => Err(format!(
-            "{shown} is not a JSON Schema object with \"properties\""
-        )),
+        _ => Err(format!("{shown} is not a JSON Schema object with \"properties\"")),
     }
 }
 
@@ -598,17 +533,13 @@ fn outbound(rule: &FieldMapConfig) -> bool {
 /// Names become metric labels, link names (`system.entity`) and path segments, so they
 /// hold no dots, spaces or quotes.
 fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// ITU-T E.164 country calling codes are one to three digits.
 fn is_country_code(code: &str) -> bool {
-    code.strip_prefix('+').is_some_and(|digits| {
-        (1..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
-    })
+    code.strip_prefix('+')
+        .is_some_and(|digits| (1..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn is_strftime(format: &str) -> bool {
@@ -628,14 +559,8 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
             (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
                 let a_len = a.find(|c: char| !c.is_ascii_digit()).unwrap_or(a.len());
                 let b_len = b.find(|c: char| !c.is_ascii_digit()).unwrap_or(b.len());
-                let (a_digits, b_digits) = (
-                    a[..a_len].trim_start_matches('0'),
-                    b[..b_len].trim_start_matches('0'),
-                );
-                let order = a_digits
-                    .len()
-                    .cmp(&b_digits.len())
-                    .then_with(|| a_digits.cmp(b_digits));
+                let (a_digits, b_digits) = (a[..a_len].trim_start_matches('0'), b[..b_len].trim_start_matches('0'));
+                let order = a_digits.len().cmp(&b_digits.len()).then_with(|| a_digits.cmp(b_digits));
                 if order != Ordering::Equal {
                     return order;
                 }
@@ -947,14 +872,8 @@ mod tests {
             r#"systems.out.export_dir: must not be empty"#,
         ];
         let found = problems(&config);
-        let missing: Vec<&&str> = expected
-            .iter()
-            .filter(|e| !found.iter().any(|f| f == *e))
-            .collect();
-        let unexpected: Vec<&String> = found
-            .iter()
-            .filter(|f| !expected.contains(&f.as_str()))
-            .collect();
+        let missing: Vec<&&str> = expected.iter().filter(|e| !found.iter().any(|f| f == *e)).collect();
+        let unexpected: Vec<&String> = found.iter().filter(|f| !expected.contains(&f.as_str())).collect();
         assert!(
             missing.is_empty() && unexpected.is_empty(),
             "missing: {missing:#?}\nunexpected: {unexpected:#?}"
@@ -966,13 +885,10 @@ mod tests {
     fn problems_sort_indices_as_numbers_and_do_not_repeat() {
         let mut links = String::new();
         for _ in 0..12 {
-            links.push_str(
-                "[[links]]\nsystem = \"nope\"\nentity = \"contact\"\nobject = \"o\"\nid_field = \"id\"\n",
-            );
+            links.push_str("[[links]]\nsystem = \"nope\"\nentity = \"contact\"\nobject = \"o\"\nid_field = \"id\"\n");
         }
-        let toml = format!(
-            "[state]\ndir = \"s\"\n[systems]\n[entities.contact]\nschema = \"contact.schema.json\"\n{links}"
-        );
+        let toml =
+            format!("[state]\ndir = \"s\"\n[systems]\n[entities.contact]\nschema = \"contact.schema.json\"\n{links}");
         let (_dir, config) = config_with(&toml, &[("contact.schema.json", CONTACT_SCHEMA)]);
         let paths: Vec<String> = validate(&config).into_iter().map(|p| p.path).collect();
         let unknown: Vec<&str> = paths
@@ -1001,10 +917,7 @@ mod tests {
             [entities]
         "#;
         let (_dir, config) = config_with(toml, &[]);
-        assert_eq!(
-            problems(&config),
-            ["systems.b.auth.token.env: must not be empty"]
-        );
+        assert_eq!(problems(&config), ["systems.b.auth.token.env: must not be empty"]);
     }
 
     #[test]

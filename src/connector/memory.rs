@@ -103,7 +103,10 @@ impl MemorySink {
                         }
                     }
                 }
-                Ok(WriteAck { local_id: id, version: None })
+                Ok(WriteAck {
+                    local_id: id,
+                    version: None,
+                })
             })
             .collect()
     }

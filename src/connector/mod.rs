@@ -47,13 +47,28 @@ pub struct ConnectorError {
 
 impl ConnectorError {
     pub fn transient(kind: &'static str, reason: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Transient, kind, reason: reason.into(), retry_after: None }
+        Self {
+            class: ErrorClass::Transient,
+            kind,
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
     pub fn permanent(kind: &'static str, reason: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Permanent, kind, reason: reason.into(), retry_after: None }
+        Self {
+            class: ErrorClass::Permanent,
+            kind,
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
     pub fn fatal(kind: &'static str, reason: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Fatal, kind, reason: reason.into(), retry_after: None }
+        Self {
+            class: ErrorClass::Fatal,
+            kind,
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
@@ -95,10 +110,7 @@ pub trait Source: Send {
         max_records: usize,
     ) -> impl Future<Output = Result<Option<SourceBatch>, ConnectorError>> + Send;
 
-    fn committed(
-        &mut self,
-        checkpoint: &Checkpoint,
-    ) -> impl Future<Output = Result<(), ConnectorError>> + Send;
+    fn committed(&mut self, checkpoint: &Checkpoint) -> impl Future<Output = Result<(), ConnectorError>> + Send;
 
     /// Age in seconds of the oldest change the source knows of but has not yielded.
     fn lag_seconds(&self) -> f64;
@@ -115,10 +127,7 @@ pub trait Source: Send {
 /// - Creates return the id the system assigned; the engine records it in the identity
 ///   map.
 pub trait Sink: Send {
-    fn apply(
-        &mut self,
-        writes: Vec<Write>,
-    ) -> impl Future<Output = Vec<Result<WriteAck, ConnectorError>>> + Send;
+    fn apply(&mut self, writes: Vec<Write>) -> impl Future<Output = Vec<Result<WriteAck, ConnectorError>>> + Send;
 }
 
 /// A source of any connector type. A closed enum: `match` dispatches.
@@ -178,8 +187,12 @@ pub fn open_all(
         let checkpoint = view.checkpoint(&link.config.system, &link.name)?;
         let source = match &system.connector {
             ConnectorConfig::File(cfg) => AnySource::File(
-                file::FileSource::open(&link.config.system, cfg, &link.config, base_dir, checkpoint.as_ref())
-                    .map_err(|source| OpenError::Connector { what: link.name.clone(), source })?,
+                file::FileSource::open(&link.config.system, cfg, &link.config, base_dir, checkpoint.as_ref()).map_err(
+                    |source| OpenError::Connector {
+                        what: link.name.clone(),
+                        source,
+                    },
+                )?,
             ),
         };
         connectors.sources.push((link.index, source));
@@ -187,10 +200,14 @@ pub fn open_all(
     for system_name in rt.writing_systems() {
         let system = &rt.config.systems[&system_name];
         let sink = match &system.connector {
-            ConnectorConfig::File(cfg) => AnySink::File(
-                file::FileSink::open(&system_name, cfg, base_dir)
-                    .map_err(|source| OpenError::Connector { what: system_name.clone(), source })?,
-            ),
+            ConnectorConfig::File(cfg) => {
+                AnySink::File(file::FileSink::open(&system_name, cfg, base_dir).map_err(|source| {
+                    OpenError::Connector {
+                        what: system_name.clone(),
+                        source,
+                    }
+                })?)
+            }
         };
         connectors.sinks.insert(system_name, sink);
     }

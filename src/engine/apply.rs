@@ -29,7 +29,11 @@ struct Group {
 
 /// A group resolved into a sink write, or settled without one.
 enum Planned {
-    Send { group: Group, write: Write, written: Fields },
+    Send {
+        group: Group,
+        write: Write,
+        written: Fields,
+    },
     /// Nothing to send (the system never held the record, the link no longer writes).
     Done { group: Group, note: &'static str },
     /// Cannot be sent: dead-letter it.
@@ -54,7 +58,9 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
             Ok(Ok(planned)) => planned,
             Ok(Err(error)) => {
                 tracing::error!(system = %system, error = %error, "cannot read the outbox");
-                shared.status.system(&system, |s| note_error(s, "state store read failed"));
+                shared
+                    .status
+                    .system(&system, |s| note_error(s, "state store read failed"));
                 sleep_or_shutdown(&shared, Duration::from_secs(1)).await;
                 continue;
             }
@@ -86,7 +92,11 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
                 other => others.push(other),
             }
         }
-        let results = if writes.is_empty() { Vec::new() } else { sink.apply(writes).await };
+        let results = if writes.is_empty() {
+            Vec::new()
+        } else {
+            sink.apply(writes).await
+        };
         let settle = {
             let shared = shared.clone();
             let system = system.clone();
@@ -107,7 +117,9 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
             }
             Ok(Err(error)) => {
                 tracing::error!(system = %system, error = %error, "cannot record write results; they will be repeated");
-                shared.status.system(&system, |s| note_error(s, "state store write failed"));
+                shared
+                    .status
+                    .system(&system, |s| note_error(s, "state store write failed"));
                 sleep_or_shutdown(&shared, backoff.next_delay()).await;
             }
             Err(join) => {
@@ -137,7 +149,9 @@ fn plan_batch(shared: &Shared, system: &str) -> Result<Vec<Planned>, StateError>
     let entries = view.outbox(system, shared.rt.config.engine.batch_size)?;
     let mut groups: Vec<Group> = Vec::new();
     for entry in entries {
-        let joinable = groups.iter().position(|g| g.global_id == entry.global_id && g.entity == entry.entity);
+        let joinable = groups
+            .iter()
+            .position(|g| g.global_id == entry.global_id && g.entity == entry.entity);
         match (joinable, &entry.action) {
             (None, _) => groups.push(Group {
                 entity: entry.entity.clone(),
@@ -163,12 +177,23 @@ fn plan_batch(shared: &Shared, system: &str) -> Result<Vec<Planned>, StateError>
     Ok(planned)
 }
 
-fn plan_group(shared: &Shared, view: &crate::state::ReadView, system: &str, group: Group) -> Result<Planned, StateError> {
+fn plan_group(
+    shared: &Shared,
+    view: &crate::state::ReadView,
+    system: &str,
+    group: Group,
+) -> Result<Planned, StateError> {
     let Some(link) = shared.rt.link(system, &group.entity).filter(|l| l.writes) else {
-        return Ok(Planned::Done { group, note: "link no longer writes" });
+        return Ok(Planned::Done {
+            group,
+            note: "link no longer writes",
+        });
     };
     let Some(state) = view.record(&group.entity, group.global_id)? else {
-        return Ok(Planned::Done { group, note: "record forgotten" });
+        return Ok(Planned::Done {
+            group,
+            note: "record forgotten",
+        });
     };
     let shadow = state.shadows.get(system);
     let local_id = shadow.and_then(|s| s.local_id.clone());
@@ -190,7 +215,10 @@ fn plan_group(shared: &Shared, view: &crate::state::ReadView, system: &str, grou
             values.extend(fields.clone());
             if local_id.is_none() {
                 if !link.config.write_mode().may_create() {
-                    return Ok(Planned::Done { group, note: "link does not create" });
+                    return Ok(Planned::Done {
+                        group,
+                        note: "link does not create",
+                    });
                 }
                 let written: Fields = values
                     .iter()
@@ -199,25 +227,41 @@ fn plan_group(shared: &Shared, view: &crate::state::ReadView, system: &str, grou
                     .collect();
                 match link.mapping.outbound(&written, None) {
                     Ok(out) => (make(WriteOp::Create, out), written),
-                    Err(e) => return Ok(Planned::Fail { reason: e.to_string(), group }),
+                    Err(e) => {
+                        return Ok(Planned::Fail {
+                            reason: e.to_string(),
+                            group,
+                        });
+                    }
                 }
             } else {
                 let only: BTreeSet<String> = fields.keys().cloned().collect();
                 match link.mapping.outbound(&values, Some(&only)) {
                     Ok(out) => (make(WriteOp::Update, out), fields.clone()),
-                    Err(e) => return Ok(Planned::Fail { reason: e.to_string(), group }),
+                    Err(e) => {
+                        return Ok(Planned::Fail {
+                            reason: e.to_string(),
+                            group,
+                        });
+                    }
                 }
             }
         }
         WriteAction::Delete => {
             if local_id.is_none() {
-                return Ok(Planned::Done { group, note: "system never held the record" });
+                return Ok(Planned::Done {
+                    group,
+                    note: "system never held the record",
+                });
             }
             (make(WriteOp::Delete, Default::default()), Fields::new())
         }
         WriteAction::SoftDelete { field, value } => {
             if local_id.is_none() {
-                return Ok(Planned::Done { group, note: "system never held the record" });
+                return Ok(Planned::Done {
+                    group,
+                    note: "system never held the record",
+                });
             }
             let mut out = serde_json::Map::new();
             out.insert(field.clone(), value.clone());
@@ -354,11 +398,21 @@ fn dead_letter_write(
     now: TimeMs,
 ) -> Result<(), StateError> {
     t.remove_outbox(system, entry.seq)?;
-    if let (Some(mut state), WriteAction::Upsert { fields }) = (t.record(&entry.entity, entry.global_id)?, &entry.action) {
+    if let (Some(mut state), WriteAction::Upsert { fields }) =
+        (t.record(&entry.entity, entry.global_id)?, &entry.action)
+    {
         merge::abandon_write(&mut state, system, fields);
         t.put_record(&entry.entity, entry.global_id, &state)?;
     }
-    log(t, &entry, system, op_name(&entry.action), "dead_letter", Some(reason), now)?;
+    log(
+        t,
+        &entry,
+        system,
+        op_name(&entry.action),
+        "dead_letter",
+        Some(reason),
+        now,
+    )?;
     t.dead_letter(DeadLetter {
         id: 0,
         time_ms: now,

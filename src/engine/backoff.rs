@@ -22,7 +22,11 @@ impl Backoff {
             .with_factor(2.0)
             .with_jitter()
             .without_max_times();
-        Self { current: builder.build(), builder, max }
+        Self {
+            current: builder.build(),
+            builder,
+            max,
+        }
     }
 
     /// The next delay; never more than the configured maximum.
@@ -44,10 +48,18 @@ mod tests {
     fn delays_grow_stay_bounded_and_reset() {
         let mut b = Backoff::new(100, 1_000);
         let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
-        assert!(delays.iter().all(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_millis(1_000)), "{delays:?}");
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_millis(1_000)),
+            "{delays:?}"
+        );
         // Later delays reach the ceiling region; the first never exceeds twice the minimum.
         assert!(delays[0] <= Duration::from_millis(200), "{delays:?}");
-        assert!(delays[8..].iter().any(|d| *d >= Duration::from_millis(500)), "{delays:?}");
+        assert!(
+            delays[8..].iter().any(|d| *d >= Duration::from_millis(500)),
+            "{delays:?}"
+        );
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(200));
     }

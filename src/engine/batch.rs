@@ -37,9 +37,15 @@ pub fn process(
     checkpoint: Option<&Checkpoint>,
     now: TimeMs,
 ) -> Result<BatchReport, StateError> {
-    let entity = rt.entities.get(&link.config.entity).expect("every link's entity is compiled with the runtime");
+    let entity = rt
+        .entities
+        .get(&link.config.entity)
+        .expect("every link's entity is compiled with the runtime");
     let system = link.config.system.as_str();
-    let mut report = BatchReport { captured: records.len() as u64, ..BatchReport::default() };
+    let mut report = BatchReport {
+        captured: records.len() as u64,
+        ..BatchReport::default()
+    };
 
     for reject in rejects {
         let id = tables.dead_letter(DeadLetter {
@@ -62,7 +68,15 @@ pub fn process(
                 "batch deletes more than {:.0}% of the records {system} holds; held for review",
                 entity.delete.max_share * 100.0
             );
-            let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::DeleteGuard, reason, now)?;
+            let id = dead_letter_change(
+                tables,
+                entity,
+                system,
+                record,
+                DeadLetterClass::DeleteGuard,
+                reason,
+                now,
+            )?;
             report.dead_lettered += 1;
             report.dead_letter_ids.push(id);
             continue;
@@ -167,8 +181,15 @@ fn process_record(
         ChangeKind::Upsert => match link.mapping.inbound(&record.fields) {
             Ok(fields) => fields,
             Err(error) => {
-
-                let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::Mapping, error.to_string(), now)?;
+                let id = dead_letter_change(
+                    tables,
+                    entity,
+                    system,
+                    record,
+                    DeadLetterClass::Mapping,
+                    error.to_string(),
+                    now,
+                )?;
                 return Ok(RecordOutcome::DeadLettered(id));
             }
         },
@@ -176,7 +197,15 @@ fn process_record(
     };
     if record.kind == ChangeKind::Upsert {
         if let Err(problems) = entity.schema.validate(&fields) {
-            let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::Validation, problems.join("; "), now)?;
+            let id = dead_letter_change(
+                tables,
+                entity,
+                system,
+                record,
+                DeadLetterClass::Validation,
+                problems.join("; "),
+                now,
+            )?;
             return Ok(RecordOutcome::DeadLettered(id));
         }
     }
@@ -201,16 +230,25 @@ fn process_record(
             match found {
                 Some(id) => {
                     let state = tables.record(&entity.name, id)?;
-                    let other = state.as_ref().and_then(|s| s.shadows.get(system)).filter(|sh| {
-                        !sh.deleted && sh.local_id.as_deref().is_some_and(|l| l != record.local_id)
-                    });
+                    let other = state
+                        .as_ref()
+                        .and_then(|s| s.shadows.get(system))
+                        .filter(|sh| !sh.deleted && sh.local_id.as_deref().is_some_and(|l| l != record.local_id));
                     if let Some(other) = other {
                         let reason = format!(
                             "another {system} record ({}) has the same match key; not merged",
                             other.local_id.as_deref().unwrap_or_default()
                         );
 
-                        let id = dead_letter_change(tables, entity, system, record, DeadLetterClass::DuplicateMatchKey, reason, now)?;
+                        let id = dead_letter_change(
+                            tables,
+                            entity,
+                            system,
+                            record,
+                            DeadLetterClass::DuplicateMatchKey,
+                            reason,
+                            now,
+                        )?;
                         return Ok(RecordOutcome::DeadLettered(id));
                     }
                     (id, state)

@@ -78,13 +78,25 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(rt: Arc<Runtime>, store: StateStore) -> Engine {
-        let wakers = rt.writing_systems().into_iter().map(|s| (s, Arc::new(Notify::new()))).collect();
+        let wakers = rt
+            .writing_systems()
+            .into_iter()
+            .map(|s| (s, Arc::new(Notify::new())))
+            .collect();
         let status = SharedStatus::default();
         status.update(|s| {
             s.version = env!("CARGO_PKG_VERSION");
             s.started_ms = now_ms();
         });
-        Engine { shared: Arc::new(Shared { rt, store, status, shutdown: CancellationToken::new(), wakers }) }
+        Engine {
+            shared: Arc::new(Shared {
+                rt,
+                store,
+                status,
+                shutdown: CancellationToken::new(),
+                wakers,
+            }),
+        }
     }
 
     pub fn status(&self) -> SharedStatus {
@@ -163,10 +175,13 @@ impl Engine {
                     Ok((ReplayOutcome::Requeued { seq }, Some(letter.system)))
                 }
                 DeadItem::Change { record } => {
-                    let link = shared.rt.link(&letter.system, &letter.entity).ok_or_else(|| ReplayError::NoLink {
-                        system: letter.system.clone(),
-                        entity: letter.entity.clone(),
-                    })?;
+                    let link = shared
+                        .rt
+                        .link(&letter.system, &letter.entity)
+                        .ok_or_else(|| ReplayError::NoLink {
+                            system: letter.system.clone(),
+                            entity: letter.entity.clone(),
+                        })?;
                     let report = batch::process(&shared.rt, t, link, std::slice::from_ref(&record), &[], None, now)?;
                     if let Some(&id) = report.dead_letter_ids.first() {
                         Ok((ReplayOutcome::DeadLetteredAgain { id }, None))
@@ -191,7 +206,10 @@ async fn outboxes_empty(shared: &Arc<Shared>) -> bool {
     let shared = shared.clone();
     tokio::task::spawn_blocking(move || {
         let Ok(view) = shared.store.read() else { return false };
-        shared.wakers.keys().all(|s| view.outbox_depth(s).map(|d| d == 0).unwrap_or(false))
+        shared
+            .wakers
+            .keys()
+            .all(|s| view.outbox_depth(s).map(|d| d == 0).unwrap_or(false))
     })
     .await
     .unwrap_or(false)
@@ -227,7 +245,15 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     tokio::task::spawn_blocking(move || {
                         let link = &shared.rt.links[index];
                         shared.store.write(|t| {
-                            batch::process(&shared.rt, t, link, &batch.records, &batch.rejects, Some(&batch.checkpoint), now_ms())
+                            batch::process(
+                                &shared.rt,
+                                t,
+                                link,
+                                &batch.records,
+                                &batch.rejects,
+                                Some(&batch.checkpoint),
+                                now_ms(),
+                            )
                         })
                     })
                     .await
@@ -292,7 +318,8 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
 
 fn note_link_error(shared: &Shared, name: &str, system: &str, class: ErrorClass, reason: &str) {
     tracing::warn!(link = %name, class = class.as_str(), reason = %reason, "capture error");
-    metrics::counter!(m::SYSTEM_ERRORS, m::LABEL_SYSTEM => system.to_string(), m::LABEL_CLASS => class.as_str()).increment(1);
+    metrics::counter!(m::SYSTEM_ERRORS, m::LABEL_SYSTEM => system.to_string(), m::LABEL_CLASS => class.as_str())
+        .increment(1);
     shared.status.link(name, |s| {
         s.last_error = Some(reason.to_string());
         s.last_error_ms = Some(now_ms());
@@ -334,7 +361,9 @@ fn refresh(shared: &Shared, prune: bool) -> Result<(), crate::state::StateError>
     let state = &shared.rt.config.state;
     if prune {
         let min_time = now_ms() - (state.retention_days as i64) * 86_400_000;
-        let removed = shared.store.write(|t| t.prune(state.max_decisions, state.max_write_log, min_time))?;
+        let removed = shared
+            .store
+            .write(|t| t.prune(state.max_decisions, state.max_write_log, min_time))?;
         if removed > 0 {
             tracing::debug!(removed, "pruned decisions and write log");
         }

@@ -23,10 +23,14 @@ pub enum CompileError {
         index: usize,
         link: String,
         #[source]
-        source: MappingError,
+        source: Box<MappingError>,
     },
     #[error("links[{index}]: unknown {what} \"{name}\"")]
-    Unknown { index: usize, what: &'static str, name: String },
+    Unknown {
+        index: usize,
+        what: &'static str,
+        name: String,
+    },
 }
 
 /// One entity, ready to merge.
@@ -104,7 +108,7 @@ impl Runtime {
             let mapping = LinkMapping::compile(link).map_err(|source| CompileError::Mapping {
                 index,
                 link: link.name(),
-                source,
+                source: Box::new(source),
             })?;
             entity.links.push(index);
             links.push(LinkRuntime {
@@ -117,16 +121,27 @@ impl Runtime {
                 config: link.clone(),
             });
         }
-        Ok(Runtime { config, entities, links })
+        Ok(Runtime {
+            config,
+            entities,
+            links,
+        })
     }
 
     pub fn link(&self, system: &str, entity: &str) -> Option<&LinkRuntime> {
-        self.links.iter().find(|l| l.config.system == system && l.config.entity == entity)
+        self.links
+            .iter()
+            .find(|l| l.config.system == system && l.config.entity == entity)
     }
 
     /// Systems that receive writes, each once.
     pub fn writing_systems(&self) -> Vec<String> {
-        let set: BTreeSet<&str> = self.links.iter().filter(|l| l.writes).map(|l| l.config.system.as_str()).collect();
+        let set: BTreeSet<&str> = self
+            .links
+            .iter()
+            .filter(|l| l.writes)
+            .map(|l| l.config.system.as_str())
+            .collect();
         set.into_iter().map(String::from).collect()
     }
 }

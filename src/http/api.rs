@@ -19,8 +19,7 @@ use crate::engine::status::Status;
 use crate::merge::{Decision, Rule};
 use crate::model::{Fields, GlobalId, TimeMs, Value, now_ms};
 use crate::state::{
-    AuditEntry, DeadItem, DeadLetter, DeadLetterClass, DecisionFilter, StateError, StateStore,
-    WriteLogEntry,
+    AuditEntry, DeadItem, DeadLetter, DeadLetterClass, DecisionFilter, StateError, StateStore, WriteLogEntry,
 };
 
 /// Rows a list returns when the request does not say.
@@ -31,9 +30,7 @@ const MAX_LIMIT: usize = 1000;
 const RECORD_DECISIONS: usize = 20;
 
 /// Runs blocking state store work off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(error) => Err(ApiError::internal("blocking admin task failed", &error)),
@@ -41,12 +38,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Records one access in the audit log, in its own commit.
-fn audit(
-    store: &StateStore,
-    caller: &Caller,
-    action: &str,
-    target: String,
-) -> Result<(), StateError> {
+fn audit(store: &StateStore, caller: &Caller, action: &str, target: String) -> Result<(), StateError> {
     store.write(|tables| {
         tables.audit(AuditEntry {
             id: 0,
@@ -61,8 +53,7 @@ fn audit(
 }
 
 fn rfc3339(ms: TimeMs) -> Option<String> {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
@@ -153,17 +144,12 @@ impl RecordRef {
         let invalid = || ApiError::bad_request("record id must be a uuid or system:local_id");
         // A UUID has no colon; a local id may, so only the first colon splits.
         match id.split_once(':') {
-            Some((system, local_id)) if !system.is_empty() && !local_id.is_empty() => {
-                Ok(RecordRef::Local {
-                    system: system.to_string(),
-                    local_id: local_id.to_string(),
-                })
-            }
+            Some((system, local_id)) if !system.is_empty() && !local_id.is_empty() => Ok(RecordRef::Local {
+                system: system.to_string(),
+                local_id: local_id.to_string(),
+            }),
             Some(_) => Err(invalid()),
-            None => id
-                .parse::<GlobalId>()
-                .map(RecordRef::Global)
-                .map_err(|_| invalid()),
+            None => id.parse::<GlobalId>().map(RecordRef::Global).map_err(|_| invalid()),
         }
     }
 }
@@ -181,12 +167,10 @@ pub async fn record(
         let view = store.read()?;
         let global_id = match reference {
             RecordRef::Global(id) => id,
-            RecordRef::Local { system, local_id } => {
-                match view.identity(&entity, &system, &local_id)? {
-                    Some(id) => id,
-                    None => return Err(ApiError::not_found("record not found")),
-                }
-            }
+            RecordRef::Local { system, local_id } => match view.identity(&entity, &system, &local_id)? {
+                Some(id) => id,
+                None => return Err(ApiError::not_found("record not found")),
+            },
         };
         let Some(state) = view.record(&entity, global_id)? else {
             return Err(ApiError::not_found("record not found"));
@@ -198,12 +182,7 @@ pub async fn record(
         };
         let recent_decisions = view.decisions(&filter, RECORD_DECISIONS)?;
         drop(view);
-        audit(
-            &store,
-            &caller,
-            "read_record",
-            format!("{entity}/{global_id}"),
-        )?;
+        audit(&store, &caller, "read_record", format!("{entity}/{global_id}"))?;
         Ok(RecordView {
             global_id,
             deleted: state.base.deleted,
@@ -393,8 +372,7 @@ pub async fn writes(
 ) -> Result<Json<WritesView>, ApiError> {
     let limit = limit(query.limit)?;
     let store = ctx.store.clone();
-    let writes =
-        blocking(move || Ok(store.read()?.write_log(query.system.as_deref(), limit)?)).await?;
+    let writes = blocking(move || Ok(store.read()?.write_log(query.system.as_deref(), limit)?)).await?;
     Ok(Json(WritesView { writes }))
 }
 
@@ -452,10 +430,7 @@ mod tests {
 
     #[test]
     fn times_render_as_rfc3339_utc() {
-        assert_eq!(
-            rfc3339(1_700_000_000_123).as_deref(),
-            Some("2023-11-14T22:13:20.123Z")
-        );
+        assert_eq!(rfc3339(1_700_000_000_123).as_deref(), Some("2023-11-14T22:13:20.123Z"));
         assert_eq!(rfc3339(i64::MAX), None);
     }
 }

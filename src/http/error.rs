@@ -63,9 +63,7 @@ impl From<ReplayError> for ApiError {
         match &error {
             ReplayError::NotFound(_) => ApiError::not_found(error.to_string()),
             ReplayError::NotReplayable(_) => ApiError::new(StatusCode::CONFLICT, error.to_string()),
-            ReplayError::NoLink { .. } => {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, error.to_string())
-            }
+            ReplayError::NoLink { .. } => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, error.to_string()),
             ReplayError::State(_) => ApiError::internal("dead letter replay failed", &error),
         }
     }
@@ -73,13 +71,7 @@ impl From<ReplayError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(ErrorBody {
-                error: &self.message,
-            }),
-        )
-            .into_response()
+        (self.status, Json(ErrorBody { error: &self.message })).into_response()
     }
 }
 
@@ -125,10 +117,7 @@ mod tests {
                 StatusCode::UNPROCESSABLE_ENTITY,
             ),
             (
-                ReplayError::State(StateError::SchemaVersion {
-                    found: 9,
-                    expected: 1,
-                }),
+                ReplayError::State(StateError::SchemaVersion { found: 9, expected: 1 }),
                 StatusCode::INTERNAL_SERVER_ERROR,
             ),
         ];
@@ -136,10 +125,7 @@ mod tests {
             let api = ApiError::from(error);
             assert_eq!(api.status, status);
         }
-        let api = ApiError::from(ReplayError::State(StateError::SchemaVersion {
-            found: 9,
-            expected: 1,
-        }));
+        let api = ApiError::from(ReplayError::State(StateError::SchemaVersion { found: 9, expected: 1 }));
         assert_eq!(api.message, INTERNAL_MESSAGE);
     }
 }

@@ -100,9 +100,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 #[derive(Serialize)]
@@ -120,20 +118,13 @@ async fn readyz(State(ctx): State<AdminContext>) -> (StatusCode, Json<Probe>) {
     if ctx.status.snapshot().ready {
         (StatusCode::OK, Json(Probe { status: "ready" }))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Probe { status: "starting" }),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Probe { status: "starting" }))
     }
 }
 
 async fn prometheus_metrics(State(ctx): State<AdminContext>) -> Result<Response, ApiError> {
     match &ctx.metrics {
-        Some(handle) => Ok((
-            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
-            handle.render(),
-        )
-            .into_response()),
+        Some(handle) => Ok(([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], handle.render()).into_response()),
         None => Err(ApiError::not_found("metrics are not enabled")),
     }
 }

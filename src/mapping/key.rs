@@ -33,11 +33,7 @@ pub fn normalise_key(value: &Value, format: Option<&str>) -> Option<String> {
             }
             format!("+{digits}")
         }
-        _ => text
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase(),
+        _ => text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase(),
     };
     (!key.is_empty()).then_some(key)
 }
@@ -71,9 +67,9 @@ pub fn in_rollout(rollout: &RolloutConfig, key: Option<&str>) -> bool {
 fn fnv1a_64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes.iter().fold(OFFSET_BASIS, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(PRIME)
-    })
+    bytes
+        .iter()
+        .fold(OFFSET_BASIS, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 #[cfg(test)]
@@ -89,16 +85,8 @@ mod tests {
                 Some("email"),
                 Some("ada.lovelace@example.com"),
             ),
-            (
-                json!("+44 7700-900 123"),
-                Some("e164"),
-                Some("+447700900123"),
-            ),
-            (
-                json!("+44 (0)7700 900123"),
-                Some("phone"),
-                Some("+4407700900123"),
-            ),
+            (json!("+44 7700-900 123"), Some("e164"), Some("+447700900123")),
+            (json!("+44 (0)7700 900123"), Some("phone"), Some("+4407700900123")),
             (json!("n/a"), Some("phone"), None),
             (json!("  EMP   0042\tX "), None, Some("emp 0042 x")),
             (json!("E-17"), Some("date"), Some("e-17")),
@@ -149,14 +137,8 @@ mod tests {
         assert!(!in_rollout(&twenty, Some("ada@example.com")));
         assert!(in_rollout(&twenty, Some("bob@example.com")));
         // The boundary: bucket 3778 is in at 37.79 percent and out at 37.78.
-        assert!(in_rollout(
-            &rollout(Some(37.79), &[]),
-            Some("ada@example.com")
-        ));
-        assert!(!in_rollout(
-            &rollout(Some(37.78), &[]),
-            Some("ada@example.com")
-        ));
+        assert!(in_rollout(&rollout(Some(37.79), &[]), Some("ada@example.com")));
+        assert!(!in_rollout(&rollout(Some(37.78), &[]), Some("ada@example.com")));
     }
 
     #[test]
@@ -189,10 +171,7 @@ mod tests {
         assert!(!in_rollout(&r, Some("bob@example.com")));
         assert!(!in_rollout(&r, None));
         assert!(!in_rollout(&rollout(Some(100.0), &[]), None));
-        assert!(!in_rollout(
-            &rollout(Some(f64::NAN), &[]),
-            Some("ada@example.com")
-        ));
+        assert!(!in_rollout(&rollout(Some(f64::NAN), &[]), Some("ada@example.com")));
         // Allow list adds to the percentage.
         let zero = rollout(Some(0.0), &["bob@example.com"]);
         assert!(in_rollout(&zero, Some("bob@example.com")));

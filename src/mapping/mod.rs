@@ -73,15 +73,9 @@ enum RuleKind {
     /// One system field to one canonical field.
     Rename { canonical: String, system: String },
     /// Several system fields joined into one canonical field; split on the way out.
-    Join {
-        canonical: String,
-        system: Vec<String>,
-    },
+    Join { canonical: String, system: Vec<String> },
     /// One system field split into several canonical fields; joined on the way out.
-    Split {
-        canonical: Vec<String>,
-        system: String,
-    },
+    Split { canonical: Vec<String>, system: String },
     /// The canonical field takes a constant on every inbound record. `system` names
     /// the field the constant stands for; it is never read.
     CanonicalConstant {
@@ -124,11 +118,7 @@ impl Rule {
 
     /// Canonical fields the rule produces inbound.
     fn produces(&self) -> &[String] {
-        if self.inbound() {
-            self.canonical()
-        } else {
-            &[]
-        }
+        if self.inbound() { self.canonical() } else { &[] }
     }
 
     /// Canonical fields the rule reads outbound.
@@ -186,10 +176,7 @@ fn split_into(text: &str, separator: &str, n: usize) -> Vec<Value> {
 
 /// Joins the non-empty text parts with `separator`; null when every part is null.
 /// Numbers count as text; other types are an error naming their type.
-fn join_parts<'a>(
-    parts: impl IntoIterator<Item = &'a Value>,
-    separator: &str,
-) -> Result<Value, ValueProblem> {
+fn join_parts<'a>(parts: impl IntoIterator<Item = &'a Value>, separator: &str) -> Result<Value, ValueProblem> {
     let mut texts = Vec::new();
     let mut any_value = false;
     for part in parts {
@@ -219,15 +206,14 @@ impl LinkMapping {
     /// Compiles the `map` rules of `link`, with its `default_country_code`.
     pub fn compile(link: &LinkConfig) -> Result<LinkMapping, MappingError> {
         let link_name = link.name();
-        let country_code =
-            match &link.default_country_code {
-                None => None,
-                Some(code) => Some(phone::parse_country_code(code).ok_or_else(|| {
-                    MappingError::CountryCode {
-                        link: link_name.clone(),
-                    }
-                })?),
-            };
+        let country_code = match &link.default_country_code {
+            None => None,
+            Some(code) => Some(
+                phone::parse_country_code(code).ok_or_else(|| MappingError::CountryCode {
+                    link: link_name.clone(),
+                })?,
+            ),
+        };
         let mut rules = Vec::with_capacity(link.map.len());
         for (index, config) in link.map.iter().enumerate() {
             let rule_error = |reason: String| MappingError::Rule {
@@ -255,11 +241,9 @@ impl LinkMapping {
                 RuleKind::Join { canonical, system } => {
                     // A join needs every part: joining only the parts a partial record
                     // carries would overwrite the whole value with a fragment.
-                    let parts: Option<Vec<&Value>> =
-                        system.iter().map(|field| record.get(field)).collect();
+                    let parts: Option<Vec<&Value>> = system.iter().map(|field| record.get(field)).collect();
                     let Some(parts) = parts else { continue };
-                    let joined =
-                        join_parts(parts, &rule.separator).map_err(|p| rule.value_error(p))?;
+                    let joined = join_parts(parts, &rule.separator).map_err(|p| rule.value_error(p))?;
                     out.insert(canonical.clone(), rule.apply_in(joined)?);
                 }
                 RuleKind::Split { canonical, system } => {
@@ -275,9 +259,7 @@ impl LinkMapping {
                     };
                     out.extend(canonical.iter().cloned().zip(parts));
                 }
-                RuleKind::CanonicalConstant {
-                    canonical, value, ..
-                } => {
+                RuleKind::CanonicalConstant { canonical, value, .. } => {
                     out.insert(canonical.clone(), value.clone());
                 }
                 RuleKind::SystemConstant { .. } => {}
@@ -335,11 +317,8 @@ impl LinkMapping {
                     if !wanted(canonical) || !canonical.iter().any(|f| values.contains_key(f)) {
                         continue;
                     }
-                    let parts = canonical
-                        .iter()
-                        .map(|f| values.get(f).unwrap_or(&Value::Null));
-                    let joined =
-                        join_parts(parts, &rule.separator).map_err(|p| rule.value_error(p))?;
+                    let parts = canonical.iter().map(|f| values.get(f).unwrap_or(&Value::Null));
+                    let joined = join_parts(parts, &rule.separator).map_err(|p| rule.value_error(p))?;
                     out.insert(system.clone(), rule.apply_out(joined)?);
                 }
             }
@@ -349,11 +328,7 @@ impl LinkMapping {
 
     /// Canonical fields this link can produce from a system record.
     pub fn inbound_fields(&self) -> BTreeSet<String> {
-        self.rules
-            .iter()
-            .flat_map(|r| r.produces())
-            .cloned()
-            .collect()
+        self.rules.iter().flat_map(|r| r.produces()).cloned().collect()
     }
 
     /// Canonical fields this link writes to its system.
@@ -402,10 +377,7 @@ impl LinkMapping {
                     out.push(format!("join {}{separator}", system.join("+")));
                 }
                 RuleKind::Split { canonical, system } => {
-                    out.push(format!(
-                        "split {system} into {}{separator}",
-                        canonical.join("+")
-                    ));
+                    out.push(format!("split {system} into {}{separator}", canonical.join("+")));
                 }
                 RuleKind::CanonicalConstant { value, .. } => {
                     out.push(format!("constant {value}"));
@@ -449,14 +421,12 @@ fn compile_rule(config: &FieldMapConfig, country_code: Option<&str>) -> Result<R
         (Some(canonical), Some(value)) => {
             let [canonical] = <[String; 1]>::try_from(canonical)
                 .map_err(|_| "a constant rule sets one canonical field".to_string())?;
-            let [system] = <[String; 1]>::try_from(system)
-                .map_err(|_| "a constant rule names one system field".to_string())?;
+            let [system] =
+                <[String; 1]>::try_from(system).map_err(|_| "a constant rule names one system field".to_string())?;
             if direction == MapDirection::Out {
-                return Err(
-                    "a constant with canonical only applies inbound, and direction = \
+                return Err("a constant with canonical only applies inbound, and direction = \
                             \"out\" leaves it nothing to do"
-                        .to_string(),
-                );
+                    .to_string());
             }
             RuleKind::CanonicalConstant {
                 canonical,
@@ -465,8 +435,8 @@ fn compile_rule(config: &FieldMapConfig, country_code: Option<&str>) -> Result<R
             }
         }
         (None, Some(value)) => {
-            let [system] = <[String; 1]>::try_from(system)
-                .map_err(|_| "a constant rule sets one system field".to_string())?;
+            let [system] =
+                <[String; 1]>::try_from(system).map_err(|_| "a constant rule sets one system field".to_string())?;
             if direction == MapDirection::In {
                 return Err("a constant without canonical only applies outbound, and \
                             direction = \"in\" leaves it nothing to do"
@@ -571,11 +541,7 @@ fn field_list(side: &OneOrMany, which: &str) -> Result<Vec<String>, String> {
 
 /// Two rules producing the same canonical field inbound, or writing the same system
 /// field outbound, would make the result depend on rule order.
-fn check_overlaps(
-    link: &str,
-    configs: &[FieldMapConfig],
-    rules: &[Rule],
-) -> Result<(), MappingError> {
+fn check_overlaps(link: &str, configs: &[FieldMapConfig], rules: &[Rule]) -> Result<(), MappingError> {
     let mut produced: BTreeMap<&str, usize> = BTreeMap::new();
     let mut written: BTreeMap<&str, usize> = BTreeMap::new();
     for (index, rule) in rules.iter().enumerate() {

@@ -30,13 +30,9 @@ impl fmt::Display for PhoneProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PhoneProblem::Letters => f.write_str("contains letters"),
-            PhoneProblem::OtherCharacter => {
-                f.write_str("contains characters other than digits and separators")
-            }
+            PhoneProblem::OtherCharacter => f.write_str("contains characters other than digits and separators"),
             PhoneProblem::MisplacedPlus => f.write_str("+ is only allowed at the start"),
-            PhoneProblem::NoCountryCode => {
-                f.write_str("no country code, and the link has no default_country_code")
-            }
+            PhoneProblem::NoCountryCode => f.write_str("no country code, and the link has no default_country_code"),
             PhoneProblem::CountryCodeZero => f.write_str("country code cannot start with 0"),
             PhoneProblem::Digits(n) => {
                 write!(f, "{n} digits, E.164 needs {MIN_DIGITS} to {MAX_DIGITS}")
@@ -50,18 +46,14 @@ impl fmt::Display for PhoneProblem {
 pub fn parse_country_code(text: &str) -> Option<String> {
     let digits = text.trim();
     let digits = digits.strip_prefix('+').unwrap_or(digits);
-    let valid = (1..=3).contains(&digits.len())
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0');
+    let valid =
+        (1..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
     valid.then(|| digits.to_string())
 }
 
 /// Normalises `input` to E.164. `default_country_code` is the digits of the code
 /// assumed for national numbers (see [`parse_country_code`]).
-pub fn normalise_e164(
-    input: &str,
-    default_country_code: Option<&str>,
-) -> Result<String, PhoneProblem> {
+pub fn normalise_e164(input: &str, default_country_code: Option<&str>) -> Result<String, PhoneProblem> {
     let text = input.trim();
     let (plus, body) = match text.strip_prefix('+') {
         Some(rest) => (true, rest),
@@ -151,10 +143,7 @@ mod tests {
 
     #[test]
     fn problem_text_counts_digits() {
-        assert_eq!(
-            PhoneProblem::Digits(3).to_string(),
-            "3 digits, E.164 needs 8 to 15"
-        );
+        assert_eq!(PhoneProblem::Digits(3).to_string(), "3 digits, E.164 needs 8 to 15");
     }
 
     #[test]

@@ -36,10 +36,7 @@ pub enum SchemaError {
         source: serde_json::Error,
     },
     #[error("schema {origin}: {problem}")]
-    Shape {
-        origin: String,
-        problem: &'static str,
-    },
+    Shape { origin: String, problem: &'static str },
     #[error("schema {origin} is not a valid JSON Schema 2020-12")]
     Compile {
         origin: String,
@@ -83,11 +80,7 @@ impl EntitySchema {
         for error in self.validator.iter_errors(&instance) {
             describe(&error, &mut problems);
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems)
-        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
 
     /// Names of the top-level properties.
@@ -114,12 +107,7 @@ impl EntitySchema {
         self.schema
             .get("required")
             .and_then(Value::as_array)
-            .map(|r| {
-                r.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_string)
-                    .collect()
-            })
+            .map(|r| r.iter().filter_map(Value::as_str).map(str::to_string).collect())
             .unwrap_or_default()
     }
 }
@@ -147,9 +135,7 @@ fn compile(schema: Value, origin: String) -> Result<EntitySchema, SchemaError> {
         .with_draft(Draft::Draft202012)
         .should_validate_formats(true)
         .should_ignore_unknown_formats(false)
-        .with_format("e164", |s: &str| {
-            phone::normalise_e164(s, None).is_ok_and(|n| n == s)
-        })
+        .with_format("e164", |s: &str| phone::normalise_e164(s, None).is_ok_and(|n| n == s))
         .build(&schema)
         .map_err(|source| SchemaError::Compile {
             origin: origin.clone(),
@@ -170,10 +156,7 @@ fn describe(error: &ValidationError<'_>, out: &mut Vec<String>) {
         ValidationErrorKind::AdditionalProperties { unexpected }
         | ValidationErrorKind::UnevaluatedProperties { unexpected } => {
             for name in unexpected {
-                out.push(format!(
-                    "{path}/{}: not a field of this entity",
-                    escape_pointer(name)
-                ));
+                out.push(format!("{path}/{}: not a field of this entity", escape_pointer(name)));
             }
             return;
         }
@@ -213,11 +196,7 @@ fn describe(error: &ValidationError<'_>, out: &mut Vec<String>) {
 fn types(kind: &TypeKind) -> String {
     match kind {
         TypeKind::Single(t) => t.to_string(),
-        TypeKind::Multiple(set) => set
-            .iter()
-            .map(|t| t.to_string())
-            .collect::<Vec<_>>()
-            .join(" or "),
+        TypeKind::Multiple(set) => set.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(" or "),
     }
 }
 
@@ -236,9 +215,7 @@ mod tests {
     }
 
     fn schema_file(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("schemas")
-            .join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(name)
     }
 
     fn contact() -> EntitySchema {
@@ -296,10 +273,7 @@ mod tests {
             let schema = EntitySchema::load(&schema_file(file)).expect("schema loads");
             assert_eq!(schema.validate(&fields(sample)), Ok(()), "{file}");
             for required in schema.required() {
-                assert!(
-                    schema.properties().contains(&required),
-                    "{file}: {required}"
-                );
+                assert!(schema.properties().contains(&required), "{file}: {required}");
             }
         }
     }
@@ -313,8 +287,7 @@ mod tests {
         assert_eq!(contact.property_format("first_name"), None);
         assert_eq!(contact.property_format("nope"), None);
         assert!(contact.properties().contains("certified_at"));
-        let employee =
-            EntitySchema::load(&schema_file("employee.schema.json")).expect("employee loads");
+        let employee = EntitySchema::load(&schema_file("employee.schema.json")).expect("employee loads");
         assert_eq!(employee.required(), vec!["employee_id", "email"]);
         let enrollment = EntitySchema::load(&schema_file("enrollment.schema.json")).expect("loads");
         assert_eq!(enrollment.required(), vec!["learner_email", "course_id"]);
@@ -376,19 +349,14 @@ mod tests {
             ),
         ];
         for (record, secret, expected) in cases {
-            let got = contact()
-                .validate(&fields(record))
-                .expect_err("record is invalid");
+            let got = contact().validate(&fields(record)).expect_err("record is invalid");
             let mut got_sorted = got.clone();
             got_sorted.sort();
             let mut expected: Vec<String> = expected.into_iter().map(String::from).collect();
             expected.sort();
             assert_eq!(got_sorted, expected);
             for message in &got {
-                assert!(
-                    !message.contains(secret),
-                    "message leaks the value: {message}"
-                );
+                assert!(!message.contains(secret), "message leaks the value: {message}");
             }
         }
     }
@@ -402,21 +370,15 @@ mod tests {
             record.extend(fields(extra));
             record
         };
-        assert_eq!(
-            schema.validate(&with(json!({ "completed_at": null }))),
-            Ok(())
-        );
+        assert_eq!(schema.validate(&with(json!({ "completed_at": null }))), Ok(()));
         assert_eq!(
             schema.validate(&with(json!({ "progress_percent": 140 }))),
-            Err(vec![
-                "/progress_percent: more than the maximum 100".to_string()
-            ])
+            Err(vec!["/progress_percent: more than the maximum 100".to_string()])
         );
         assert_eq!(
             schema.validate(&with(json!({ "status": "lost" }))),
             Err(vec![
-                "/status: not one of [\"enrolled\",\"in_progress\",\"completed\",\"withdrawn\"]"
-                    .to_string()
+                "/status: not one of [\"enrolled\",\"in_progress\",\"completed\",\"withdrawn\"]".to_string()
             ])
         );
         assert_eq!(
@@ -433,15 +395,10 @@ mod tests {
         };
         assert_eq!(shape(json!([])), "must be a JSON object");
         assert_eq!(
-            shape(
-                json!({ "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {} })
-            ),
+            shape(json!({ "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "properties": {} })),
             "$schema must be JSON Schema draft 2020-12"
         );
-        assert_eq!(
-            shape(json!({ "type": "string" })),
-            "top-level type must be \"object\""
-        );
+        assert_eq!(shape(json!({ "type": "string" })), "top-level type must be \"object\"");
         assert_eq!(
             shape(json!({ "type": "object" })),
             "must list the entity's fields under \"properties\""
@@ -450,10 +407,7 @@ mod tests {
             "type": "object",
             "properties": { "a": { "type": "text" } }
         }));
-        assert!(
-            matches!(compile, Err(SchemaError::Compile { .. })),
-            "{compile:?}"
-        );
+        assert!(matches!(compile, Err(SchemaError::Compile { .. })), "{compile:?}");
         let unknown_format = EntitySchema::from_value(json!({
             "type": "object",
             "properties": { "a": { "type": "string", "format": "shoe-size" } }
@@ -468,10 +422,7 @@ mod tests {
     fn load_reports_the_file() {
         let dir = tempfile::tempdir().expect("temp dir");
         let missing = dir.path().join("missing.json");
-        assert!(matches!(
-            EntitySchema::load(&missing),
-            Err(SchemaError::Read { .. })
-        ));
+        assert!(matches!(EntitySchema::load(&missing), Err(SchemaError::Read { .. })));
         let broken = dir.path().join("broken.json");
         std::fs::write(&broken, "{ not json").expect("write");
         let err = EntitySchema::load(&broken).expect_err("not JSON");

@@ -8,9 +8,7 @@ use serde_json::{Map, Value, json};
 use super::*;
 
 fn link(extra: &str) -> LinkConfig {
-    let text = format!(
-        "system = \"crm\"\nentity = \"contact\"\nobject = \"Contact\"\nid_field = \"Id\"\n{extra}"
-    );
+    let text = format!("system = \"crm\"\nentity = \"contact\"\nobject = \"Contact\"\nid_field = \"Id\"\n{extra}");
     toml::from_str(&text).expect("test link parses")
 }
 
@@ -123,10 +121,7 @@ fn missing_fields_stay_absent_and_null_stays_null() {
     assert_eq!(got, fields(json!({ "phone": null, "certified": false })));
     // Null through a split clears every part.
     let got = m.inbound(&record(json!({ "Name": null }))).expect("maps");
-    assert_eq!(
-        got,
-        fields(json!({ "first_name": null, "last_name": null }))
-    );
+    assert_eq!(got, fields(json!({ "first_name": null, "last_name": null })));
     // Empty becomes null before the phone check.
     let got = m.inbound(&record(json!({ "Phone": "" }))).expect("maps");
     assert_eq!(got, fields(json!({ "phone": null })));
@@ -296,25 +291,14 @@ system = ["GivenName", "FamilyName"]
     );
     // Outbound: the split side gets nulls for a cleared value; the join side skips
     // absent parts and is null when all are null.
+    let out = m.outbound(&fields(json!({ "full_name": null })), None).expect("maps");
+    assert_eq!(Value::Object(out), json!({ "GivenName": null, "FamilyName": null }));
     let out = m
-        .outbound(&fields(json!({ "full_name": null })), None)
-        .expect("maps");
-    assert_eq!(
-        Value::Object(out),
-        json!({ "GivenName": null, "FamilyName": null })
-    );
-    let out = m
-        .outbound(
-            &fields(json!({ "first_name": "Ada", "last_name": "Lovelace" })),
-            None,
-        )
+        .outbound(&fields(json!({ "first_name": "Ada", "last_name": "Lovelace" })), None)
         .expect("maps");
     assert_eq!(Value::Object(out), json!({ "Name": "Ada Lovelace" }));
     let out = m
-        .outbound(
-            &fields(json!({ "first_name": null, "middle_name": null })),
-            None,
-        )
+        .outbound(&fields(json!({ "first_name": null, "middle_name": null })), None)
         .expect("maps");
     assert_eq!(Value::Object(out), json!({ "Name": null }));
     assert!(m.outbound(&Fields::new(), None).expect("maps").is_empty());
@@ -334,25 +318,14 @@ canonical = "email"
 system = "Email"
 "#,
     );
-    let got = m
-        .inbound(&record(json!({ "Email": "ada@example.com" })))
-        .expect("maps");
-    assert_eq!(
-        got,
-        fields(json!({ "certified": true, "email": "ada@example.com" }))
-    );
+    let got = m.inbound(&record(json!({ "Email": "ada@example.com" }))).expect("maps");
+    assert_eq!(got, fields(json!({ "certified": true, "email": "ada@example.com" })));
     assert_eq!(
         m.inbound(&Map::new()).expect("maps"),
         fields(json!({ "certified": true }))
     );
-    let out = m.outbound(
-        &fields(json!({ "certified": false, "email": "a@b.co" })),
-        None,
-    );
-    assert_eq!(
-        Value::Object(out.expect("maps")),
-        json!({ "Email": "a@b.co" })
-    );
+    let out = m.outbound(&fields(json!({ "certified": false, "email": "a@b.co" })), None);
+    assert_eq!(Value::Object(out.expect("maps")), json!({ "Email": "a@b.co" }));
     assert_eq!(m.inbound_fields(), only(&["certified", "email"]));
     assert_eq!(m.outbound_fields(), only(&["email"]));
     assert_eq!(m.describe_transforms("certified"), vec!["constant true"]);
@@ -370,10 +343,7 @@ transforms = [{ date = { system = "%d/%m/%Y %H:%M:%S %z", canonical = "%Y-%m-%dT
     );
     let system = record(json!({ "Modified": "31/03/2024 01:30:00 -0700" }));
     let canonical = m.inbound(&system).expect("maps in");
-    assert_eq!(
-        canonical,
-        fields(json!({ "updated_at": "2024-03-31T01:30:00-07:00" }))
-    );
+    assert_eq!(canonical, fields(json!({ "updated_at": "2024-03-31T01:30:00-07:00" })));
     assert_eq!(m.outbound(&canonical, None).expect("maps out"), system);
 }
 
@@ -388,9 +358,7 @@ transforms = ["upper", { map = { E = "enrolled", P = "in_progress", C = "complet
 "#,
     );
     for (code, status) in [("e", "enrolled"), ("P", "in_progress"), ("C", "completed")] {
-        let canonical = m
-            .inbound(&record(json!({ "State": code })))
-            .expect("maps in");
+        let canonical = m.inbound(&record(json!({ "State": code }))).expect("maps in");
         assert_eq!(canonical, fields(json!({ "status": status })));
         let back = m.outbound(&canonical, None).expect("maps out");
         assert_eq!(Value::Object(back), json!({ "State": code.to_uppercase() }));
@@ -402,9 +370,7 @@ transforms = ["upper", { map = { E = "enrolled", P = "in_progress", C = "complet
         err.to_string(),
         "field \"status\" (system field \"State\"): value has no entry in the map to write back"
     );
-    let err = m
-        .inbound(&record(json!({ "State": "Z" })))
-        .expect_err("not in map");
+    let err = m.inbound(&record(json!({ "State": "Z" }))).expect_err("not in map");
     assert_eq!(
         err.to_string(),
         "field \"status\" (system field \"State\"): value is not in the map"
@@ -489,10 +455,7 @@ fn inventory_helpers() {
         m.describe_transforms("phone"),
         vec!["empty as null", "e164 (default +44)"]
     );
-    assert_eq!(
-        m.describe_transforms("certified_at"),
-        vec!["date %m/%d/%Y -> %Y-%m-%d"]
-    );
+    assert_eq!(m.describe_transforms("certified_at"), vec!["date %m/%d/%Y -> %Y-%m-%d"]);
     assert_eq!(m.describe_transforms("active"), vec!["map (2 values)"]);
     assert_eq!(
         m.describe_transforms("first_name"),
@@ -518,10 +481,7 @@ system = ["street", "city"]
 separator = ", "
 "#,
     );
-    assert_eq!(
-        joined.describe_transforms("full_name"),
-        vec!["join first+last", "trim"]
-    );
+    assert_eq!(joined.describe_transforms("full_name"), vec!["join first+last", "trim"]);
     assert_eq!(
         joined.describe_transforms("address"),
         vec!["join street+city on \", \""]
@@ -583,14 +543,8 @@ fn nonsense_rules_are_rejected() {
             "[[map]]\ncanonical = [\"a\", \"b\"]\nsystem = \"C\"\nconstant = 1",
             "a constant rule sets one canonical field",
         ),
-        (
-            "[[map]]\nsystem = \"C\"",
-            "a rule needs canonical, constant or both",
-        ),
-        (
-            "[[map]]\ncanonical = []\nsystem = \"C\"",
-            "canonical lists no fields",
-        ),
+        ("[[map]]\nsystem = \"C\"", "a rule needs canonical, constant or both"),
+        ("[[map]]\ncanonical = []\nsystem = \"C\"", "canonical lists no fields"),
         (
             "[[map]]\ncanonical = \"c\"\nsystem = \" \"",
             "system has an empty field name",
@@ -610,9 +564,7 @@ fn nonsense_rules_are_rejected() {
     ];
     for (toml_rules, reason) in cases {
         match LinkMapping::compile(&link(toml_rules)) {
-            Err(MappingError::Rule {
-                reason: got, link, ..
-            }) => {
+            Err(MappingError::Rule { reason: got, link, .. }) => {
                 assert_eq!(got, *reason, "rules:\n{toml_rules}");
                 assert_eq!(link, "crm.contact");
             }
@@ -667,7 +619,9 @@ transforms = [{ map = { Y = true, Yes = true } }]
 "#,
     );
     let canonical = m
-        .inbound(&record(json!({ "Email": "a@b.co", "Login": "x", "MobileRaw": "+44 7700 900123", "Mobile": "y" })))
+        .inbound(&record(
+            json!({ "Email": "a@b.co", "Login": "x", "MobileRaw": "+44 7700 900123", "Mobile": "y" }),
+        ))
         .expect("maps");
     assert_eq!(
         canonical,
@@ -686,10 +640,7 @@ fn default_country_code_is_checked() {
     for bad in ["44x", "+0", "+1234", ""] {
         let l = link(&format!("default_country_code = {bad:?}"));
         assert!(
-            matches!(
-                LinkMapping::compile(&l),
-                Err(MappingError::CountryCode { .. })
-            ),
+            matches!(LinkMapping::compile(&l), Err(MappingError::CountryCode { .. })),
             "{bad:?}"
         );
     }
@@ -701,10 +652,9 @@ fn default_country_code_is_checked() {
 
 #[test]
 fn mapped_contact_passes_the_contact_schema() {
-    let schema = EntitySchema::load(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"),
-    )
-    .expect("contact schema loads");
+    let schema =
+        EntitySchema::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"))
+            .expect("contact schema loads");
     let m = mapping(CONTACT);
     let canonical = m
         .inbound(&record(json!({
@@ -720,9 +670,6 @@ fn mapped_contact_passes_the_contact_schema() {
     for (field, format) in [("email", Some("email")), ("phone", Some("e164"))] {
         assert_eq!(schema.property_format(field).as_deref(), format);
     }
-    let key = normalise_key(
-        &canonical["email"],
-        schema.property_format("email").as_deref(),
-    );
+    let key = normalise_key(&canonical["email"], schema.property_format("email").as_deref());
     assert_eq!(key.as_deref(), Some("ada@example.com"));
 }

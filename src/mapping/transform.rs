@@ -54,9 +54,7 @@ impl fmt::Display for ValueProblem {
                 write!(f, "date cannot be written in format {format}")
             }
             ValueProblem::NotInMap => f.write_str("value is not in the map"),
-            ValueProblem::NotInInverseMap => {
-                f.write_str("value has no entry in the map to write back")
-            }
+            ValueProblem::NotInInverseMap => f.write_str("value has no entry in the map to write back"),
             ValueProblem::Parse(ParseType::Bool) => f.write_str("cannot parse as boolean"),
             ValueProblem::Parse(ParseType::Integer) => f.write_str("cannot parse as integer"),
             ValueProblem::Parse(ParseType::Number) => f.write_str("cannot parse as number"),
@@ -107,11 +105,7 @@ impl Step {
     /// Compiles one configured transform for a rule that runs in `direction`, which
     /// decides whether a value table must be invertible and which way date formats
     /// must be convertible.
-    pub fn compile(
-        transform: &Transform,
-        country_code: Option<&str>,
-        direction: MapDirection,
-    ) -> Result<Step, String> {
+    pub fn compile(transform: &Transform, country_code: Option<&str>, direction: MapDirection) -> Result<Step, String> {
         let inbound = matches!(direction, MapDirection::Both | MapDirection::In);
         let outbound = matches!(direction, MapDirection::Both | MapDirection::Out);
         Ok(match transform {
@@ -179,12 +173,9 @@ impl Step {
                 date.convert(&text, Way::Out).map(Value::String)
             }
             Step::Map(map) => map.reverse(&value),
-            Step::Trim
-            | Step::Lower
-            | Step::Upper
-            | Step::E164 { .. }
-            | Step::Parse(_)
-            | Step::EmptyAsNull => Ok(value),
+            Step::Trim | Step::Lower | Step::Upper | Step::E164 { .. } | Step::Parse(_) | Step::EmptyAsNull => {
+                Ok(value)
+            }
         }
     }
 
@@ -287,19 +278,12 @@ fn shape_of(format: &str) -> Result<FormatShape, String> {
                 },
             ),
             Item::Numeric(
-                Numeric::Hour
-                | Numeric::Hour12
-                | Numeric::Minute
-                | Numeric::Second
-                | Numeric::Nanosecond,
+                Numeric::Hour | Numeric::Hour12 | Numeric::Minute | Numeric::Second | Numeric::Nanosecond,
                 _,
             ) => (time, time),
             Item::Numeric(_, _) => (date, date),
             Item::Fixed(
-                Fixed::ShortMonthName
-                | Fixed::LongMonthName
-                | Fixed::ShortWeekdayName
-                | Fixed::LongWeekdayName,
+                Fixed::ShortMonthName | Fixed::LongMonthName | Fixed::ShortWeekdayName | Fixed::LongWeekdayName,
             ) => (date, date),
             Item::Fixed(Fixed::TimezoneName) => (Parts::default(), zone),
             Item::Fixed(
@@ -311,9 +295,7 @@ fn shape_of(format: &str) -> Result<FormatShape, String> {
                 | Fixed::TimezoneOffsetTripleColon,
             ) => (zone, zone),
             Item::Fixed(Fixed::RFC2822 | Fixed::RFC3339) => (all, all),
-            item @ Item::Fixed(_) if Some(item) == permissive_offset.as_ref() => {
-                (zone, Parts::default())
-            }
+            item @ Item::Fixed(_) if Some(item) == permissive_offset.as_ref() => (zone, Parts::default()),
             // Am/pm markers and fractional seconds, including chrono's internal
             // no-dot fractions.
             Item::Fixed(_) => (time, time),
@@ -326,9 +308,7 @@ fn shape_of(format: &str) -> Result<FormatShape, String> {
         return Err(format!("date format {format} has no date or time fields"));
     }
     if shape.provides.zone && !(shape.provides.date && shape.provides.time) {
-        return Err(format!(
-            "date format {format} has a time zone without a date and time"
-        ));
+        return Err(format!("date format {format} has a time zone without a date and time"));
     }
     Ok(shape)
 }
@@ -351,12 +331,7 @@ pub struct DateStep {
 }
 
 impl DateStep {
-    fn compile(
-        system: &str,
-        canonical: &str,
-        inbound: bool,
-        outbound: bool,
-    ) -> Result<DateStep, String> {
+    fn compile(system: &str, canonical: &str, inbound: bool, outbound: bool) -> Result<DateStep, String> {
         let system_shape = shape_of(system)?;
         let canonical_shape = shape_of(canonical)?;
         // Formatting fails for every value when the target prints a part the source
@@ -401,23 +376,11 @@ impl DateStep {
                     .format(to),
             )
         } else if parts.date && parts.time {
-            render(
-                NaiveDateTime::parse_from_str(text, from)
-                    .map_err(bad)?
-                    .format(to),
-            )
+            render(NaiveDateTime::parse_from_str(text, from).map_err(bad)?.format(to))
         } else if parts.date {
-            render(
-                NaiveDate::parse_from_str(text, from)
-                    .map_err(bad)?
-                    .format(to),
-            )
+            render(NaiveDate::parse_from_str(text, from).map_err(bad)?.format(to))
         } else {
-            render(
-                NaiveTime::parse_from_str(text, from)
-                    .map_err(bad)?
-                    .format(to),
-            )
+            render(NaiveTime::parse_from_str(text, from).map_err(bad)?.format(to))
         };
         rendered.ok_or_else(|| ValueProblem::DateOutput { format: to.clone() })
     }
@@ -454,11 +417,9 @@ impl MapStep {
             }
             if inverse.iter().any(|(v, _)| v == value) {
                 if outbound {
-                    return Err(
-                        "map transform cannot be undone on the way out: two keys give the same \
+                    return Err("map transform cannot be undone on the way out: two keys give the same \
                          value (restrict the rule to direction = \"in\")"
-                            .to_string(),
-                    );
+                        .to_string());
                 }
                 continue;
             }
@@ -475,10 +436,7 @@ impl MapStep {
             Value::Bool(b) => b.to_string(),
             other => as_text(other)?,
         };
-        self.forward
-            .get(&key)
-            .cloned()
-            .ok_or(ValueProblem::NotInMap)
+        self.forward.get(&key).cloned().ok_or(ValueProblem::NotInMap)
     }
 
     fn reverse(&self, value: &Value) -> Result<Value, ValueProblem> {
@@ -576,11 +534,7 @@ mod tests {
         let cases: Vec<(Step, Value, Result<Value, ValueProblem>)> = vec![
             (step(Transform::Trim), json!("  Ada  "), Ok(json!("Ada"))),
             (step(Transform::Trim), json!(42), Ok(json!("42"))),
-            (
-                step(Transform::Trim),
-                json!(true),
-                Err(P::NotText { found: "boolean" }),
-            ),
+            (step(Transform::Trim), json!(true), Err(P::NotText { found: "boolean" })),
             (
                 step(Transform::Lower),
                 json!("Ada@Example.COM"),
@@ -588,16 +542,8 @@ mod tests {
             ),
             (step(Transform::Upper), json!("gb"), Ok(json!("GB"))),
             (step(Transform::Upper), json!(1.5), Ok(json!("1.5"))),
-            (
-                step(Transform::Lower),
-                json!(["a"]),
-                Err(P::NotText { found: "list" }),
-            ),
-            (
-                step(Transform::E164),
-                json!("07700 900123"),
-                Ok(json!("+447700900123")),
-            ),
+            (step(Transform::Lower), json!(["a"]), Err(P::NotText { found: "list" })),
+            (step(Transform::E164), json!("07700 900123"), Ok(json!("+447700900123"))),
             (
                 step(Transform::E164),
                 json!(447700900123u64),
@@ -617,36 +563,12 @@ mod tests {
             (map.clone(), json!(1), Ok(json!(true))),
             (map.clone(), json!(true), Ok(json!("yes"))),
             (map.clone(), json!("X"), Err(P::NotInMap)),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!("Yes"),
-                Ok(json!(true)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!(" N "),
-                Ok(json!(false)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!("TRUE"),
-                Ok(json!(true)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!("0"),
-                Ok(json!(false)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!(1),
-                Ok(json!(true)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!(false),
-                Ok(json!(false)),
-            ),
+            (step(Transform::Parse(ParseType::Bool)), json!("Yes"), Ok(json!(true))),
+            (step(Transform::Parse(ParseType::Bool)), json!(" N "), Ok(json!(false))),
+            (step(Transform::Parse(ParseType::Bool)), json!("TRUE"), Ok(json!(true))),
+            (step(Transform::Parse(ParseType::Bool)), json!("0"), Ok(json!(false))),
+            (step(Transform::Parse(ParseType::Bool)), json!(1), Ok(json!(true))),
+            (step(Transform::Parse(ParseType::Bool)), json!(false), Ok(json!(false))),
             (
                 step(Transform::Parse(ParseType::Bool)),
                 json!("maybe"),
@@ -662,31 +584,11 @@ mod tests {
                 json!(""),
                 Err(P::Parse(ParseType::Bool)),
             ),
-            (
-                step(Transform::Parse(ParseType::Integer)),
-                json!(" 42 "),
-                Ok(json!(42)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Integer)),
-                json!("-7"),
-                Ok(json!(-7)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Integer)),
-                json!("3.0"),
-                Ok(json!(3)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Integer)),
-                json!(5.0),
-                Ok(json!(5)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Integer)),
-                json!(9),
-                Ok(json!(9)),
-            ),
+            (step(Transform::Parse(ParseType::Integer)), json!(" 42 "), Ok(json!(42))),
+            (step(Transform::Parse(ParseType::Integer)), json!("-7"), Ok(json!(-7))),
+            (step(Transform::Parse(ParseType::Integer)), json!("3.0"), Ok(json!(3))),
+            (step(Transform::Parse(ParseType::Integer)), json!(5.0), Ok(json!(5))),
+            (step(Transform::Parse(ParseType::Integer)), json!(9), Ok(json!(9))),
             (
                 step(Transform::Parse(ParseType::Integer)),
                 json!("3.5"),
@@ -697,21 +599,9 @@ mod tests {
                 json!("forty"),
                 Err(P::Parse(ParseType::Integer)),
             ),
-            (
-                step(Transform::Parse(ParseType::Number)),
-                json!("2.5"),
-                Ok(json!(2.5)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Number)),
-                json!("12"),
-                Ok(json!(12)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Number)),
-                json!(0.25),
-                Ok(json!(0.25)),
-            ),
+            (step(Transform::Parse(ParseType::Number)), json!("2.5"), Ok(json!(2.5))),
+            (step(Transform::Parse(ParseType::Number)), json!("12"), Ok(json!(12))),
+            (step(Transform::Parse(ParseType::Number)), json!(0.25), Ok(json!(0.25))),
             (
                 step(Transform::Parse(ParseType::Number)),
                 json!("NaN"),
@@ -753,12 +643,7 @@ mod tests {
             (date("%H%M", "%H:%M"), json!("0930"), Ok(json!("09:30"))),
         ];
         for (i, (step, input, expected)) in cases.into_iter().enumerate() {
-            assert_eq!(
-                step.inbound(input),
-                expected,
-                "case {i}: {}",
-                step.describe()
-            );
+            assert_eq!(step.inbound(input), expected, "case {i}: {}", step.describe());
         }
     }
 
@@ -789,17 +674,12 @@ mod tests {
     #[test]
     fn bad_dates_are_rejected_without_the_value() {
         let d = date("%m/%d/%Y", "%Y-%m-%d");
-        let err = d
-            .inbound(json!("31/12/2024"))
-            .expect_err("month 31 is out of range");
+        let err = d.inbound(json!("31/12/2024")).expect_err("month 31 is out of range");
         let text = err.to_string();
         assert!(text.starts_with("not a date in format %m/%d/%Y"), "{text}");
         assert!(!text.contains("31/12"), "{text}");
         assert!(d.inbound(json!("yesterday")).is_err());
-        assert_eq!(
-            d.inbound(json!(true)),
-            Err(ValueProblem::NotText { found: "boolean" })
-        );
+        assert_eq!(d.inbound(json!(true)), Err(ValueProblem::NotText { found: "boolean" }));
         // Outbound parses the canonical format.
         assert!(d.outbound(json!("07/04/2024")).is_err());
     }
@@ -825,11 +705,7 @@ mod tests {
             ),
             (map.clone(), json!("active"), Ok(json!("A"))),
             (map.clone(), json!(true), Ok(json!("1"))),
-            (
-                map.clone(),
-                json!("archived"),
-                Err(ValueProblem::NotInInverseMap),
-            ),
+            (map.clone(), json!("archived"), Err(ValueProblem::NotInInverseMap)),
             (step(Transform::Trim), json!(" x "), Ok(json!(" x "))),
             (step(Transform::Lower), json!("Ada"), Ok(json!("Ada"))),
             (step(Transform::Upper), json!("gb"), Ok(json!("gb"))),
@@ -838,30 +714,13 @@ mod tests {
                 json!("+447700900123"),
                 Ok(json!("+447700900123")),
             ),
-            (
-                step(Transform::Parse(ParseType::Bool)),
-                json!(true),
-                Ok(json!(true)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Integer)),
-                json!(4),
-                Ok(json!(4)),
-            ),
-            (
-                step(Transform::Parse(ParseType::Number)),
-                json!(4.5),
-                Ok(json!(4.5)),
-            ),
+            (step(Transform::Parse(ParseType::Bool)), json!(true), Ok(json!(true))),
+            (step(Transform::Parse(ParseType::Integer)), json!(4), Ok(json!(4))),
+            (step(Transform::Parse(ParseType::Number)), json!(4.5), Ok(json!(4.5))),
             (step(Transform::EmptyAsNull), json!("x"), Ok(json!("x"))),
         ];
         for (i, (step, input, expected)) in cases.into_iter().enumerate() {
-            assert_eq!(
-                step.outbound(input),
-                expected,
-                "case {i}: {}",
-                step.describe()
-            );
+            assert_eq!(step.outbound(input), expected, "case {i}: {}", step.describe());
         }
     }
 
@@ -910,15 +769,11 @@ mod tests {
 
     #[test]
     fn map_inverse_must_be_unambiguous_when_written_back() {
-        let table = BTreeMap::from([
-            ("Y".to_string(), json!(true)),
-            ("Yes".to_string(), json!(true)),
-        ]);
-        let err = Step::compile(&Transform::Map(table.clone()), None, MapDirection::Both)
-            .expect_err("two keys give true");
+        let table = BTreeMap::from([("Y".to_string(), json!(true)), ("Yes".to_string(), json!(true))]);
+        let err =
+            Step::compile(&Transform::Map(table.clone()), None, MapDirection::Both).expect_err("two keys give true");
         assert!(err.contains("cannot be undone"), "{err}");
-        let inbound_only =
-            Step::compile(&Transform::Map(table), None, MapDirection::In).expect("in only");
+        let inbound_only = Step::compile(&Transform::Map(table), None, MapDirection::In).expect("in only");
         assert_eq!(inbound_only.inbound(json!("Yes")), Ok(json!(true)));
         assert!(Step::compile(&Transform::Map(BTreeMap::new()), None, MapDirection::In).is_err());
     }
@@ -933,14 +788,8 @@ mod tests {
                 .describe(),
             "e164"
         );
-        assert_eq!(
-            date("%m/%d/%Y", "%Y-%m-%d").describe(),
-            "date %m/%d/%Y -> %Y-%m-%d"
-        );
-        assert_eq!(
-            step(Transform::Parse(ParseType::Bool)).describe(),
-            "parse bool"
-        );
+        assert_eq!(date("%m/%d/%Y", "%Y-%m-%d").describe(), "date %m/%d/%Y -> %Y-%m-%d");
+        assert_eq!(step(Transform::Parse(ParseType::Bool)).describe(), "parse bool");
         assert_eq!(step(Transform::EmptyAsNull).describe(), "empty as null");
     }
 }

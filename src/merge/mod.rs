@@ -119,7 +119,11 @@ impl EntityPolicy {
                 .map(|(name, f)| {
                     (
                         name.clone(),
-                        FieldPolicy { owners: f.owners.clone(), owners_equal: f.owners_equal, non_owner: f.non_owner },
+                        FieldPolicy {
+                            owners: f.owners.clone(),
+                            owners_equal: f.owners_equal,
+                            non_owner: f.non_owner,
+                        },
                     )
                 })
                 .collect(),
@@ -353,7 +357,11 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
         ChangeKind::Delete => {
             shadow.deleted = true;
             shadow.pending.clear();
-            let rule = if input.policy.may_delete(&change.system) { Rule::Deleted } else { Rule::DeleteNotAllowed };
+            let rule = if input.policy.may_delete(&change.system) {
+                Rule::Deleted
+            } else {
+                Rule::DeleteNotAllowed
+            };
             if rule == Rule::Deleted && !state.base.deleted && input.state.is_some() {
                 state.base.deleted = true;
                 outcome = Outcome::Deleted;
@@ -402,7 +410,11 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
             })
             .collect(),
     };
-    MergeOutput { state, decision, writes }
+    MergeOutput {
+        state,
+        decision,
+        writes,
+    }
 }
 
 /// Decides one field of an upsert; `None` when the system did not change it.
@@ -449,18 +461,29 @@ fn decide_field(
                     (Rule::Stale, Some(NonOwnerPolicy::Revert))
                 }
             } else if mine <= theirs {
-                (if mine < theirs { Rule::OwnerPrecedence } else { Rule::Owner }, None)
+                (
+                    if mine < theirs {
+                        Rule::OwnerPrecedence
+                    } else {
+                        Rule::Owner
+                    },
+                    None,
+                )
             } else {
-                (Rule::LowerPrecedence, Some(field_policy.map(|p| p.non_owner).unwrap_or_default()))
+                (
+                    Rule::LowerPrecedence,
+                    Some(field_policy.map(|p| p.non_owner).unwrap_or_default()),
+                )
             }
         }
         (Some(_), _) => (Rule::Owner, None),
-        (None, Some(_)) => (Rule::NonOwner, Some(field_policy.map(|p| p.non_owner).unwrap_or_default())),
+        (None, Some(_)) => (
+            Rule::NonOwner,
+            Some(field_policy.map(|p| p.non_owner).unwrap_or_default()),
+        ),
         (None, None) => match input.policy.default {
             DefaultPolicy::LastWriterWins => match agreed {
-                Some(a) if change.source_time_ms < a.from.source_time_ms => {
-                    (Rule::Stale, Some(NonOwnerPolicy::Revert))
-                }
+                Some(a) if change.source_time_ms < a.from.source_time_ms => (Rule::Stale, Some(NonOwnerPolicy::Revert)),
                 _ => (Rule::LastWriterWins, None),
             },
             DefaultPolicy::FirstWriterWins => {
@@ -495,9 +518,10 @@ fn plan_writes(
             let action = match target.on_delete {
                 OnDelete::Propagate => WriteAction::Delete,
                 OnDelete::Ignore => continue,
-                OnDelete::SoftDelete { field, value } => {
-                    WriteAction::SoftDelete { field: field.clone(), value: value.clone() }
-                }
+                OnDelete::SoftDelete { field, value } => WriteAction::SoftDelete {
+                    field: field.clone(),
+                    value: value.clone(),
+                },
             };
             if target.mode == WriteMode::Send && matches!(action, WriteAction::Delete) {
                 if let Some(s) = state.shadows.get_mut(target.system) {
@@ -505,7 +529,11 @@ fn plan_writes(
                     s.pending.clear();
                 }
             }
-            writes.push(PlannedWrite { system: target.system.to_string(), action, mode: target.mode });
+            writes.push(PlannedWrite {
+                system: target.system.to_string(),
+                action,
+                mode: target.mode,
+            });
             continue;
         }
         if shadow.is_some_and(|s| s.deleted) && target.system != input.change.system {
@@ -518,7 +546,9 @@ fn plan_writes(
         }
         let mut fields = Fields::new();
         for name in target.fields {
-            let Some(agreed) = state.base.fields.get(name) else { continue };
+            let Some(agreed) = state.base.fields.get(name) else {
+                continue;
+            };
             let changed_now = accepted.contains(name) || before.value(name) != Some(&agreed.value);
             let expected = shadow.and_then(|s| s.expected(name));
             let diverged = shadow.is_some_and(|s| s.diverged.contains(name));

@@ -175,12 +175,18 @@ pub struct StateStore {
 impl StateStore {
     /// Opens (or creates) `dir/concord.redb` with a page cache of `cache_mb` MiB.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<StateStore, StateError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let path = dir.join(STATE_FILE);
         let db = Database::builder()
             .set_cache_size((cache_mb as usize).saturating_mul(1024 * 1024))
             .create(&path)
-            .map_err(|source| StateError::Open { path: path.clone(), source })?;
+            .map_err(|source| StateError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let store = StateStore { db: Arc::new(db), path };
         store.init()?;
         Ok(store)
@@ -197,7 +203,10 @@ impl StateStore {
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
                 Some(v) if v != SCHEMA_VERSION => {
-                    return Err(StateError::SchemaVersion { found: v, expected: SCHEMA_VERSION });
+                    return Err(StateError::SchemaVersion {
+                        found: v,
+                        expected: SCHEMA_VERSION,
+                    });
                 }
                 Some(_) => {}
                 None => {
@@ -236,7 +245,9 @@ impl StateStore {
 
     /// A consistent read-only view.
     pub fn read(&self) -> Result<ReadView, StateError> {
-        Ok(ReadView { txn: self.db.begin_read()? })
+        Ok(ReadView {
+            txn: self.db.begin_read()?,
+        })
     }
 }
 
@@ -305,12 +316,21 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn identity(&self, entity: &str, system: &str, local_id: &str) -> Result<Option<GlobalId>, StateError> {
-        Ok(self.identity.get((entity, system, local_id))?.map(|v| GlobalId::from_u128(v.value())))
+        Ok(self
+            .identity
+            .get((entity, system, local_id))?
+            .map(|v| GlobalId::from_u128(v.value())))
     }
 
     /// Maps a local id to a global id. Returns true when the mapping is new, so the
     /// caller can count the record as one more that the system holds.
-    pub fn put_identity(&mut self, entity: &str, system: &str, local_id: &str, id: GlobalId) -> Result<bool, StateError> {
+    pub fn put_identity(
+        &mut self,
+        entity: &str,
+        system: &str,
+        local_id: &str,
+        id: GlobalId,
+    ) -> Result<bool, StateError> {
         let previous = self.identity.insert((entity, system, local_id), id.as_u128())?;
         let new = previous.is_none();
         drop(previous);
@@ -329,7 +349,10 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn match_key(&self, entity: &str, key: &str, value: &str) -> Result<Option<GlobalId>, StateError> {
-        Ok(self.match_index.get((entity, key, value))?.map(|v| GlobalId::from_u128(v.value())))
+        Ok(self
+            .match_index
+            .get((entity, key, value))?
+            .map(|v| GlobalId::from_u128(v.value())))
     }
 
     pub fn put_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
@@ -352,7 +375,8 @@ impl<'txn> WriteTables<'txn> {
 
     fn add_count(&mut self, entity: &str, system: &str, delta: i64) -> Result<(), StateError> {
         let current = self.count(entity, system)?;
-        self.counts.insert((entity, system), current.saturating_add_signed(delta))?;
+        self.counts
+            .insert((entity, system), current.saturating_add_signed(delta))?;
         Ok(())
     }
 
@@ -363,8 +387,14 @@ impl<'txn> WriteTables<'txn> {
         }
     }
 
-    pub fn put_checkpoint(&mut self, system: &str, stream: &str, checkpoint: &serde_json::Value) -> Result<(), StateError> {
-        self.checkpoints.insert((system, stream), encode(checkpoint).as_slice())?;
+    pub fn put_checkpoint(
+        &mut self,
+        system: &str,
+        stream: &str,
+        checkpoint: &serde_json::Value,
+    ) -> Result<(), StateError> {
+        self.checkpoints
+            .insert((system, stream), encode(checkpoint).as_slice())?;
         Ok(())
     }
 
@@ -372,13 +402,15 @@ impl<'txn> WriteTables<'txn> {
     pub fn enqueue(&mut self, mut entry: OutboxEntry) -> Result<u64, StateError> {
         let seq = self.next_id("outbox")?;
         entry.seq = seq;
-        self.outbox.insert((entry.system.as_str(), seq), encode(&entry).as_slice())?;
+        self.outbox
+            .insert((entry.system.as_str(), seq), encode(&entry).as_slice())?;
         Ok(seq)
     }
 
     /// Replaces an entry kept for another attempt.
     pub fn update_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StateError> {
-        self.outbox.insert((entry.system.as_str(), entry.seq), encode(entry).as_slice())?;
+        self.outbox
+            .insert((entry.system.as_str(), entry.seq), encode(entry).as_slice())?;
         Ok(())
     }
 
@@ -492,7 +524,9 @@ impl ReadView {
 
     pub fn identity(&self, entity: &str, system: &str, local_id: &str) -> Result<Option<GlobalId>, StateError> {
         let table = self.txn.open_table(IDENTITY)?;
-        Ok(table.get((entity, system, local_id))?.map(|v| GlobalId::from_u128(v.value())))
+        Ok(table
+            .get((entity, system, local_id))?
+            .map(|v| GlobalId::from_u128(v.value())))
     }
 
     pub fn checkpoint(&self, system: &str, stream: &str) -> Result<Option<serde_json::Value>, StateError> {

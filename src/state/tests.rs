@@ -15,15 +15,43 @@ const SYSTEMS: &[&str] = &["crm", "hr", "lms"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    PutRecord { entity: usize, id: u8, value: u8 },
-    RemoveRecord { entity: usize, id: u8 },
-    PutIdentity { entity: usize, system: usize, local: u8, id: u8 },
-    RemoveIdentity { entity: usize, system: usize, local: u8 },
-    Enqueue { system: usize, id: u8 },
-    RemoveOutboxAt { system: usize, index: usize },
-    PutCheckpoint { system: usize, value: u16 },
+    PutRecord {
+        entity: usize,
+        id: u8,
+        value: u8,
+    },
+    RemoveRecord {
+        entity: usize,
+        id: u8,
+    },
+    PutIdentity {
+        entity: usize,
+        system: usize,
+        local: u8,
+        id: u8,
+    },
+    RemoveIdentity {
+        entity: usize,
+        system: usize,
+        local: u8,
+    },
+    Enqueue {
+        system: usize,
+        id: u8,
+    },
+    RemoveOutboxAt {
+        system: usize,
+        index: usize,
+    },
+    PutCheckpoint {
+        system: usize,
+        value: u16,
+    },
     /// A transaction that does work and then fails: nothing of it may remain.
-    Aborted { entity: usize, id: u8 },
+    Aborted {
+        entity: usize,
+        id: u8,
+    },
     Reopen,
 }
 
@@ -53,8 +81,10 @@ fn gid(id: u8) -> GlobalId {
 }
 
 fn record(value: u8) -> RecordState {
-    let mut state = RecordState::default();
-    state.created_ms = value as i64;
+    let mut state = RecordState {
+        created_ms: value as i64,
+        ..RecordState::default()
+    };
     state.match_keys.insert("email".into(), format!("v{value}"));
     state
 }
@@ -70,7 +100,10 @@ struct Model {
 
 impl Model {
     fn count(&self, entity: usize, system: usize) -> u64 {
-        self.identity.keys().filter(|(e, s, _)| *e == entity && *s == system).count() as u64
+        self.identity
+            .keys()
+            .filter(|(e, s, _)| *e == entity && *s == system)
+            .count() as u64
     }
 }
 
@@ -85,14 +118,21 @@ impl From<StateError> for Abort {
 fn apply(store: &StateStore, model: &mut Model, op: &Op) {
     match *op {
         Op::PutRecord { entity, id, value } => {
-            store.write(|t| t.put_record(ENTITIES[entity], gid(id), &record(value))).unwrap();
+            store
+                .write(|t| t.put_record(ENTITIES[entity], gid(id), &record(value)))
+                .unwrap();
             model.records.insert((entity, id), value);
         }
         Op::RemoveRecord { entity, id } => {
             store.write(|t| t.remove_record(ENTITIES[entity], gid(id))).unwrap();
             model.records.remove(&(entity, id));
         }
-        Op::PutIdentity { entity, system, local, id } => {
+        Op::PutIdentity {
+            entity,
+            system,
+            local,
+            id,
+        } => {
             let new = store
                 .write(|t| t.put_identity(ENTITIES[entity], SYSTEMS[system], &local.to_string(), gid(id)))
                 .unwrap();
@@ -100,7 +140,9 @@ fn apply(store: &StateStore, model: &mut Model, op: &Op) {
             assert_eq!(new, model_new, "put_identity reports whether the mapping is new");
         }
         Op::RemoveIdentity { entity, system, local } => {
-            store.write(|t| t.remove_identity(ENTITIES[entity], SYSTEMS[system], &local.to_string())).unwrap();
+            store
+                .write(|t| t.remove_identity(ENTITIES[entity], SYSTEMS[system], &local.to_string()))
+                .unwrap();
             model.identity.remove(&(entity, system, local));
         }
         Op::Enqueue { system, id } => {
@@ -134,7 +176,9 @@ fn apply(store: &StateStore, model: &mut Model, op: &Op) {
             }
         }
         Op::PutCheckpoint { system, value } => {
-            store.write(|t| t.put_checkpoint(SYSTEMS[system], "stream", &serde_json::json!(value))).unwrap();
+            store
+                .write(|t| t.put_checkpoint(SYSTEMS[system], "stream", &serde_json::json!(value)))
+                .unwrap();
             model.checkpoints.insert(system, value);
         }
         Op::Aborted { entity, id } => {
@@ -160,18 +204,38 @@ fn check(store: &StateStore, model: &Model) {
         for (s, system) in SYSTEMS.iter().enumerate() {
             for local in 0u8..8 {
                 let got = view.identity(entity, system, &local.to_string()).unwrap();
-                assert_eq!(got, model.identity.get(&(e, s, local)).map(|&id| gid(id)), "identity {entity}/{system}/{local}");
+                assert_eq!(
+                    got,
+                    model.identity.get(&(e, s, local)).map(|&id| gid(id)),
+                    "identity {entity}/{system}/{local}"
+                );
             }
-            assert_eq!(view.identity(entity, system, "aborted").unwrap(), None, "aborted transaction left nothing");
+            assert_eq!(
+                view.identity(entity, system, "aborted").unwrap(),
+                None,
+                "aborted transaction left nothing"
+            );
         }
     }
     for (s, system) in SYSTEMS.iter().enumerate() {
-        let got: Vec<(u64, GlobalId)> = view.outbox(system, 100).unwrap().iter().map(|e| (e.seq, e.global_id)).collect();
-        let want: Vec<(u64, GlobalId)> =
-            model.outbox.get(&s).map(|q| q.iter().map(|&(seq, id)| (seq, gid(id))).collect()).unwrap_or_default();
+        let got: Vec<(u64, GlobalId)> = view
+            .outbox(system, 100)
+            .unwrap()
+            .iter()
+            .map(|e| (e.seq, e.global_id))
+            .collect();
+        let want: Vec<(u64, GlobalId)> = model
+            .outbox
+            .get(&s)
+            .map(|q| q.iter().map(|&(seq, id)| (seq, gid(id))).collect())
+            .unwrap_or_default();
         assert_eq!(got, want, "outbox of {system} in sequence order");
         assert_eq!(view.outbox_depth(system).unwrap(), want.len() as u64);
-        let checkpoint = view.checkpoint(system, "stream").unwrap().and_then(|v| v.as_u64()).map(|v| v as u16);
+        let checkpoint = view
+            .checkpoint(system, "stream")
+            .unwrap()
+            .and_then(|v| v.as_u64())
+            .map(|v| v as u16);
         assert_eq!(checkpoint, model.checkpoints.get(&s).copied(), "checkpoint of {system}");
     }
     drop(view);
@@ -179,7 +243,11 @@ fn check(store: &StateStore, model: &Model) {
         .write(|t| {
             for (e, entity) in ENTITIES.iter().enumerate() {
                 for (s, system) in SYSTEMS.iter().enumerate() {
-                    assert_eq!(t.count(entity, system)?, model.count(e, s), "live count {entity}/{system}");
+                    assert_eq!(
+                        t.count(entity, system)?,
+                        model.count(e, s),
+                        "live count {entity}/{system}"
+                    );
                 }
             }
             Ok::<_, StateError>(())
@@ -212,7 +280,10 @@ fn a_file_from_another_schema_version_is_refused() {
     {
         let store = StateStore::open(dir.path(), 4).unwrap();
         let txn = store.db.begin_write().unwrap();
-        txn.open_table(META).unwrap().insert("schema_version", SCHEMA_VERSION + 1).unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", SCHEMA_VERSION + 1)
+            .unwrap();
         txn.commit().unwrap();
     }
     match StateStore::open(dir.path(), 4) {
@@ -251,6 +322,13 @@ fn pruning_removes_the_oldest_beyond_count_and_age() {
     // Keep at most 6, and nothing older than t = 5 s: entries at 5..=9 s remain.
     let removed = store.write(|t| t.prune(100, 6, 5_000)).unwrap();
     assert_eq!(removed, 5);
-    let left: Vec<i64> = store.read().unwrap().write_log(None, 100).unwrap().iter().map(|e| e.time_ms).collect();
+    let left: Vec<i64> = store
+        .read()
+        .unwrap()
+        .write_log(None, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.time_ms)
+        .collect();
     assert_eq!(left, vec![9000, 8000, 7000, 6000, 5000]);
 }

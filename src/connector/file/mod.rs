@@ -35,7 +35,11 @@ impl FileSource {
 pub struct FileSink {}
 
 impl FileSink {
-    pub fn open(_system: &str, _config: &FileSystemConfig, _base_dir: &std::path::Path) -> Result<FileSink, ConnectorError> {
+    pub fn open(
+        _system: &str,
+        _config: &FileSystemConfig,
+        _base_dir: &std::path::Path,
+    ) -> Result<FileSink, ConnectorError> {
         todo!()
     }
 }
