@@ -1,51 +1,26 @@
-//! The `file` connector: batch export files (CSV, JSONL) dropped into a directory.
+//! The `file` connector: batch export files (CSV, JSONL) dropped into a directory, the
+//! way an HR platform hands over its nightly export, and export files written out for
+//! a system that takes files.
+//!
+//! - [`source`]: reads each file of the inbox exactly once, in batches, moving it to
+//!   the processed directory only after the engine committed its last batch; files
+//!   that cannot be read are set aside in the failed directory with a reason.
+//! - [`sink`]: writes one export file per batch of writes, atomically, under a name
+//!   fixed by the batch's first outbox sequence, so a repeated batch replaces its file.
+//! - `split` and `format`: the streaming record splitter and the per-format
+//!   conversion of a record; `pattern`: the file name pattern of a link's `object`.
 
 mod config;
-pub use config::FileSystemConfig;
+pub mod error;
+mod format;
+mod pattern;
+pub mod sink;
+pub mod source;
+mod split;
 
-use super::{Checkpoint, ConnectorError, SourceBatch};
-use crate::model::{Write, WriteAck};
-
-pub struct FileSource {}
-
-impl FileSource {
-    pub fn open(
-        _system: &str,
-        _config: &FileSystemConfig,
-        _link: &crate::config::LinkConfig,
-        _base_dir: &std::path::Path,
-        _checkpoint: Option<&Checkpoint>,
-    ) -> Result<FileSource, ConnectorError> {
-        todo!()
-    }
-}
-
-impl FileSource {
-    pub async fn next_batch(&mut self, _max: usize) -> Result<Option<SourceBatch>, ConnectorError> {
-        todo!()
-    }
-    pub async fn committed(&mut self, _checkpoint: &Checkpoint) -> Result<(), ConnectorError> {
-        todo!()
-    }
-    pub fn lag_seconds(&self) -> f64 {
-        0.0
-    }
-}
-
-pub struct FileSink {}
-
-impl FileSink {
-    pub fn open(
-        _system: &str,
-        _config: &FileSystemConfig,
-        _base_dir: &std::path::Path,
-    ) -> Result<FileSink, ConnectorError> {
-        todo!()
-    }
-}
-
-impl FileSink {
-    pub async fn apply(&mut self, _writes: Vec<Write>) -> Vec<Result<WriteAck, ConnectorError>> {
-        todo!()
-    }
-}
+pub use config::{
+    AfterProcessing, DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_RECORD_BYTES, DEFAULT_SETTLE_MS, FileFormat, FileSystemConfig,
+};
+pub use error::FileError;
+pub use sink::{FileSink, export_file_name};
+pub use source::{FileCheckpoint, FileIdent, FilePosition, FileSource, FileSourceStats};
