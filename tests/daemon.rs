@@ -80,7 +80,7 @@ fn example_syncs_explains_and_stops_gracefully() {
     let letters = dlq["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{dlq}");
     assert_eq!(letters[0]["system"], "hr");
-    assert_eq!(letters[0]["class"], "validation");
+    assert_eq!(letters[0]["class"], "mapping");
     let reason = letters[0]["reason"].as_str().unwrap();
     assert!(reason.contains("phone"), "{reason}");
     assert!(!reason.contains("555-12"), "the reason carries the value: {reason}");
@@ -176,7 +176,7 @@ fn metrics_pass_promtool_and_are_all_declared() {
         "concord_changes_merged_total{entity=\"contact\",outcome=\"created\"}",
         "concord_writes_total{system=\"directory\",entity=\"contact\",op=\"upsert\",outcome=\"ok\"}",
         "concord_validation_failures_total{system=\"hr\",entity=\"contact\"} 1",
-        "concord_dead_letters_total{system=\"hr\",entity=\"contact\",class=\"validation\"} 1",
+        "concord_dead_letters_total{system=\"hr\",entity=\"contact\",class=\"mapping\"} 1",
         "concord_conflicts_total{entity=\"contact\",field=\"last_name\"}",
         "concord_end_to_end_latency_seconds_bucket{system=\"directory\",le=",
         "concord_state_commit_duration_seconds_bucket{le=",
