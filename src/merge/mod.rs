@@ -8,7 +8,8 @@
 //! decision, and the property tests below can state the laws the merge keeps.
 //!
 //! For a field `f` of a change `C` from system `S`, with base `B` and shadow `H`:
-//! 1. `C.f == H.f`: S did not change it; not a proposal (rule `unchanged`).
+//! 1. `C.f == H.f`: S did not change it; not a proposal (rule `unchanged`). A field S
+//!    never reported counts as null, as a field with no agreed value does.
 //! 2. `C.f == B.f`: S now holds the agreed value (typically the echo of our own
 //!    write); not a proposal (rule `already_agreed`).
 //! 3. Otherwise a proposal, decided by authority:
@@ -24,6 +25,13 @@
 //! yet (`B.f != H.f`) is a conflict: decided by the same rules, and always recorded.
 //! Finally every target system gets one planned write with the fields where the new
 //! base differs from what that system holds or is about to hold.
+//!
+//! A delete from a system allowed to delete ends an agreed record (a tombstone) and is
+//! carried, by each link's `on_delete`, to every other system that holds the record and
+//! whose link may update it; a delete from any other system only marks its own copy
+//! gone. A system whose copy is gone is not written to until it shows the record again,
+//! and only such a showing, or a first one by a system new to the record, revives a
+//! tombstone.
 
 #[cfg(test)]
 mod tests;
@@ -301,7 +309,12 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
     let mut flagged = false;
     let mut accepted: BTreeSet<String> = BTreeSet::new();
 
-    let mut shadow = state.shadows.remove(&change.system).unwrap_or_default();
+    let seen_before = state.shadows.remove(&change.system);
+    // The system shows a record it did not hold (it is new to it, or it deleted it):
+    // only that re-creates a deleted record. A system that kept its copy (its link
+    // ignores deletes, or soft-deletes) reports it again on every export.
+    let reappears = seen_before.as_ref().is_none_or(|s| s.deleted);
+    let mut shadow = seen_before.unwrap_or_default();
     shadow.local_id = Some(change.local_id.clone());
     if change.version.is_some() {
         shadow.version = change.version.clone();
@@ -311,7 +324,7 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
     match change.kind {
         ChangeKind::Upsert => {
             shadow.deleted = false;
-            if state.base.deleted {
+            if state.base.deleted && reappears {
                 // A system re-created the record: it lives again.
                 state.base.deleted = false;
             }
@@ -362,7 +375,9 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
             } else {
                 Rule::DeleteNotAllowed
             };
-            if rule == Rule::Deleted && !state.base.deleted && input.state.is_some() {
+            // A record nothing was ever agreed for has nothing to end; a tombstone on it
+            // would only make a replay of this delete decide differently.
+            if rule == Rule::Deleted && !state.base.deleted && !is_new {
                 state.base.deleted = true;
                 outcome = Outcome::Deleted;
             }
@@ -428,7 +443,9 @@ fn decide_field(
     let change = input.change;
     let agreed = state.base.fields.get(field);
     let agreed_value = agreed.map(|a| &a.value).unwrap_or(&Value::Null);
-    let seen = shadow.fields.get(field);
+    // A field the system never reported counts as null, as an absent agreed value does:
+    // a system that first shows a record with a field empty has not emptied it.
+    let seen = shadow.fields.get(field).unwrap_or(&Value::Null);
     let make = |rule: Rule, conflict: bool, policy: Option<NonOwnerPolicy>| FieldDecision {
         field: field.to_string(),
         rule,
@@ -438,14 +455,14 @@ fn decide_field(
         policy,
     };
 
-    if seen == Some(incoming) {
+    if seen == incoming {
         return None;
     }
     if incoming == agreed_value {
         return Some(make(Rule::AlreadyAgreed, false, None));
     }
     // Another system set the agreed value and this one had not seen it.
-    let conflict = agreed.is_some_and(|a| a.from.system != change.system && seen != Some(&a.value));
+    let conflict = agreed.is_some_and(|a| a.from.system != change.system && seen != &a.value);
     let field_policy = input.policy.fields.get(field);
     let owners = field_policy.map(|p| p.owners.as_slice()).unwrap_or(&[]);
     let rank = |system: &str| owners.iter().position(|o| o == system);
@@ -512,7 +529,13 @@ fn plan_writes(
         let shadow = state.shadows.get(target.system);
         let holds_record = shadow.is_some_and(|s| !s.deleted && (s.local_id.is_some() || !s.pending.is_empty()));
         if state.base.deleted {
-            if outcome != Outcome::Deleted || !holds_record || target.system == input.change.system {
+            // A delete changes a record the system holds: links that only create, or
+            // never write, are left alone.
+            if outcome != Outcome::Deleted
+                || !holds_record
+                || !target.may_update
+                || target.system == input.change.system
+            {
                 continue;
             }
             let action = match target.on_delete {
@@ -536,9 +559,10 @@ fn plan_writes(
             });
             continue;
         }
-        if shadow.is_some_and(|s| s.deleted) && target.system != input.change.system {
-            // The system deleted its copy; concord does not write to it until it
-            // shows the record again.
+        if shadow.is_some_and(|s| s.deleted) {
+            // The system deleted its copy (or concord deleted it there); concord does
+            // not write to it until it shows the record again. That holds for a system
+            // whose delete was not allowed, too: the record lives on elsewhere.
             continue;
         }
         if holds_record && !target.may_update || !holds_record && !target.may_create {
@@ -555,10 +579,10 @@ fn plan_writes(
             if diverged && !changed_now {
                 continue;
             }
-            let differs = match expected {
-                Some(v) => v != &agreed.value,
-                None => !agreed.value.is_null() || holds_record,
-            };
+            // A field the system was never seen or written to hold counts as null, as
+            // in `decide_field`: a create leaves empty fields out, and a later merge
+            // must not then write them as if they had changed.
+            let differs = expected.unwrap_or(&Value::Null) != &agreed.value;
             if differs {
                 fields.insert(name.clone(), agreed.value.clone());
             }
