@@ -130,9 +130,12 @@ fn metrics_pass_promtool_and_are_all_declared() {
     let mut child = start(&config, false);
     wait_for("the sync to finish", 60, || synced(port));
     // Gauges are refreshed by the maintenance pass; wait for one after the sync.
-    let text = wait_for("outbox gauge", 30, || {
+    let text = wait_for("gauges refreshed after the sync", 30, || {
         let m = get(port, "/metrics");
-        (m.status == 200 && m.body.contains("concord_outbox_entries{system=\"directory\"} 0")).then_some(m.body)
+        let fresh = m.body.contains("concord_outbox_entries{system=\"directory\"} 0")
+            && m.body.contains("concord_dlq_entries{system=\"hr\"} 1")
+            && m.body.contains("concord_records 6");
+        (m.status == 200 && fresh).then_some(m.body)
     });
     let ty = get(port, "/metrics").headers;
     assert!(ty.to_ascii_lowercase().contains("content-type: text/plain"), "{ty}");
