@@ -75,6 +75,8 @@ pub struct BenchReport {
     pub rss_mb: f64,
     pub peak_rss_mb: f64,
     pub state_file_mb: f64,
+    pub record_bytes: f64,
+    pub decision_bytes: f64,
 }
 
 impl fmt::Display for BenchReport {
@@ -101,7 +103,8 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(f, "rss after updates          {:.1} MB", self.rss_mb)?;
         writeln!(f, "peak rss                   {:.1} MB", self.peak_rss_mb)?;
-        write!(f, "state file                 {:.1} MB", self.state_file_mb)
+        writeln!(f, "state file                 {:.1} MB", self.state_file_mb)?;
+        write!(f, "encoded record / decision  {:.0} / {:.0} bytes", self.record_bytes, self.decision_bytes)
     }
 }
 
@@ -129,7 +132,7 @@ fn record(n: u64, title_round: u64) -> SourceRecord {
 }
 
 /// Runs the benchmark; `dir` holds the state (a temporary directory when `None`).
-pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<BenchReport> {
+pub fn run(records: u64, changes: u64, batch_size: Option<usize>, dir: Option<PathBuf>) -> anyhow::Result<BenchReport> {
     let temp;
     let dir = match dir {
         Some(d) => d,
@@ -145,6 +148,9 @@ pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<B
     std::fs::write(dir.join("contact.schema.json"), CONTACT_SCHEMA)?;
     let mut cfg = config::parse(BENCH_CONFIG).context("bench configuration")?;
     cfg.base_dir = dir.clone();
+    if let Some(size) = batch_size {
+        cfg.engine.batch_size = size;
+    }
     let batch_size = cfg.engine.batch_size;
     let cache_mb = cfg.state.cache_mb;
     let rt = Runtime::compile(cfg).context("bench runtime")?;
@@ -180,6 +186,7 @@ pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<B
     let update_secs = feed(picks, 1)?;
     let update_cpu_secs = cpu_seconds() - cpu_before;
     let (rss_mb, peak_rss_mb) = rss_mb();
+    let (record_bytes, decision_bytes) = sample_sizes(&store)?;
     let state_file_mb = std::fs::metadata(store.path())
         .map(|m| m.len() as f64 / 1_048_576.0)
         .unwrap_or(0.0);
@@ -193,7 +200,20 @@ pub fn run(records: u64, changes: u64, dir: Option<PathBuf>) -> anyhow::Result<B
         rss_mb,
         peak_rss_mb,
         state_file_mb,
+        record_bytes,
+        decision_bytes,
     })
+}
+
+/// Mean encoded size of the stored records and of the latest decisions.
+fn sample_sizes(store: &StateStore) -> anyhow::Result<(f64, f64)> {
+    let view = store.read()?;
+    let records = view.records("contact")?;
+    let sample: Vec<usize> = records.iter().take(1000).map(|(_, r)| serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0)).collect();
+    let decisions = view.decisions(&Default::default(), 1000)?;
+    let dsample: Vec<usize> = decisions.iter().map(|d| serde_json::to_vec(d).map(|v| v.len()).unwrap_or(0)).collect();
+    let mean = |v: &[usize]| if v.is_empty() { 0.0 } else { v.iter().sum::<usize>() as f64 / v.len() as f64 };
+    Ok((mean(&sample), mean(&dsample)))
 }
 
 /// Current and peak resident set size in MB, from /proc/self/status.

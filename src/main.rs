@@ -53,6 +53,9 @@ enum Command {
         /// Updates merged against the loaded state, measured.
         #[arg(long, default_value_t = 200_000)]
         changes: u64,
+        /// Changes per transaction (default: the engine's default batch size).
+        #[arg(long)]
+        batch_size: Option<usize>,
         /// State directory (default: a new temporary directory, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -101,7 +104,7 @@ fn main() -> ExitCode {
             };
             report(run(cfg, if once { RunMode::UntilIdle } else { RunMode::Forever }))
         }
-        Command::Bench { records, changes, dir } => report(concord::bench::run(records, changes, dir).map(|r| {
+        Command::Bench { records, changes, batch_size, dir } => report(concord::bench::run(records, changes, batch_size, dir).map(|r| {
             println!("{r}");
         })),
     }

@@ -282,22 +282,30 @@ fn process_record(
     let mut decision = output.decision;
     let mut new_state = output.state;
 
-    // Keep the match index in step with the agreed values.
-    let new_keys = key_values(entity, &new_state.base.values());
-    for (key, value) in &state.as_ref().map(|s| s.match_keys.clone()).unwrap_or_default() {
-        if new_keys.iter().all(|(k, v)| k != key || v != value) {
-            tables.remove_match_key(&entity.name, key, value, global_id)?;
+    // Keep the match index in step with the agreed values; most changes leave the
+    // keys as they were and write nothing here.
+    let new_keys: std::collections::BTreeMap<String, String> =
+        key_values(entity, &new_state.base.values()).into_iter().collect();
+    let old_keys = state.as_ref().map(|s| &s.match_keys);
+    if old_keys != Some(&new_keys) {
+        for (key, value) in old_keys.into_iter().flatten() {
+            if new_keys.get(key) != Some(value) {
+                tables.remove_match_key(&entity.name, key, value, global_id)?;
+            }
         }
-    }
-    new_state.match_keys = new_keys.iter().cloned().collect();
-    for (key, value) in &new_keys {
-        tables.put_match_key(&entity.name, key, value, global_id)?;
+        for (key, value) in &new_keys {
+            if old_keys.and_then(|k| k.get(key)) != Some(value) {
+                tables.put_match_key(&entity.name, key, value, global_id)?;
+            }
+        }
+        new_state.match_keys = new_keys;
     }
 
     match record.kind {
-        ChangeKind::Upsert => {
+        ChangeKind::Upsert if known.is_none() => {
             tables.put_identity(&entity.name, system, &record.local_id, global_id)?;
         }
+        ChangeKind::Upsert => {}
         ChangeKind::Delete => {
             tables.remove_identity(&entity.name, system, &record.local_id)?;
         }

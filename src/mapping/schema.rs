@@ -76,6 +76,11 @@ impl EntitySchema {
     /// value.
     pub fn validate(&self, fields: &Fields) -> Result<(), Vec<String>> {
         let instance = Value::Object(fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        // The common case, a valid record, takes the validator's fast path that builds
+        // no error values.
+        if self.validator.is_valid(&instance) {
+            return Ok(());
+        }
         let mut problems = Vec::new();
         for error in self.validator.iter_errors(&instance) {
             describe(&error, &mut problems);

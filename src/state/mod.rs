@@ -235,7 +235,9 @@ impl StateStore {
         let txn = self.db.begin_write().map_err(StateError::from)?;
         let result = {
             let mut tables = WriteTables::open(&txn)?;
-            f(&mut tables)?
+            let result = f(&mut tables)?;
+            tables.flush()?;
+            result
         };
         let started = std::time::Instant::now();
         txn.commit().map_err(StateError::from)?;
@@ -272,6 +274,8 @@ pub struct WriteTables<'txn> {
     write_log: Table<'txn, u64, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
     counts: Table<'txn, (&'static str, &'static str), u64>,
+    /// Sequences advanced in this transaction, written back once by `flush`.
+    sequence_cache: Vec<(&'static str, u64)>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -288,14 +292,31 @@ impl<'txn> WriteTables<'txn> {
             write_log: txn.open_table(WRITE_LOG)?,
             audit: txn.open_table(AUDIT)?,
             counts: txn.open_table(COUNTS)?,
+            sequence_cache: Vec::new(),
         })
     }
 
     /// Next id of a sequence; ids start at 1.
-    pub fn next_id(&mut self, sequence: &str) -> Result<u64, StateError> {
-        let next = self.sequences.get(sequence)?.map(|v| v.value()).unwrap_or(1);
-        self.sequences.insert(sequence, next + 1)?;
-        Ok(next)
+    pub fn next_id(&mut self, sequence: &'static str) -> Result<u64, StateError> {
+        let next = match self.sequence_cache.iter_mut().find(|(name, _)| *name == sequence) {
+            Some((_, next)) => next,
+            None => {
+                let stored = self.sequences.get(sequence)?.map(|v| v.value()).unwrap_or(1);
+                self.sequence_cache.push((sequence, stored));
+                &mut self.sequence_cache.last_mut().expect("just pushed").1
+            }
+        };
+        let id = *next;
+        *next += 1;
+        Ok(id)
+    }
+
+    /// Writes the sequences advanced in this transaction; called once before commit.
+    fn flush(&mut self) -> Result<(), StateError> {
+        for (name, next) in std::mem::take(&mut self.sequence_cache) {
+            self.sequences.insert(name, next)?;
+        }
+        Ok(())
     }
 
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
