@@ -14,6 +14,11 @@ use concord::engine::runtime::Runtime;
 use concord::engine::{Engine, RunMode};
 use concord::state::StateStore;
 
+/// glibc's allocator spends a large share of the merge path's time in free-list
+/// upkeep (BENCHMARKS.md); mimalloc does not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "concord", version, about = "Keeps business systems in agreement")]
 struct Cli {
