@@ -1,13 +1,18 @@
 //! In-memory source and sink. They are not selectable from configuration: the
 //! benchmark and tests build them directly to drive the engine without I/O, and they
 //! obey the same contracts as real connectors (checkpointed resume, idempotent writes,
-//! ids assigned on create).
+//! ids assigned on create). The sink can be scripted to fail, so tests can drive the
+//! applier's retry, backoff and dead-letter paths against a system that misbehaves on
+//! cue.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use super::{Checkpoint, ConnectorError, SourceBatch};
-use crate::model::{SourceRecord, Write, WriteAck, WriteOp};
+use crate::model::{GlobalId, SourceRecord, Write, WriteAck, WriteOp};
 
 /// Yields queued records in order; the checkpoint is the count yielded so far.
 pub struct MemorySource {
@@ -50,11 +55,38 @@ impl MemorySource {
 #[derive(Debug, Default)]
 pub struct MemoryTarget {
     pub records: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
+    /// Records created (a repeated create of one record is not counted again).
     pub creates: u64,
+    /// Updates applied.
     pub updates: u64,
+    /// Deletes applied.
     pub deletes: u64,
     /// External id (global id) to assigned id, which makes a repeated create an update.
     pub by_external: BTreeMap<String, String>,
+    /// Scripted failures: each write takes the front error, if any, and fails with it
+    /// instead of being applied. Empty means every write succeeds.
+    pub fail_next: VecDeque<ConnectorError>,
+    /// Keep every write in `attempts`. Off by default, so a long benchmark run does not
+    /// grow memory with every write.
+    pub record_attempts: bool,
+    /// Every write handed to the sink, in order, failed ones included (when
+    /// `record_attempts` is set).
+    pub attempts: Vec<Attempt>,
+    /// Notified (one stored permit) after each `apply` call, so a test can wait for
+    /// the applier to reach the system instead of polling.
+    pub applied: Arc<Notify>,
+}
+
+/// One write as a [`MemorySink`] received it.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub at: Instant,
+    pub op: WriteOp,
+    pub global_id: GlobalId,
+    /// The id the write carried (`None` for a create).
+    pub local_id: Option<String>,
+    /// Answered by a scripted failure and not applied.
+    pub failed: bool,
 }
 
 /// Applies writes to a shared [`MemoryTarget`], assigning ids `m-1`, `m-2`, … on create.
@@ -69,9 +101,22 @@ impl MemorySink {
 
     pub async fn apply(&mut self, writes: Vec<Write>) -> Vec<Result<WriteAck, ConnectorError>> {
         let mut t = self.target.lock().expect("memory sink lock is never poisoned");
-        writes
+        let results = writes
             .into_iter()
             .map(|w| {
+                let failure = t.fail_next.pop_front();
+                if t.record_attempts {
+                    t.attempts.push(Attempt {
+                        at: Instant::now(),
+                        op: w.op,
+                        global_id: w.global_id,
+                        local_id: w.local_id.clone(),
+                        failed: failure.is_some(),
+                    });
+                }
+                if let Some(error) = failure {
+                    return Err(error);
+                }
                 let external = w.global_id.to_string();
                 let id = match (w.op, w.local_id.clone()) {
                     (WriteOp::Create, _) => match t.by_external.get(&external) {
@@ -108,6 +153,8 @@ impl MemorySink {
                     version: None,
                 })
             })
-            .collect()
+            .collect();
+        t.applied.notify_one();
+        results
     }
 }

@@ -306,13 +306,16 @@ fn settle(
                             t.put_identity(&group.entity, system, &ack.local_id, group.global_id)?;
                         }
                     }
-                    for entry in &group.entries {
+                    let settled = group.entries.len();
+                    for mut entry in group.entries {
                         t.remove_outbox(system, entry.seq)?;
-                        log(t, entry, system, op, "ok", None, now)?;
+                        // `attempts` counts the failed attempts; this one is the next.
+                        entry.attempts += 1;
+                        log(t, &entry, system, op, "ok", None, now)?;
                         let latency = (now - entry.source_time_ms).max(0) as f64 / 1000.0;
                         metrics::histogram!(m::END_TO_END_LATENCY, m::LABEL_SYSTEM => system.to_string()).record(latency);
                     }
-                    count_write(system, &group.entity, op, "ok", group.entries.len());
+                    count_write(system, &group.entity, op, "ok", settled);
                 }
                 Err(error) => {
                     failed += 1;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connector::{AnySink, AnySource, ErrorClass};
 use crate::http::{ReplayError, ReplayOutcome};
+use crate::merge::WriteAction;
 use crate::metrics as m;
 use crate::model::now_ms;
 use crate::state::{DeadItem, StateStore};
@@ -168,6 +169,17 @@ impl Engine {
             match letter.item {
                 DeadItem::Reject { .. } => Err(ReplayError::NotReplayable(id)),
                 DeadItem::Write { mut entry } => {
+                    // The write carries the values agreed when it was planned. Send what
+                    // is agreed now: a replay must not undo a change made since.
+                    if let WriteAction::Upsert { fields } = &mut entry.action {
+                        if let Some(state) = t.record(&entry.entity, entry.global_id)? {
+                            for (name, value) in fields.iter_mut() {
+                                if let Some(agreed) = state.base.value(name) {
+                                    value.clone_from(agreed);
+                                }
+                            }
+                        }
+                    }
                     entry.attempts = 0;
                     entry.last_error = None;
                     entry.enqueued_ms = now;
