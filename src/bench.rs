@@ -104,7 +104,11 @@ impl fmt::Display for BenchReport {
         writeln!(f, "rss after updates          {:.1} MB", self.rss_mb)?;
         writeln!(f, "peak rss                   {:.1} MB", self.peak_rss_mb)?;
         writeln!(f, "state file                 {:.1} MB", self.state_file_mb)?;
-        write!(f, "encoded record / decision  {:.0} / {:.0} bytes", self.record_bytes, self.decision_bytes)
+        write!(
+            f,
+            "encoded record / decision  {:.0} / {:.0} bytes",
+            self.record_bytes, self.decision_bytes
+        )
     }
 }
 
@@ -209,10 +213,23 @@ pub fn run(records: u64, changes: u64, batch_size: Option<usize>, dir: Option<Pa
 fn sample_sizes(store: &StateStore) -> anyhow::Result<(f64, f64)> {
     let view = store.read()?;
     let records = view.records("contact")?;
-    let sample: Vec<usize> = records.iter().take(1000).map(|(_, r)| serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0)).collect();
+    let sample: Vec<usize> = records
+        .iter()
+        .take(1000)
+        .map(|(_, r)| serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0))
+        .collect();
     let decisions = view.decisions(&Default::default(), 1000)?;
-    let dsample: Vec<usize> = decisions.iter().map(|d| serde_json::to_vec(d).map(|v| v.len()).unwrap_or(0)).collect();
-    let mean = |v: &[usize]| if v.is_empty() { 0.0 } else { v.iter().sum::<usize>() as f64 / v.len() as f64 };
+    let dsample: Vec<usize> = decisions
+        .iter()
+        .map(|d| serde_json::to_vec(d).map(|v| v.len()).unwrap_or(0))
+        .collect();
+    let mean = |v: &[usize]| {
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<usize>() as f64 / v.len() as f64
+        }
+    };
     Ok((mean(&sample), mean(&dsample)))
 }
 

@@ -109,7 +109,12 @@ fn main() -> ExitCode {
             };
             report(run(cfg, if once { RunMode::UntilIdle } else { RunMode::Forever }))
         }
-        Command::Bench { records, changes, batch_size, dir } => report(concord::bench::run(records, changes, batch_size, dir).map(|r| {
+        Command::Bench {
+            records,
+            changes,
+            batch_size,
+            dir,
+        } => report(concord::bench::run(records, changes, batch_size, dir).map(|r| {
             println!("{r}");
         })),
     }
