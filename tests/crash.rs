@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
@@ -15,14 +17,14 @@ const EMPLOYEES: usize = 4_000;
 const HR_FILES: usize = 6;
 const CRM_FILES: usize = 4;
 
-fn config() -> String {
+fn config(port: u16) -> String {
     format!(
         r#"
 [state]
 dir = "state"
 
 [admin]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 
 [engine]
 batch_size = 200
@@ -146,8 +148,15 @@ fn write_inputs(dir: &Path) -> usize {
         }
         std::fs::write(dir.join(format!("crm/crm-{f:02}.jsonl")), jsonl).unwrap();
     }
-    std::fs::write(dir.join("concord.toml"), config()).unwrap();
+    std::fs::write(dir.join("concord.toml"), config(0)).unwrap();
     changes
+}
+
+/// Starts concord with its admin listener on a fresh port, returned with the child.
+fn spawn_listening(dir: &Path) -> (Child, u16) {
+    let port = support::free_port();
+    std::fs::write(dir.join("concord.toml"), config(port)).unwrap();
+    (spawn(dir), port)
 }
 
 fn spawn(dir: &Path) -> Child {
@@ -233,6 +242,12 @@ fn agreed(dir: &Path) -> BTreeMap<String, BTreeMap<String, Value>> {
     out
 }
 
+/// A coarse measure of how far a sync got: input files finished plus export files written.
+fn progress_of(dir: &Path) -> usize {
+    let count = |sub: &str| std::fs::read_dir(dir.join(sub)).map(|rd| rd.count()).unwrap_or(0);
+    count("processed") + count("directory-out") + count("crm-out")
+}
+
 fn inputs_all_processed(dir: &Path) {
     for sub in ["hr", "crm"] {
         let left: Vec<_> = std::fs::read_dir(dir.join(sub))
@@ -260,40 +275,59 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     assert!(changes >= 10_000, "the workload has {changes} changes");
     write_inputs(crashed.path());
 
-    let started = Instant::now();
-    run_to_completion(reference.path());
-    // Kill points are drawn from a range scaled to this machine's speed so that twelve
-    // interrupted runs cover less than the whole sync: every kill lands mid-sync.
-    let total_ms = started.elapsed().as_millis() as u64;
-    let (low, high) = ((total_ms / 60).max(30), (total_ms / 15).max(60));
+    // The reference run: uninterrupted. Its duration from readiness to exit sizes the
+    // window the kill points are drawn from.
+    let (mut child, port) = spawn_listening(reference.path());
+    support::wait_for("reference readiness", 60, || {
+        support::request(port, "GET", "/readyz").filter(|r| r.status == 200)
+    });
+    let ready = Instant::now();
+    let status = support::wait_for("the reference sync", 600, || child.try_wait().unwrap());
+    assert!(status.success(), "concord exited with {status}");
+    let work_ms = ready.elapsed().as_millis().max(20) as u64;
 
     let seed: u64 = std::env::var("CONCORD_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
-    eprintln!("crash seed {seed} (set CONCORD_CRASH_SEED to repeat)");
+    eprintln!("crash seed {seed} (set CONCORD_CRASH_SEED to repeat); sync takes {work_ms} ms");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut kills = 0;
+    let mut progress = vec![progress_of(crashed.path())];
     while kills < 12 {
-        let mut child = spawn(crashed.path());
-        let delay = Duration::from_millis(rng.random_range(low..high));
-        std::thread::sleep(delay);
+        let (mut child, port) = spawn_listening(crashed.path());
+        // Each kill lands at a random point after the engine is up, within a tenth
+        // of the whole sync, so twelve kills interrupt it at many different stages.
+        support::wait_for("readiness", 60, || {
+            support::request(port, "GET", "/readyz")
+                .filter(|r| r.status == 200)
+                .map(|_| ())
+                .or_else(|| child.try_wait().unwrap().map(|_| ()))
+        });
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..work_ms / 10 + 1)));
         match child.try_wait().unwrap() {
             Some(status) => {
                 assert!(status.success(), "concord exited with {status}");
-                // It finished before the kill point; nothing left to interrupt.
                 break;
             }
             None => {
                 child.kill().unwrap(); // SIGKILL
                 child.wait().unwrap();
                 kills += 1;
+                progress.push(progress_of(crashed.path()));
             }
         }
     }
+    eprintln!("progress (files processed + export files) after each kill: {progress:?}");
+    assert!(kills >= 10, "only {kills} kills landed before the sync finished");
+    let advances = progress.windows(2).filter(|w| w[1] > w[0]).count();
     assert!(
-        kills >= 10,
-        "only {kills} kills landed before the sync finished; the workload is too small"
+        advances >= 5,
+        "kills must land at many stages of the sync: {progress:?}"
+    );
+    assert!(
+        progress.last() < Some(&progress_of(reference.path())),
+        "the sync was still unfinished when the last kill landed: {progress:?}"
     );
     run_to_completion(crashed.path());
 
