@@ -391,9 +391,13 @@ fn refresh(shared: &Shared, prune: bool) -> Result<(), crate::state::StateError>
         let dead = dlq.get(&system).copied().unwrap_or(0);
         metrics::gauge!(m::OUTBOX_DEPTH, m::LABEL_SYSTEM => system.clone()).set(outbox as f64);
         metrics::gauge!(m::DLQ_DEPTH, m::LABEL_SYSTEM => system.clone()).set(dead as f64);
+        let writes = shared.wakers.contains_key(&system);
         shared.status.system(&system, |s| {
             s.outbox_depth = outbox;
             s.dlq_depth = dead;
+            if !writes {
+                s.state = "source_only".into();
+            }
         });
     }
     shared.status.update(|s| s.records = records);

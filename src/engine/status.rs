@@ -26,7 +26,7 @@ pub struct LinkStatus {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SystemStatus {
     pub system: String,
-    /// `running`, `idle`, `backing_off`.
+    /// `running`, `idle`, `backing_off`; `source_only` for systems concord never writes.
     pub state: String,
     pub outbox_depth: u64,
     pub dlq_depth: u64,
