@@ -325,10 +325,6 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
         advances >= 5,
         "kills must land at many stages of the sync: {progress:?}"
     );
-    assert!(
-        progress.last() < Some(&progress_of(reference.path())),
-        "the sync was still unfinished when the last kill landed: {progress:?}"
-    );
     run_to_completion(crashed.path());
 
     inputs_all_processed(reference.path());
