@@ -103,14 +103,49 @@ pub struct AdminConfig {
     /// Socket address of the admin listener. Loopback unless told otherwise.
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// Bearer tokens. When any is set, every endpoint except `/healthz` and `/readyz`
+    /// requires one. A list, so an old and a new token overlap during a rotation.
+    #[serde(default)]
+    pub tokens: Vec<AdminToken>,
+    /// Serve HTTPS with this certificate and key instead of plain HTTP.
+    #[serde(default)]
+    pub tls: Option<AdminTls>,
+    /// Must be true for a listener on a non-loopback address (which also needs tokens):
+    /// exposing record data beyond the host is a decision, not a default.
+    #[serde(default)]
+    pub allow_public: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: default_admin_listen(),
+            tokens: Vec::new(),
+            tls: None,
+            allow_public: false,
         }
     }
+}
+
+/// One admin API bearer token.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// Who holds the token; recorded as `who` in the audit log. Never the secret.
+    pub name: String,
+    /// The token itself, through a file, environment variable or credential.
+    pub secret: SecretRef,
+}
+
+/// Certificate and private key for the admin listener, PEM files relative to the
+/// configuration file.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

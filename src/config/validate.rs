@@ -124,11 +124,38 @@ impl<'a> Checker<'a> {
 
     fn admin_state_engine(&mut self) {
         let config = self.config;
-        if config.admin.listen.parse::<SocketAddr>().is_err() {
-            self.report(
+        match config.admin.listen.parse::<SocketAddr>() {
+            Err(_) => self.report(
                 "admin.listen",
                 format!("{:?} is not a socket address (ip:port)", config.admin.listen),
-            );
+            ),
+            Ok(addr) if !addr.ip().is_loopback() => {
+                if config.admin.tokens.is_empty() {
+                    self.report("admin.listen", "a non-loopback listener needs admin.tokens");
+                }
+                if !config.admin.allow_public {
+                    self.report("admin.listen", "a non-loopback listener needs admin.allow_public = true");
+                }
+            }
+            Ok(_) => {}
+        }
+        let mut token_names = BTreeSet::new();
+        for (i, token) in config.admin.tokens.iter().enumerate() {
+            let path = format!("admin.tokens[{i}].name");
+            if token.name.trim().is_empty() {
+                self.report(path, "must not be empty");
+            } else if !token_names.insert(token.name.as_str()) {
+                self.report(path, format!("{:?} is used by another token", token.name));
+            }
+            self.secret(&format!("admin.tokens[{i}].secret"), &token.secret);
+        }
+        if let Some(tls) = &config.admin.tls {
+            if tls.cert.as_os_str().is_empty() {
+                self.report("admin.tls.cert", "must not be empty");
+            }
+            if tls.key.as_os_str().is_empty() {
+                self.report("admin.tls.key", "must not be empty");
+            }
         }
         if config.state.dir.as_os_str().is_empty() {
             self.report("state.dir", "must not be empty");
@@ -683,6 +710,41 @@ mod tests {
             { canonical = "phone", system = "phone", transforms = [{ date = { system = "%d/%m/%Y", canonical = "%Y-%m-%d" } }] },
         ]
     "#;
+
+    #[test]
+    fn admin_access_rules_are_checked() {
+        let base = "[state]\ndir = \"s\"\n[systems]\n[entities]\n";
+        let cases = [
+            (
+                "[admin]\nlisten = \"0.0.0.0:9464\"\n",
+                vec![
+                    "admin.listen: a non-loopback listener needs admin.tokens",
+                    "admin.listen: a non-loopback listener needs admin.allow_public = true",
+                ],
+            ),
+            (
+                "[admin]\nlisten = \"0.0.0.0:9464\"\nallow_public = true\ntokens = [{ name = \"ops\", secret = { env = \"T\" } }]\n",
+                vec![],
+            ),
+            ("[admin]\nlisten = \"[::1]:9464\"\n", vec![]),
+            (
+                "[admin]\ntokens = [{ name = \"ops\", secret = { env = \"A\" } }, { name = \"ops\", secret = { env = \"B\" } }, { name = \" \", secret = { env = \"C\" } }]\ntls = { cert = \"\", key = \"k.pem\" }\n",
+                vec![
+                    "admin.tls.cert: must not be empty",
+                    "admin.tokens[1].name: \"ops\" is used by another token",
+                    "admin.tokens[2].name: must not be empty",
+                ],
+            ),
+        ];
+        for (admin, expected) in cases {
+            let (_dir, config) = config_with(&format!("{base}{admin}"), &[]);
+            let mut found = problems(&config);
+            found.sort();
+            let mut expected: Vec<String> = expected.into_iter().map(String::from).collect();
+            expected.sort();
+            assert_eq!(found, expected, "{admin}");
+        }
+    }
 
     #[test]
     fn valid_configuration_has_no_problems() {
