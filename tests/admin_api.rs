@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use concord::engine::status::SharedStatus;
-use concord::http::{AdminContext, MAX_BODY_BYTES, ReplayError, ReplayFn, ReplayOutcome, serve};
+use concord::http::{ANONYMOUS, AdminAuth, AdminContext, MAX_BODY_BYTES, ReplayError, ReplayFn, ReplayOutcome, serve};
 use concord::merge::{Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMode, WriteSummary};
 use concord::model::{
     AgreedField, Base, ChangeKind, GlobalId, Provenance, RecordState, Shadow, SourceRecord, SourceReject,
@@ -428,6 +428,7 @@ impl Server {
             metrics: options.metrics.then(recorder),
             replay: options.replay.unwrap_or_else(|| store_replay(store.clone())),
             entities: vec![ENTITY.to_string()],
+            auth: AdminAuth::open(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
@@ -614,7 +615,7 @@ async fn reading_a_record_is_audited_with_the_peer_address() {
     let entry = &body["audit"][0];
     assert_eq!(entry["action"], json!("read_record"));
     assert_eq!(entry["target"], json!(format!("{ENTITY}/{id}")));
-    assert_eq!(entry["who"], json!("admin"));
+    assert_eq!(entry["who"], json!(ANONYMOUS));
     let from: SocketAddr = entry["from"]
         .as_str()
         .and_then(|s| s.parse().ok())

@@ -134,7 +134,10 @@ impl<'a> Checker<'a> {
                     self.report("admin.listen", "a non-loopback listener needs admin.tokens");
                 }
                 if !config.admin.allow_public {
-                    self.report("admin.listen", "a non-loopback listener needs admin.allow_public = true");
+                    self.report(
+                        "admin.listen",
+                        "a non-loopback listener needs admin.allow_public = true",
+                    );
                 }
             }
             Ok(_) => {}

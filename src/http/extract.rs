@@ -19,15 +19,16 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Who is calling, as recorded in the audit log.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The authenticated principal. The API has no authentication yet, so every caller
-    /// is `admin`; bearer tokens will name the token here.
+    /// The name of the token the request presented, or [`super::ANONYMOUS`] when no
+    /// tokens are configured.
     pub who: String,
     /// The peer address, or `unknown` when the server was not started with connect info.
     pub from: String,
 }
 
-/// The principal recorded while the API has no authentication.
-const UNAUTHENTICATED_PRINCIPAL: &str = "admin";
+/// The authenticated principal, put in the request's extensions by the token check.
+#[derive(Debug, Clone)]
+pub struct Principal(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
@@ -38,10 +39,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| addr.to_string())
             .unwrap_or_else(|| "unknown".to_string());
-        Ok(Caller {
-            who: UNAUTHENTICATED_PRINCIPAL.to_string(),
-            from,
-        })
+        // Every audited route is behind the token check, which always sets a principal;
+        // without one the request did not pass it and must not be served.
+        let Some(Principal(who)) = parts.extensions.get::<Principal>().cloned() else {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required",
+            ));
+        };
+        Ok(Caller { who, from })
     }
 }
 

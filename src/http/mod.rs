@@ -6,28 +6,37 @@
 //! with a fitting status, including unknown routes (404), wrong methods (405) and
 //! oversized bodies (413). Server-side failures are logged and answered with a generic
 //! message: no internals and no record values leave the process in an error.
+//!
+//! When tokens are configured every endpoint except `/healthz` and `/readyz` (and
+//! unknown routes, so they cannot be probed) requires `Authorization: Bearer <token>`;
+//! a refusal is a 401 with `WWW-Authenticate: Bearer`. With TLS configured the listener
+//! serves HTTPS only.
 
 mod api;
+mod auth;
 mod error;
 mod extract;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Serialize;
 
 use crate::engine::status::SharedStatus;
 use crate::metrics::{ADMIN_REQUESTS, LABEL_OUTCOME};
 use crate::state::StateStore;
+pub use auth::{ANONYMOUS, AdminAuth, AuthError};
 use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
+use extract::Principal;
 
 /// What replaying a dead letter did.
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +75,8 @@ pub struct AdminContext {
     pub replay: ReplayFn,
     /// Entity names, to tell an unknown entity from an unknown record.
     pub entities: Vec<String>,
+    /// Tokens, the public-listener rule and TLS.
+    pub auth: AdminAuth,
 }
 
 /// Content type of the Prometheus text exposition format.
@@ -88,19 +99,108 @@ pub fn router(ctx: AdminContext) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(ctx.auth.clone(), require_token))
         .layer(axum::middleware::from_fn(count_requests))
         .with_state(ctx)
 }
 
+/// Most time a client gets to finish the TLS handshake before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin API on `listener` until `shutdown` completes, then stops accepting
-/// and waits for requests in flight to finish.
+/// and waits for requests in flight to finish. Refuses a non-loopback listener the
+/// access rules do not allow; serves HTTPS when TLS is configured.
 pub async fn serve(
     ctx: AdminContext,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let auth = ctx.auth.clone();
+    auth.check_listener(listener.local_addr()?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+    if auth.tls_enabled() {
+        return serve_tls(router(ctx), auth, listener, shutdown).await;
+    }
     let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+/// Accepts connections, completes the TLS handshake with the configuration in force at
+/// accept time (so a reload applies to new connections), and serves HTTP/1.1 on each.
+async fn serve_tls(
+    app: Router,
+    auth: AdminAuth,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Per-connection failures (e.g. too many open files) must not stop
+                    // the listener; back off briefly and accept again.
+                    tracing::warn!(error = %error, "admin api: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some(config) = auth.tls_config() else {
+            return Err(std::io::Error::other("admin tls configuration is missing"));
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone().layer(Extension(ConnectInfo(peer))));
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(error = %error, peer = %peer, "admin api: tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "admin api: tls handshake timed out");
+                    return;
+                }
+            };
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(error = %error, peer = %peer, "admin api: connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Refuses requests without a valid bearer token when tokens are configured, and
+/// records who the caller is for the audit log.
+async fn require_token(State(auth): State<AdminAuth>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(request).await;
+    }
+    let presented = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    match auth.authenticate(presented) {
+        Some(who) => {
+            request.extensions_mut().insert(Principal(who));
+            next.run(request).await
+        }
+        None => {
+            let mut response =
+                ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required").into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
 }
 
 #[derive(Serialize)]
