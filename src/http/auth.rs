@@ -326,8 +326,10 @@ mod tests {
     #[test]
     fn public_listeners_need_tokens_and_consent() {
         let dir = tempfile::tempdir().unwrap();
-        let mut open = AdminConfig::default();
-        open.listen = "0.0.0.0:9464".into();
+        let open = AdminConfig {
+            listen: "0.0.0.0:9464".into(),
+            ..AdminConfig::default()
+        };
         assert!(matches!(
             AdminAuth::from_config(&open, dir.path()),
             Err(AuthError::PublicWithoutTokens)
