@@ -116,8 +116,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let auth = ctx.auth.clone();
-    auth.check_listener(listener.local_addr()?)
+    let local = listener.local_addr()?;
+    auth.check_listener(local)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+    if !local.ip().is_loopback() && !auth.tls_enabled() {
+        tracing::warn!(listen = %local, "admin api listens beyond loopback without tls: tokens cross the network in clear text");
+    }
     if auth.tls_enabled() {
         return serve_tls(router(ctx), auth, listener, shutdown).await;
     }
