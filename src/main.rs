@@ -181,6 +181,8 @@ async fn run(cfg: Config, mode: RunMode) -> anyhow::Result<()> {
     let state_dir = cfg.base_dir.join(&cfg.state.dir);
     let cache_mb = cfg.state.cache_mb;
     let listen = cfg.admin.listen.clone();
+    let admin_auth =
+        concord::http::AdminAuth::from_config(&cfg.admin, &cfg.base_dir).context("preparing admin api access")?;
     let rt = Arc::new(Runtime::compile(cfg).context("preparing the configuration")?);
     let store = StateStore::open(&state_dir, cache_mb).context("opening the state store")?;
     let engine = Engine::new(rt.clone(), store.clone());
@@ -197,6 +199,7 @@ async fn run(cfg: Config, mode: RunMode) -> anyhow::Result<()> {
         metrics: Some(metrics.clone()),
         replay: Arc::new(move |id| replay_engine.replay(id)),
         entities: rt.entities.keys().cloned().collect(),
+        auth: admin_auth.clone(),
     };
     let shutdown = engine.shutdown_token();
     let http_shutdown = shutdown.clone();
