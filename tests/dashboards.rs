@@ -44,7 +44,9 @@ fn panel_exprs(value: &Value, out: &mut Vec<String>) {
 
 /// The query strings of a dashboard's template variables (not PromQL: `label_values(…)`).
 fn variable_queries(dash: &Value) -> Vec<String> {
-    let vars = dash["templating"]["list"].as_array().expect("dashboard has templating.list");
+    let vars = dash["templating"]["list"]
+        .as_array()
+        .expect("dashboard has templating.list");
     vars.iter()
         .filter(|v| v["type"] == "query")
         .flat_map(|v| {
@@ -98,14 +100,19 @@ fn concord_names(expr: &str) -> BTreeSet<String> {
         let start = i + pos;
         let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start + "concord_".len();
-        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end].is_ascii_digit() || bytes[end] == b'_') {
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase() || bytes[end].is_ascii_digit() || bytes[end] == b'_')
+        {
             end += 1;
         }
         if boundary {
             let name = &expr[start..end];
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
-                .find_map(|s| name.strip_suffix(s).filter(|b| concord::metrics::HISTOGRAMS.contains(b)))
+                .find_map(|s| {
+                    name.strip_suffix(s)
+                        .filter(|b| concord::metrics::HISTOGRAMS.contains(b))
+                })
                 .unwrap_or(name);
             names.insert(base.to_string());
         }
@@ -138,7 +145,18 @@ fn metric_identifiers(expr: &str) -> BTreeSet<String> {
     const GROUPING: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
     // Aggregations may put their grouping before the parenthesis: `sum by (l) (…)`.
     const AGGREGATIONS: &[&str] = &[
-        "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values", "bottomk", "topk", "quantile",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
     ];
     // String literals first: they may hold braces and parentheses.
     let mut text = String::new();
@@ -243,7 +261,10 @@ fn the_name_check_catches_undeclared_and_foreign_names() {
         vec!["node_load1"]
     );
     let names = concord_names(r#"label_values({__name__=~"concord_records|concord_nope"}, system)"#);
-    assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["concord_nope", "concord_records"]);
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        vec!["concord_nope", "concord_records"]
+    );
 }
 
 #[test]
@@ -315,7 +336,11 @@ fn promtool_checks_and_unit_tests_the_rules() {
     let rules = std::fs::read_to_string(dashboards_dir().join("alerts.yml")).unwrap();
     let tests = std::fs::read_to_string(dashboards_dir().join("alerts_test.yml")).unwrap();
     let lines: Vec<&str> = tests.lines().map(str::trim).collect();
-    for alert in rules.lines().filter_map(|l| l.trim().strip_prefix("- alert:")).map(str::trim) {
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert:"))
+        .map(str::trim)
+    {
         let cases: Vec<bool> = lines
             .windows(2)
             .filter(|w| w[0] == format!("alertname: {alert}"))
@@ -358,6 +383,14 @@ fn substitute(expr: &str, system: &str) -> String {
         .replace("$__range", "5m")
 }
 
+/// Writes an export file the way a well-behaved exporter does: a temporary name outside
+/// the link's pattern, then a rename into place.
+fn drop_file(dir: &Path, name: &str, content: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
 /// A process killed when dropped, so a failing test leaves nothing running.
 struct Reaped(Child);
 
@@ -387,7 +420,7 @@ fn a_real_prometheus_answers_every_dashboard_query() {
     let port = free_port();
     let config = example_copy(dir.path(), port);
     let mut concord = Reaped(start(&config, false));
-    wait_for("the sync to finish", 60, || synced(port));
+    let synced_status = wait_for("the sync to finish", 60, || synced(port));
 
     let prom_port = free_port();
     let prom_config = dir.path().join("prometheus.yml");
@@ -425,14 +458,29 @@ fn a_real_prometheus_answers_every_dashboard_query() {
     });
 
     // Fresh activity for the rates: a new HR export changes Ada's title (a capture, a
-    // write to the directory, a latency observation), and the LMS inbox disappears (its
-    // link retries with transient errors).
-    std::fs::write(
-        dir.path().join("inbox/hr/employees-2026-11-27.csv"),
+    // write to the directory, a latency observation); a new LMS export respells Alan's
+    // name, which HR owns (a field rejection). Once both are captured, the LMS inbox
+    // disappears (its link retries with transient errors).
+    let captured = |status: &Value| -> Vec<u64> {
+        let links = status["links"].as_object().expect("status lists links");
+        links.values().map(|l| l["captured"].as_u64().unwrap_or(0)).collect()
+    };
+    let before = captured(&synced_status);
+    drop_file(
+        &dir.path().join("inbox/hr"),
+        "employees-2026-11-27.csv",
         "employee_id,first,last,email,job_title,phone\n\
          1001,Ada,Lovelace,ada.lovelace@example.com,Chief Engineer,(212) 555-0101\n",
-    )
-    .unwrap();
+    );
+    drop_file(
+        &dir.path().join("inbox/lms"),
+        "learners-2026-11-27.jsonl",
+        "{\"id\": 503, \"email\": \"alan.turing@example.com\", \"full_name\": \"Alan Mathison Turing\", \"certified\": true}\n",
+    );
+    wait_for("both new exports captured", 30, || {
+        let now = captured(&request(port, "GET", "/api/v1/status")?.json());
+        (now.len() == before.len() && now.iter().zip(&before).all(|(n, b)| n > b)).then_some(())
+    });
     std::fs::rename(dir.path().join("inbox/lms"), dir.path().join("lms-away")).unwrap();
 
     let mut queries: Vec<(String, String)> = Vec::new();
@@ -449,7 +497,11 @@ fn a_real_prometheus_answers_every_dashboard_query() {
     let missing = |final_try: bool| -> Vec<String> {
         let mut missing = Vec::new();
         for (name, expr) in &queries {
-            let systems: &[&str] = if name == "concord-overview.json" { &[".*"] } else { EXAMPLE_SYSTEMS };
+            let systems: &[&str] = if name == "concord-overview.json" {
+                &[".*"]
+            } else {
+                EXAMPLE_SYSTEMS
+            };
             let mut any = false;
             for system in systems {
                 let promql = substitute(expr, system);
@@ -485,8 +537,17 @@ fn a_real_prometheus_answers_every_dashboard_query() {
         .and_then(|q| q.rsplit_once(','))
         .map(|(selector, _)| selector.to_string())
         .expect("the system variable is label_values(selector, system)");
-    let values = get(prom_port, &format!("/api/v1/label/system/values?match[]={}", encode(&selector))).json();
-    let systems: Vec<&str> = values["data"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let values = get(
+        prom_port,
+        &format!("/api/v1/label/system/values?match[]={}", encode(&selector)),
+    )
+    .json();
+    let systems: Vec<&str> = values["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     assert_eq!(systems, EXAMPLE_SYSTEMS, "{values}");
 
     // The alert rules load and evaluate against real series.
