@@ -9,6 +9,11 @@
 //! Shutdown (SIGTERM, SIGINT) cancels a token: capture tasks finish the batch in hand
 //! (merge, commit, acknowledge) and stop; appliers finish the sink call in hand and
 //! record its results; then `run` returns.
+//!
+//! `status.ready` turns true only once every capture task, applier and the maintenance
+//! task has begun running. The heartbeat ([`status::Heartbeat`]) is bumped by the
+//! maintenance task every [`HEARTBEAT_INTERVAL`] and by capture tasks on every
+//! iteration; the daemon pings systemd's watchdog only while it is fresh.
 
 mod apply;
 mod backoff;
