@@ -19,5 +19,6 @@ pub mod mapping;
 pub mod merge;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod plan;
 pub mod state;

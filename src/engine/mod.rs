@@ -9,6 +9,11 @@
 //! Shutdown (SIGTERM, SIGINT) cancels a token: capture tasks finish the batch in hand
 //! (merge, commit, acknowledge) and stop; appliers finish the sink call in hand and
 //! record its results; then `run` returns.
+//!
+//! `status.ready` turns true only once every capture task, applier and the maintenance
+//! task has begun running. The heartbeat ([`status::Heartbeat`]) is bumped by the
+//! maintenance task every [`HEARTBEAT_INTERVAL`] and by capture tasks on every
+//! iteration; the daemon pings systemd's watchdog only while it is fresh.
 
 mod apply;
 mod backoff;
@@ -21,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::connector::{AnySink, AnySource, ErrorClass};
@@ -33,7 +38,7 @@ use crate::state::{DeadItem, StateStore};
 
 pub use backoff::Backoff;
 use runtime::Runtime;
-use status::SharedStatus;
+use status::{Heartbeat, SharedStatus};
 
 /// How long `run` goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +61,7 @@ pub(crate) struct Shared {
     pub rt: Arc<Runtime>,
     pub store: StateStore,
     pub status: SharedStatus,
+    pub heartbeat: Heartbeat,
     pub shutdown: CancellationToken,
     wakers: BTreeMap<String, Arc<Notify>>,
 }
@@ -79,12 +85,24 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(rt: Arc<Runtime>, store: StateStore) -> Engine {
+        Engine::with_handles(rt, store, SharedStatus::default(), Heartbeat::default())
+    }
+
+    /// An engine for a reloaded configuration that reports through the previous
+    /// engine's status and heartbeat, so the admin API and the watchdog keep watching
+    /// the running engine across a reload. The status starts afresh.
+    pub fn succeeding(rt: Arc<Runtime>, store: StateStore, previous: &Engine) -> Engine {
+        let status = previous.status();
+        status.update(|s| *s = status::Status::default());
+        Engine::with_handles(rt, store, status, previous.heartbeat())
+    }
+
+    fn with_handles(rt: Arc<Runtime>, store: StateStore, status: SharedStatus, heartbeat: Heartbeat) -> Engine {
         let wakers = rt
             .writing_systems()
             .into_iter()
             .map(|s| (s, Arc::new(Notify::new())))
             .collect();
-        let status = SharedStatus::default();
         status.update(|s| {
             s.version = env!("CARGO_PKG_VERSION");
             s.started_ms = now_ms();
@@ -94,6 +112,7 @@ impl Engine {
                 rt,
                 store,
                 status,
+                heartbeat,
                 shutdown: CancellationToken::new(),
                 wakers,
             }),
@@ -102,6 +121,11 @@ impl Engine {
 
     pub fn status(&self) -> SharedStatus {
         self.shared.status.clone()
+    }
+
+    /// When the engine last made progress.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.shared.heartbeat.clone()
     }
 
     pub fn store(&self) -> &StateStore {
@@ -122,16 +146,37 @@ impl Engine {
         let shared = self.shared.clone();
         let mut tasks = tokio::task::JoinSet::new();
         let mut idle_flags = Vec::new();
+        // Each task adds a permit as its first step; readiness waits for all of them.
+        let started = Arc::new(Semaphore::new(0));
+        let expected = connectors.sources.len() + connectors.sinks.len() + 1;
         for (index, source) in connectors.sources {
             let idle = Arc::new(AtomicBool::new(false));
             idle_flags.push(idle.clone());
-            tasks.spawn(capture(shared.clone(), index, source, idle));
+            let (shared, started) = (shared.clone(), started.clone());
+            tasks.spawn(async move {
+                started.add_permits(1);
+                capture(shared, index, source, idle).await
+            });
         }
         for (system, sink) in connectors.sinks {
-            tasks.spawn(apply::run(shared.clone(), system, sink));
+            let (shared, started) = (shared.clone(), started.clone());
+            tasks.spawn(async move {
+                started.add_permits(1);
+                apply::run(shared, system, sink).await
+            });
         }
-        tasks.spawn(maintenance(shared.clone()));
-        shared.status.update(|s| s.ready = true);
+        {
+            let (shared, started) = (shared.clone(), started.clone());
+            tasks.spawn(async move {
+                started.add_permits(1);
+                maintenance(shared).await
+            });
+        }
+        let all = u32::try_from(expected).expect("fewer than 2^32 engine tasks");
+        tokio::select! {
+            _ = started.acquire_many(all) => shared.status.update(|s| s.ready = true),
+            _ = shared.shutdown.cancelled() => {}
+        }
         tracing::info!(links = shared.rt.links.len(), "engine started");
 
         if mode == RunMode::UntilIdle {
@@ -244,6 +289,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
     metrics::gauge!(m::LINK_UP, m::LABEL_LINK => name.clone()).set(1.0);
 
     while !shared.shutdown.is_cancelled() {
+        shared.heartbeat.bump();
         let batch = source.next_batch(cfg.batch_size).await;
         let lag = source.lag_seconds();
         metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);
@@ -347,23 +393,33 @@ fn stop_link(shared: &Shared, name: &str, reason: &str) {
     });
 }
 
-/// Interval of the maintenance task: gauges stay fresh enough for a 15 s scrape.
+/// Interval of the maintenance task's refresh: gauges stay fresh enough for a 15 s scrape.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
-/// Retention pruning runs on every twelfth maintenance pass (once a minute).
+/// Interval of the maintenance task's heartbeat: well under any sensible watchdog
+/// interval (systemd's WatchdogSec is whole seconds; the watchdog pings at half of it).
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+/// Retention pruning runs on every twelfth refresh (once a minute).
 const PRUNE_EVERY: u32 = 12;
 
+/// Refreshes gauges and status, prunes, and bumps the heartbeat. A refresh that hangs
+/// (a stuck state store) stops the heartbeat, which is the point.
 async fn maintenance(shared: Arc<Shared>) {
     let mut pass: u32 = 0;
+    let mut next_refresh = tokio::time::Instant::now();
     loop {
-        let s = shared.clone();
-        let prune = pass.is_multiple_of(PRUNE_EVERY);
-        let result = tokio::task::spawn_blocking(move || refresh(&s, prune)).await;
-        if let Ok(Err(error)) = result {
-            tracing::warn!(error = %error, "maintenance pass failed");
+        if tokio::time::Instant::now() >= next_refresh {
+            let s = shared.clone();
+            let prune = pass.is_multiple_of(PRUNE_EVERY);
+            let result = tokio::task::spawn_blocking(move || refresh(&s, prune)).await;
+            if let Ok(Err(error)) = result {
+                tracing::warn!(error = %error, "maintenance pass failed");
+            }
+            pass = pass.wrapping_add(1);
+            next_refresh = tokio::time::Instant::now() + MAINTENANCE_INTERVAL;
         }
-        pass = pass.wrapping_add(1);
+        shared.heartbeat.bump();
         tokio::select! {
-            _ = tokio::time::sleep(MAINTENANCE_INTERVAL) => {}
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
             _ = shared.shutdown.cancelled() => return,
         }
     }

@@ -75,3 +75,78 @@ impl SharedStatus {
         self.update(|s| s.clone())
     }
 }
+
+/// When the engine last made progress, for the service manager's watchdog: the
+/// maintenance loop bumps it several times a second and capture loops on every
+/// iteration, so a stale heartbeat means the engine's loops are stuck.
+#[derive(Debug, Clone)]
+pub struct Heartbeat(Arc<HeartbeatInner>);
+
+#[derive(Debug)]
+struct HeartbeatInner {
+    origin: std::time::Instant,
+    /// Milliseconds since `origin` at the last bump.
+    last_ms: std::sync::atomic::AtomicU64,
+    /// Milliseconds since `origin` after which bumps are ignored; `u64::MAX` for never.
+    frozen_after_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Heartbeat {
+        Heartbeat(Arc::new(HeartbeatInner {
+            origin: std::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            frozen_after_ms: std::sync::atomic::AtomicU64::new(u64::MAX),
+        }))
+    }
+}
+
+impl Heartbeat {
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.0.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Records progress now.
+    pub fn bump(&self) {
+        let now = self.elapsed_ms();
+        if now <= self.0.frozen_after_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            self.0.last_ms.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Time since the last bump.
+    pub fn age(&self) -> std::time::Duration {
+        let last = self.0.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_millis(self.elapsed_ms().saturating_sub(last))
+    }
+
+    /// Test hook: ignore every bump from `after` from now on, as if the engine had
+    /// stalled, so the watchdog can be seen to stop. The daemon calls it only when
+    /// `CONCORD_TEST_STALL_AFTER_MS` is set.
+    pub fn freeze_after(&self, after: std::time::Duration) {
+        let at = self
+            .elapsed_ms()
+            .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX));
+        self.0.frozen_after_ms.store(at, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_ages_and_freezes() {
+        let gap = std::time::Duration::from_millis(300);
+        let beat = Heartbeat::default();
+        std::thread::sleep(gap);
+        let stale = beat.age();
+        assert!(stale >= gap);
+        beat.bump();
+        assert!(beat.age() < stale, "a bump makes the heartbeat fresh");
+        beat.freeze_after(std::time::Duration::ZERO);
+        std::thread::sleep(gap);
+        beat.bump();
+        assert!(beat.age() >= gap, "a frozen heartbeat ignores bumps");
+    }
+}
