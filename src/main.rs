@@ -288,6 +288,11 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
                         break 'engines;
                     }
                     Some(Request::Reload) => {
+                        // Admin tokens and the TLS certificate are re-read whatever the
+                        // configuration reload decides; a failure keeps the previous ones.
+                        if let Err(error) = admin_auth.reload() {
+                            tracing::warn!(error = %error, "admin api secrets not reloaded; the previous ones stay in force");
+                        }
                         let Some(new_rt) = reload_runtime(&config_path, &listen, &note) else {
                             continue;
                         };

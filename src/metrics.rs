@@ -45,7 +45,7 @@ pub const END_TO_END_LATENCY: &str = "concord_end_to_end_latency_seconds";
 pub const STATE_COMMIT_DURATION: &str = "concord_state_commit_duration_seconds";
 /// Export files finished, by system and outcome (processed, failed).
 pub const FILES: &str = "concord_files_total";
-/// Unix time of the last successful capture or write, by system.
+/// Unix time of the last successful poll (even one that found nothing) or write, by system.
 pub const LAST_SUCCESS: &str = "concord_last_success_timestamp_seconds";
 /// Errors talking to a system, by system and class (transient, permanent, fatal).
 pub const SYSTEM_ERRORS: &str = "concord_system_errors_total";

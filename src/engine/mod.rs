@@ -349,6 +349,8 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                 }
             }
             Ok(None) => {
+                // A poll that found nothing new is a success too: the source answers.
+                metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.clone()).set(now_ms() as f64 / 1000.0);
                 idle.store(true, Ordering::SeqCst);
                 shared.status.link(&name, |s| s.state = "idle".into());
                 tokio::select! {
