@@ -21,3 +21,4 @@ pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod state;
+pub mod state_cli;

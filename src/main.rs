@@ -64,6 +64,14 @@ enum Command {
         /// State directory (default: a new temporary directory, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Encrypt the state under a random in-memory key.
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Offline operations on the state file (run while the daemon is stopped).
+    State {
+        #[command(subcommand)]
+        command: concord::state_cli::StateCommand,
     },
 }
 
@@ -114,9 +122,13 @@ fn main() -> ExitCode {
             changes,
             batch_size,
             dir,
-        } => report(concord::bench::run(records, changes, batch_size, dir).map(|r| {
-            println!("{r}");
-        })),
+            encrypt,
+        } => report(
+            concord::bench::run(records, changes, batch_size, dir, encrypt).map(|r| {
+                println!("{r}");
+            }),
+        ),
+        Command::State { command } => report(concord::state_cli::run(command)),
     }
 }
 
@@ -180,9 +192,10 @@ async fn run(cfg: Config, mode: RunMode) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let state_dir = cfg.base_dir.join(&cfg.state.dir);
     let cache_mb = cfg.state.cache_mb;
+    let state_key = concord::state_cli::state_key(&cfg)?;
     let listen = cfg.admin.listen.clone();
     let rt = Arc::new(Runtime::compile(cfg).context("preparing the configuration")?);
-    let store = StateStore::open(&state_dir, cache_mb).context("opening the state store")?;
+    let store = StateStore::open_with(&state_dir, cache_mb, state_key.as_ref()).context("opening the state store")?;
     let engine = Engine::new(rt.clone(), store.clone());
     let connectors = concord::connector::open_all(&rt, &store).context("opening connectors")?;
 
