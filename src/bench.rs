@@ -69,6 +69,8 @@ pub struct BenchReport {
     pub records: u64,
     pub changes: u64,
     pub batch_size: usize,
+    /// Whether record values were sealed (AES-256-GCM).
+    pub encrypted: bool,
     pub load_secs: f64,
     pub update_secs: f64,
     pub update_cpu_secs: f64,
@@ -82,6 +84,11 @@ pub struct BenchReport {
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "batch size                 {}", self.batch_size)?;
+        writeln!(
+            f,
+            "encryption at rest         {}",
+            if self.encrypted { "on" } else { "off" }
+        )?;
         writeln!(
             f,
             "load                       {} records in {:.1} s = {:.0} changes/s",
@@ -136,7 +143,14 @@ fn record(n: u64, title_round: u64) -> SourceRecord {
 }
 
 /// Runs the benchmark; `dir` holds the state (a temporary directory when `None`).
-pub fn run(records: u64, changes: u64, batch_size: Option<usize>, dir: Option<PathBuf>) -> anyhow::Result<BenchReport> {
+/// With `encrypt`, the state is sealed under a random in-memory key.
+pub fn run(
+    records: u64,
+    changes: u64,
+    batch_size: Option<usize>,
+    dir: Option<PathBuf>,
+    encrypt: bool,
+) -> anyhow::Result<BenchReport> {
     let temp;
     let dir = match dir {
         Some(d) => d,
@@ -158,7 +172,8 @@ pub fn run(records: u64, changes: u64, batch_size: Option<usize>, dir: Option<Pa
     let batch_size = cfg.engine.batch_size;
     let cache_mb = cfg.state.cache_mb;
     let rt = Runtime::compile(cfg).context("bench runtime")?;
-    let store = StateStore::open(&dir.join("state"), cache_mb)?;
+    let kek = encrypt.then(crate::state::Kek::random);
+    let store = StateStore::open_with(&dir.join("state"), cache_mb, kek.as_ref())?;
     let link = rt.link("hr", "contact").context("bench link")?;
 
     let feed = |range: Vec<u64>, round: u64| -> anyhow::Result<f64> {
@@ -198,6 +213,7 @@ pub fn run(records: u64, changes: u64, batch_size: Option<usize>, dir: Option<Pa
         records,
         changes,
         batch_size,
+        encrypted: encrypt,
         load_secs,
         update_secs,
         update_cpu_secs,

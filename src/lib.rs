@@ -22,3 +22,4 @@ pub mod model;
 pub mod notify;
 pub mod plan;
 pub mod state;
+pub mod state_cli;

@@ -64,6 +64,14 @@ enum Command {
         /// State directory (default: a new temporary directory, removed afterwards).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Encrypt the state under a random in-memory key.
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Offline operations on the state file (run while the daemon is stopped).
+    State {
+        #[command(subcommand)]
+        command: concord::state_cli::StateCommand,
     },
 }
 
@@ -115,9 +123,13 @@ fn main() -> ExitCode {
             changes,
             batch_size,
             dir,
-        } => report(concord::bench::run(records, changes, batch_size, dir).map(|r| {
-            println!("{r}");
-        })),
+            encrypt,
+        } => report(
+            concord::bench::run(records, changes, batch_size, dir, encrypt).map(|r| {
+                println!("{r}");
+            }),
+        ),
+        Command::State { command } => report(concord::state_cli::run(command)),
     }
 }
 
@@ -201,11 +213,12 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
     notify(&|n| n.status("starting"));
     let state_dir = cfg.base_dir.join(&cfg.state.dir);
     let cache_mb = cfg.state.cache_mb;
+    let state_key = concord::state_cli::state_key(&cfg)?;
     let listen = cfg.admin.listen.clone();
     let admin_auth =
         concord::http::AdminAuth::from_config(&cfg.admin, &cfg.base_dir).context("preparing admin api access")?;
     let rt = Arc::new(Runtime::compile(cfg).context("preparing the configuration")?);
-    let store = StateStore::open(&state_dir, cache_mb).context("opening the state store")?;
+    let store = StateStore::open_with(&state_dir, cache_mb, state_key.as_ref()).context("opening the state store")?;
     let mut engine = Engine::new(rt.clone(), store.clone());
     if let Some(ms) = std::env::var("CONCORD_TEST_STALL_AFTER_MS")
         .ok()

@@ -95,6 +95,19 @@ pub struct StateConfig {
     /// Decisions and write-attempt log entries older than this are pruned.
     #[serde(default = "default_retention_days")]
     pub retention_days: u64,
+    /// Encryption at rest of record values. Off when absent, so existing state files
+    /// and examples keep working; a store created with it cannot be opened without it.
+    #[serde(default)]
+    pub encryption: Option<StateEncryption>,
+}
+
+/// `[state] encryption = { key = { credential = "state-key" } }`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateEncryption {
+    /// The key-encryption key: 64 hexadecimal characters (32 bytes, `openssl rand -hex
+    /// 32`). It wraps the data keys stored in the state file and is never stored there.
+    pub key: SecretRef,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

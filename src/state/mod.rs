@@ -8,6 +8,8 @@
 //!
 //! Calls block on disk I/O; async callers run them in `spawn_blocking`.
 
+pub mod crypto;
+mod maintenance;
 pub mod tables;
 #[cfg(test)]
 mod tests;
@@ -15,13 +17,16 @@ mod tests;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::merge::{Decision, WriteAction};
 use crate::model::{GlobalId, RecordState, SourceRecord, SourceReject, TimeMs};
 use tables::*;
+
+pub use crypto::{Codec, Kek, KekError};
+pub use maintenance::{ForgetReport, RotateOptions, RotateReport};
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "concord.redb";
@@ -40,6 +45,24 @@ pub enum StateError {
         #[source]
         source: redb::DatabaseError,
     },
+    #[error("the state file {path} is in use; stop concord first")]
+    InUse { path: PathBuf },
+    #[error("the state store is encrypted; configure [state] encryption with the key that encrypted it")]
+    KeyMissing,
+    #[error("state key does not match the key that encrypted this store")]
+    WrongKey,
+    #[error("the state store holds unencrypted values; encryption can only be turned on for a new state store")]
+    NotEncrypted,
+    #[error("this operation needs an encrypted state store")]
+    NeedsEncryption,
+    #[error("stored data key {key_id} is damaged")]
+    KeyRecord { key_id: u32 },
+    #[error("state store value in table {table} failed authentication: it was altered or moved from another row")]
+    Tampered { table: &'static str },
+    #[error("state store value in table {table} is sealed with data key {key_id}, which this store does not hold")]
+    UnknownKeyId { table: &'static str, key_id: u32 },
+    #[error("state store compaction failed")]
+    Compaction(#[from] redb::CompactionError),
     #[error("state file has schema version {found}, this build reads version {expected}")]
     SchemaVersion { found: u64, expected: u64 },
     #[error("state store transaction failed")]
@@ -170,11 +193,21 @@ pub struct AuditEntry {
 pub struct StateStore {
     db: Arc<Database>,
     path: PathBuf,
+    /// Seals and opens record-bearing values; plain for an unencrypted store.
+    codec: Arc<Codec>,
 }
 
 impl StateStore {
-    /// Opens (or creates) `dir/concord.redb` with a page cache of `cache_mb` MiB.
+    /// Opens (or creates) an unencrypted `dir/concord.redb` with a page cache of
+    /// `cache_mb` MiB. Refuses an encrypted store.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<StateStore, StateError> {
+        Self::open_with(dir, cache_mb, None)
+    }
+
+    /// Opens (or creates) `dir/concord.redb`. With a KEK, a new store is created
+    /// encrypted and an encrypted store is unlocked (a KEK that did not wrap its data
+    /// keys is refused); without one, only an unencrypted store opens.
+    pub fn open_with(dir: &Path, cache_mb: u64, kek: Option<&Kek>) -> Result<StateStore, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
             path: dir.to_path_buf(),
             source,
@@ -183,17 +216,39 @@ impl StateStore {
         let db = Database::builder()
             .set_cache_size((cache_mb as usize).saturating_mul(1024 * 1024))
             .create(&path)
-            .map_err(|source| StateError::Open {
-                path: path.clone(),
-                source,
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => StateError::InUse { path: path.clone() },
+                source => StateError::Open {
+                    path: path.clone(),
+                    source,
+                },
             })?;
-        let store = StateStore { db: Arc::new(db), path };
+        let mut store = StateStore {
+            db: Arc::new(db),
+            path,
+            codec: Arc::new(Codec::plain()),
+        };
         store.init()?;
+        store.codec = Arc::new(store.unlock(kek)?);
         Ok(store)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether values are sealed, and with which data key.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// Rewrites the file without free pages, so removed values stop occupying (and
+    /// lingering in) the file. Needs the only handle to the store.
+    pub fn compact(self) -> Result<bool, StateError> {
+        let mut db = Arc::try_unwrap(self.db).map_err(|_| StateError::InUse {
+            path: self.path.clone(),
+        })?;
+        Ok(db.compact()?)
     }
 
     fn init(&self) -> Result<(), StateError> {
@@ -225,6 +280,7 @@ impl StateStore {
             txn.open_table(WRITE_LOG)?;
             txn.open_table(AUDIT)?;
             txn.open_table(COUNTS)?;
+            txn.open_table(KEYS)?;
         }
         txn.commit()?;
         Ok(())
@@ -234,7 +290,7 @@ impl StateStore {
     pub fn write<T, E: From<StateError>>(&self, f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>) -> Result<T, E> {
         let txn = self.db.begin_write().map_err(StateError::from)?;
         let result = {
-            let mut tables = WriteTables::open(&txn)?;
+            let mut tables = WriteTables::open(&txn, &self.codec)?;
             let result = f(&mut tables)?;
             tables.flush()?;
             result
@@ -249,6 +305,7 @@ impl StateStore {
     pub fn read(&self) -> Result<ReadView, StateError> {
         Ok(ReadView {
             txn: self.db.begin_read()?,
+            codec: self.codec.clone(),
         })
     }
 }
@@ -259,6 +316,35 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StateError> {
     serde_json::from_slice(bytes).map_err(|source| StateError::Decode { table, source })
+}
+
+/// Encodes a record-bearing value of row `key` (redb key bytes) of `table`.
+fn seal<T: Serialize>(codec: &Codec, table: &'static str, key: &[u8], value: &T) -> Vec<u8> {
+    codec.seal(table, key, encode(value))
+}
+
+/// Decodes a record-bearing value of row `key` (redb key bytes) of `table`.
+fn unseal<T: DeserializeOwned>(codec: &Codec, table: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StateError> {
+    let plain = codec.open(table, key, bytes)?;
+    decode(table, &plain)
+}
+
+/// The redb encoding of a row key: the associated data that binds a sealed value to
+/// its row.
+fn key_bytes<K: Value>(key: &K::SelfType<'_>) -> Vec<u8> {
+    K::as_bytes(key).as_ref().to_vec()
+}
+
+fn record_key(entity: &str, id: u128) -> Vec<u8> {
+    key_bytes::<(&str, u128)>(&(entity, id))
+}
+
+fn outbox_key(system: &str, seq: u64) -> Vec<u8> {
+    key_bytes::<(&str, u64)>(&(system, seq))
+}
+
+fn id_key(id: u64) -> Vec<u8> {
+    key_bytes::<u64>(&id)
 }
 
 /// Every table, open for writing inside one transaction.
@@ -274,12 +360,13 @@ pub struct WriteTables<'txn> {
     write_log: Table<'txn, u64, &'static [u8]>,
     audit: Table<'txn, u64, &'static [u8]>,
     counts: Table<'txn, (&'static str, &'static str), u64>,
+    codec: &'txn Codec,
     /// Sequences advanced in this transaction, written back once by `flush`.
     sequence_cache: Vec<(&'static str, u64)>,
 }
 
 impl<'txn> WriteTables<'txn> {
-    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StateError> {
+    fn open(txn: &'txn redb::WriteTransaction, codec: &'txn Codec) -> Result<Self, StateError> {
         Ok(Self {
             sequences: txn.open_table(SEQUENCES)?,
             records: txn.open_table(RECORDS)?,
@@ -292,6 +379,7 @@ impl<'txn> WriteTables<'txn> {
             write_log: txn.open_table(WRITE_LOG)?,
             audit: txn.open_table(AUDIT)?,
             counts: txn.open_table(COUNTS)?,
+            codec,
             sequence_cache: Vec::new(),
         })
     }
@@ -321,13 +409,19 @@ impl<'txn> WriteTables<'txn> {
 
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
         match self.records.get((entity, id.as_u128()))? {
-            Some(v) => Ok(Some(decode("records", v.value())?)),
+            Some(v) => Ok(Some(unseal(
+                self.codec,
+                "records",
+                &record_key(entity, id.as_u128()),
+                v.value(),
+            )?)),
             None => Ok(None),
         }
     }
 
     pub fn put_record(&mut self, entity: &str, id: GlobalId, state: &RecordState) -> Result<(), StateError> {
-        self.records.insert((entity, id.as_u128()), encode(state).as_slice())?;
+        let sealed = seal(self.codec, "records", &record_key(entity, id.as_u128()), state);
+        self.records.insert((entity, id.as_u128()), sealed.as_slice())?;
         Ok(())
     }
 
@@ -370,22 +464,25 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn match_key(&self, entity: &str, key: &str, value: &str) -> Result<Option<GlobalId>, StateError> {
+        let value = self.codec.blind(value);
         Ok(self
             .match_index
-            .get((entity, key, value))?
+            .get((entity, key, value.as_ref()))?
             .map(|v| GlobalId::from_u128(v.value())))
     }
 
     pub fn put_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
-        self.match_index.insert((entity, key, value), id.as_u128())?;
+        let value = self.codec.blind(value);
+        self.match_index.insert((entity, key, value.as_ref()), id.as_u128())?;
         Ok(())
     }
 
     /// Removes a match-key entry if it still points at `id`.
     pub fn remove_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
-        let current = self.match_index.get((entity, key, value))?.map(|v| v.value());
+        let value = self.codec.blind(value);
+        let current = self.match_index.get((entity, key, value.as_ref()))?.map(|v| v.value());
         if current == Some(id.as_u128()) {
-            self.match_index.remove((entity, key, value))?;
+            self.match_index.remove((entity, key, value.as_ref()))?;
         }
         Ok(())
     }
@@ -423,34 +520,37 @@ impl<'txn> WriteTables<'txn> {
     pub fn enqueue(&mut self, mut entry: OutboxEntry) -> Result<u64, StateError> {
         let seq = self.next_id("outbox")?;
         entry.seq = seq;
-        self.outbox
-            .insert((entry.system.as_str(), seq), encode(&entry).as_slice())?;
+        let sealed = seal(self.codec, "outbox", &outbox_key(&entry.system, seq), &entry);
+        self.outbox.insert((entry.system.as_str(), seq), sealed.as_slice())?;
         Ok(seq)
     }
 
     /// Replaces an entry kept for another attempt.
     pub fn update_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StateError> {
+        let sealed = seal(self.codec, "outbox", &outbox_key(&entry.system, entry.seq), entry);
         self.outbox
-            .insert((entry.system.as_str(), entry.seq), encode(entry).as_slice())?;
+            .insert((entry.system.as_str(), entry.seq), sealed.as_slice())?;
         Ok(())
     }
 
     pub fn remove_outbox(&mut self, system: &str, seq: u64) -> Result<Option<OutboxEntry>, StateError> {
         match self.outbox.remove((system, seq))? {
-            Some(v) => Ok(Some(decode("outbox", v.value())?)),
+            Some(v) => Ok(Some(unseal(self.codec, "outbox", &outbox_key(system, seq), v.value())?)),
             None => Ok(None),
         }
     }
 
     pub fn put_decision(&mut self, decision: &Decision) -> Result<(), StateError> {
-        self.decisions.insert(decision.id, encode(decision).as_slice())?;
+        let sealed = seal(self.codec, "decisions", &id_key(decision.id), decision);
+        self.decisions.insert(decision.id, sealed.as_slice())?;
         Ok(())
     }
 
     /// Stores a dead letter; `letter.id` is assigned here and returned.
     pub fn dead_letter(&mut self, mut letter: DeadLetter) -> Result<u64, StateError> {
         letter.id = self.next_id("dead_letter")?;
-        self.dead_letters.insert(letter.id, encode(&letter).as_slice())?;
+        let sealed = seal(self.codec, "dead_letters", &id_key(letter.id), &letter);
+        self.dead_letters.insert(letter.id, sealed.as_slice())?;
         metrics::counter!(crate::metrics::DEAD_LETTERS,
             crate::metrics::LABEL_SYSTEM => letter.system.clone(),
             crate::metrics::LABEL_ENTITY => letter.entity.clone(),
@@ -461,7 +561,7 @@ impl<'txn> WriteTables<'txn> {
 
     pub fn take_dead_letter(&mut self, id: u64) -> Result<Option<DeadLetter>, StateError> {
         match self.dead_letters.remove(id)? {
-            Some(v) => Ok(Some(decode("dead_letters", v.value())?)),
+            Some(v) => Ok(Some(unseal(self.codec, "dead_letters", &id_key(id), v.value())?)),
             None => Ok(None),
         }
     }
@@ -481,10 +581,11 @@ impl<'txn> WriteTables<'txn> {
     /// Drops decisions and write-log entries beyond `max` or older than `min_time_ms`.
     /// Returns how many rows were removed.
     pub fn prune(&mut self, max_decisions: u64, max_write_log: u64, min_time_ms: TimeMs) -> Result<u64, StateError> {
-        let mut removed = prune_table(&mut self.decisions, max_decisions, min_time_ms, |b| {
-            decode::<TimeOnly>("decisions", b).map(|t| t.time_ms)
+        let codec = self.codec;
+        let mut removed = prune_table(&mut self.decisions, max_decisions, min_time_ms, |id, b| {
+            unseal::<TimeOnly>(codec, "decisions", &id_key(id), b).map(|t| t.time_ms)
         })?;
-        removed += prune_table(&mut self.write_log, max_write_log, min_time_ms, |b| {
+        removed += prune_table(&mut self.write_log, max_write_log, min_time_ms, |_, b| {
             decode::<TimeOnly>("write_log", b).map(|t| t.time_ms)
         })?;
         Ok(removed)
@@ -503,7 +604,7 @@ fn prune_table(
     table: &mut Table<'_, u64, &'static [u8]>,
     max: u64,
     min_time_ms: TimeMs,
-    time_of: impl Fn(&[u8]) -> Result<TimeMs, StateError>,
+    time_of: impl Fn(u64, &[u8]) -> Result<TimeMs, StateError>,
 ) -> Result<u64, StateError> {
     let mut len = table.len()?;
     let mut removed = 0;
@@ -513,7 +614,7 @@ fn prune_table(
         let Some((id, too_old)) = ({
             let first = table.first()?;
             match first {
-                Some((k, v)) => Some((k.value(), time_of(v.value())? < min_time_ms)),
+                Some((k, v)) => Some((k.value(), time_of(k.value(), v.value())? < min_time_ms)),
                 None => None,
             }
         }) else {
@@ -532,13 +633,19 @@ fn prune_table(
 /// A consistent snapshot for reading (admin API, appliers).
 pub struct ReadView {
     txn: redb::ReadTransaction,
+    codec: Arc<Codec>,
 }
 
 impl ReadView {
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
         let table = self.txn.open_table(RECORDS)?;
         match table.get((entity, id.as_u128()))? {
-            Some(v) => Ok(Some(decode("records", v.value())?)),
+            Some(v) => Ok(Some(unseal(
+                &self.codec,
+                "records",
+                &record_key(entity, id.as_u128()),
+                v.value(),
+            )?)),
             None => Ok(None),
         }
     }
@@ -563,8 +670,13 @@ impl ReadView {
         let table = self.txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
         for row in table.range((system, 0u64)..=(system, u64::MAX))?.take(limit) {
-            let (_, v) = row?;
-            out.push(decode("outbox", v.value())?);
+            let (k, v) = row?;
+            out.push(unseal(
+                &self.codec,
+                "outbox",
+                &outbox_key(system, k.value().1),
+                v.value(),
+            )?);
         }
         Ok(out)
     }
@@ -584,8 +696,8 @@ impl ReadView {
         let table = self.txn.open_table(DEAD_LETTERS)?;
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
-            let (_, v) = row?;
-            let letter: DeadLetter = decode("dead_letters", v.value())?;
+            let (k, v) = row?;
+            let letter: DeadLetter = unseal(&self.codec, "dead_letters", &id_key(k.value()), v.value())?;
             if system.is_none_or(|s| s == letter.system) {
                 out.push(letter);
                 if out.len() >= limit {
@@ -599,7 +711,7 @@ impl ReadView {
     pub fn dead_letter(&self, id: u64) -> Result<Option<DeadLetter>, StateError> {
         let table = self.txn.open_table(DEAD_LETTERS)?;
         match table.get(id)? {
-            Some(v) => Ok(Some(decode("dead_letters", v.value())?)),
+            Some(v) => Ok(Some(unseal(&self.codec, "dead_letters", &id_key(id), v.value())?)),
             None => Ok(None),
         }
     }
@@ -609,8 +721,8 @@ impl ReadView {
         let table = self.txn.open_table(DEAD_LETTERS)?;
         let mut out = std::collections::BTreeMap::new();
         for row in table.iter()? {
-            let (_, v) = row?;
-            let letter: DeadLetter = decode("dead_letters", v.value())?;
+            let (k, v) = row?;
+            let letter: DeadLetter = unseal(&self.codec, "dead_letters", &id_key(k.value()), v.value())?;
             *out.entry(letter.system).or_insert(0) += 1;
         }
         Ok(out)
@@ -621,8 +733,8 @@ impl ReadView {
         let table = self.txn.open_table(DECISIONS)?;
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
-            let (_, v) = row?;
-            let d: Decision = decode("decisions", v.value())?;
+            let (k, v) = row?;
+            let d: Decision = unseal(&self.codec, "decisions", &id_key(k.value()), v.value())?;
             if filter.matches(&d) {
                 out.push(d);
                 if out.len() >= limit {
@@ -666,7 +778,11 @@ impl ReadView {
         let mut out = Vec::new();
         for row in table.range((entity, 0u128)..=(entity, u128::MAX))? {
             let (k, v) = row?;
-            out.push((GlobalId::from_u128(k.value().1), decode("records", v.value())?));
+            let (_, id) = k.value();
+            out.push((
+                GlobalId::from_u128(id),
+                unseal(&self.codec, "records", &record_key(entity, id), v.value())?,
+            ));
         }
         Ok(out)
     }

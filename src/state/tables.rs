@@ -2,7 +2,8 @@
 //!
 //! Keys are redb tuples, compared element by element, so a range over a prefix
 //! (`(entity, ..)`, `(system, ..)`) lists one entity's or one system's rows in order.
-//! Values that are structs are JSON bytes (see `codec`); counters and ids are native
+//! Values that are structs are JSON bytes, sealed in an encrypted store for the tables
+//! in [`SEALED_TABLES`] (see `crypto`); counters and ids are native
 //! integers. Global ids are stored as `u128` (the UUID's big-endian value), so
 //! UUIDv7 ids sort by creation time.
 
@@ -12,7 +13,9 @@ use redb::TableDefinition;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
 pub const SCHEMA_VERSION: u64 = 1;
 
-/// `name → value`: `schema_version`.
+/// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
+/// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while
+/// `concord state rotate-key` has values left to re-seal).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Monotonic id sequences: `name → next id` (`outbox`, `decision`, `dead_letter`,
@@ -54,3 +57,10 @@ pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// `(entity, system) → live records the system holds`: the denominator of the
 /// mass-delete guard, kept as a counter so the guard does not scan the identity map.
 pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counts");
+
+/// `key id → wrapped data key` (see `crypto`): the data keys of an encrypted store,
+/// each sealed under the key-encryption key. Empty for an unencrypted store.
+pub const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
+
+/// The tables whose values hold record data and are sealed in an encrypted store.
+pub const SEALED_TABLES: [&str; 4] = ["records", "decisions", "dead_letters", "outbox"];
