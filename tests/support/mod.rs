@@ -74,12 +74,18 @@ impl Response {
 
 /// One HTTP/1.1 request with `Connection: close`; `None` when nothing listens.
 pub fn request(port: u16, method: &str, path: &str) -> Option<Response> {
+    request_with(port, method, path, &[])
+}
+
+/// One HTTP/1.1 request with extra headers (`("Authorization", "Bearer …")`).
+pub fn request_with(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<Response> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{extra}Content-Length: 0\r\n\r\n"
     )
     .ok()?;
     let mut raw = Vec::new();
