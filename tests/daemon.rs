@@ -26,18 +26,6 @@ fn exported(dir: &Path) -> BTreeMap<String, serde_json::Map<String, Value>> {
     out
 }
 
-fn synced(port: u16) -> Option<Value> {
-    let status = request(port, "GET", "/api/v1/status")?;
-    let status = status.json();
-    let links = status["links"].as_object()?;
-    let all_idle = links.len() == 2
-        && links
-            .values()
-            .all(|l| l["state"] == "idle" && l["captured"].as_u64() > Some(0));
-    let outbox = status["systems"]["directory"]["outbox_depth"].as_u64();
-    (all_idle && outbox == Some(0) && status["records"].as_u64() == Some(6)).then_some(status)
-}
-
 #[test]
 fn example_syncs_explains_and_stops_gracefully() {
     let dir = tempfile::tempdir().unwrap();
@@ -48,7 +36,7 @@ fn example_syncs_explains_and_stops_gracefully() {
     wait_for("readiness", 60, || {
         request(port, "GET", "/readyz").filter(|r| r.status == 200)
     });
-    let status = wait_for("the sync to finish", 60, || synced(port));
+    let status = wait_for("the sync to finish", 60, || example_synced(port));
     assert_eq!(status["systems"]["directory"]["dlq_depth"], 0);
 
     // What the directory received: every contact once, authority applied.
@@ -128,7 +116,7 @@ fn metrics_pass_promtool_and_are_all_declared() {
     let port = free_port();
     let config = example_copy(dir.path(), port);
     let mut child = start(&config, false);
-    wait_for("the sync to finish", 60, || synced(port));
+    wait_for("the sync to finish", 60, || example_synced(port));
     // Gauges are refreshed by the maintenance pass; wait for one after the sync.
     let text = wait_for("gauges refreshed after the sync", 30, || {
         let m = get(port, "/metrics");

@@ -351,19 +351,6 @@ fn promtool_checks_and_unit_tests_the_rules() {
     }
 }
 
-/// Same as `tests/daemon.rs`: both capture links idle after capturing, the outbox empty.
-fn synced(port: u16) -> Option<Value> {
-    let status = request(port, "GET", "/api/v1/status")?;
-    let status = status.json();
-    let links = status["links"].as_object()?;
-    let all_idle = links.len() == 2
-        && links
-            .values()
-            .all(|l| l["state"] == "idle" && l["captured"].as_u64() > Some(0));
-    let outbox = status["systems"]["directory"]["outbox_depth"].as_u64();
-    (all_idle && outbox == Some(0) && status["records"].as_u64() == Some(6)).then_some(status)
-}
-
 /// Percent-encodes everything but RFC 3986 unreserved characters.
 fn encode(text: &str) -> String {
     text.bytes()
@@ -420,7 +407,7 @@ fn a_real_prometheus_answers_every_dashboard_query() {
     let port = free_port();
     let config = example_copy(dir.path(), port);
     let mut concord = Reaped(start(&config, false));
-    let synced_status = wait_for("the sync to finish", 60, || synced(port));
+    let synced_status = wait_for("the sync to finish", 60, || example_synced(port));
 
     let prom_port = free_port();
     let prom_config = dir.path().join("prometheus.yml");

@@ -142,3 +142,16 @@ pub fn signal(child: &Child, sig: i32) {
     let rc = unsafe { libc::kill(child.id() as i32, sig) };
     assert_eq!(rc, 0, "kill failed");
 }
+
+/// The bundled example is synced: both capture links idle after capturing, the
+/// directory's outbox empty, six records. Returns the status document.
+pub fn example_synced(port: u16) -> Option<serde_json::Value> {
+    let status = request(port, "GET", "/api/v1/status")?.json();
+    let links = status["links"].as_object()?;
+    let all_idle = links.len() == 2
+        && links
+            .values()
+            .all(|l| l["state"] == "idle" && l["captured"].as_u64() > Some(0));
+    let outbox = status["systems"]["directory"]["outbox_depth"].as_u64();
+    (all_idle && outbox == Some(0) && status["records"].as_u64() == Some(6)).then_some(status)
+}
