@@ -306,7 +306,7 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
                         if let Err(error) = admin_auth.reload() {
                             tracing::warn!(error = %error, "admin api secrets not reloaded; the previous ones stay in force");
                         }
-                        let Some(new_rt) = reload_runtime(&config_path, &listen, &note) else {
+                        let Some(new_rt) = reload_runtime(&config_path, &listen, &note, &status) else {
                             continue;
                         };
                         tracing::info!("reloading: finishing the batch in hand");
@@ -325,6 +325,13 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
                         engine = next;
                         *current.lock().unwrap_or_else(|p| p.into_inner()) = engine.clone();
                         *note.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        engine.status().update(|s| {
+                            s.last_reload = Some(concord::engine::status::ReloadOutcome {
+                                time_ms: concord::model::now_ms(),
+                                ok: true,
+                                detail: "running the new configuration".into(),
+                            })
+                        });
                         tracing::info!("configuration reloaded");
                         continue 'engines;
                     }
@@ -345,10 +352,18 @@ fn reload_runtime(
     path: &std::path::Path,
     listen: &str,
     note: &std::sync::Mutex<Option<String>>,
+    status: &concord::engine::status::SharedStatus,
 ) -> Option<Arc<Runtime>> {
     tracing::info!(config = %path.display(), "reload requested");
     let failed = |why: String| {
         tracing::error!("reload failed: {why}; the previous configuration keeps running");
+        status.update(|s| {
+            s.last_reload = Some(concord::engine::status::ReloadOutcome {
+                time_ms: concord::model::now_ms(),
+                ok: false,
+                detail: why.clone(),
+            })
+        });
         *note.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(format!("reload failed ({why}); running the previous configuration"));
         None

@@ -200,6 +200,7 @@ fn sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid() {
     let status = get(port, "/api/v1/status").json();
     assert_eq!(status["ready"], true);
     assert_eq!(status["links"].as_object().map(|l| l.len()), Some(2), "{status}");
+    assert_eq!(status["last_reload"]["ok"], true, "{status}");
 
     // The reloaded engine keeps syncing from its checkpoints: a new employee is merged,
     // the old ones are not captured twice.
@@ -223,6 +224,9 @@ fn sighup_reloads_a_valid_config_and_keeps_the_old_one_when_invalid() {
     );
     assert_eq!(get(port, "/readyz").status, 200);
     assert_eq!(records(port), Some(7));
+    let status = get(port, "/api/v1/status").json();
+    assert_eq!(status["last_reload"]["ok"], false, "{status}");
+    assert_eq!(status["last_reload"]["detail"], "configuration unreadable", "{status}");
 
     signal(&child, libc::SIGTERM);
     manager.until("STOPPING=1", 30, |m| m == "STOPPING=1");

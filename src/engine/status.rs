@@ -38,6 +38,16 @@ pub struct SystemStatus {
     pub retry_at_ms: Option<TimeMs>,
 }
 
+/// The outcome of the last configuration reload (SIGHUP).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    pub time_ms: TimeMs,
+    /// The new configuration is running.
+    pub ok: bool,
+    /// Why it was refused (a count of problems, never their text: the log has those).
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     pub version: &'static str,
@@ -45,6 +55,8 @@ pub struct Status {
     /// Every link and applier has started.
     pub ready: bool,
     pub records: u64,
+    /// The last reload; `None` until the first SIGHUP.
+    pub last_reload: Option<ReloadOutcome>,
     pub links: BTreeMap<String, LinkStatus>,
     pub systems: BTreeMap<String, SystemStatus>,
 }
