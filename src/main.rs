@@ -237,6 +237,7 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
     // engine of this process (see `Engine::succeeding`).
     let current = Arc::new(std::sync::Mutex::new(engine.clone()));
     let replay_engine = current.clone();
+    let entity_names = concord::http::EntityNames::from(rt.entities.keys().cloned().collect::<Vec<_>>());
     let ctx = concord::http::AdminContext {
         store: store.clone(),
         status: engine.status(),
@@ -245,7 +246,7 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
             let engine = replay_engine.lock().unwrap_or_else(|p| p.into_inner()).clone();
             engine.replay(id)
         }),
-        entities: rt.entities.keys().cloned().collect(),
+        entities: entity_names.clone(),
         auth: admin_auth.clone(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
@@ -322,6 +323,7 @@ async fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result
                                 return Err(anyhow::Error::new(error).context("reopening connectors after a reload"));
                             }
                         };
+                        entity_names.set(new_rt.entities.keys().cloned().collect());
                         engine = next;
                         *current.lock().unwrap_or_else(|p| p.into_inner()) = engine.clone();
                         *note.lock().unwrap_or_else(|p| p.into_inner()) = None;

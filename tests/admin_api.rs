@@ -427,7 +427,7 @@ impl Server {
             status: status.clone(),
             metrics: options.metrics.then(recorder),
             replay: options.replay.unwrap_or_else(|| store_replay(store.clone())),
-            entities: vec![ENTITY.to_string()],
+            entities: vec![ENTITY.to_string()].into(),
             auth: AdminAuth::open(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");

@@ -147,7 +147,7 @@ fn context(dir: &Path, auth: AdminAuth) -> AdminContext {
                 .handle(),
         ),
         replay: Arc::new(|id| Err(ReplayError::NotFound(id))),
-        entities: vec!["person".to_string()],
+        entities: vec!["person".to_string()].into(),
         auth,
     }
 }

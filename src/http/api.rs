@@ -67,7 +67,7 @@ fn limit(requested: Option<usize>) -> Result<usize, ApiError> {
 }
 
 fn known_entity(ctx: &AdminContext, entity: &str) -> Result<(), ApiError> {
-    if ctx.entities.iter().any(|e| e == entity) {
+    if ctx.entities.contains(entity) {
         Ok(())
     } else {
         Err(ApiError::not_found("unknown entity"))

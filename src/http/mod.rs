@@ -65,6 +65,29 @@ pub enum ReplayError {
 /// Replays one dead letter by id.
 pub type ReplayFn = Arc<dyn Fn(u64) -> Result<ReplayOutcome, ReplayError> + Send + Sync>;
 
+/// The configured entity names, shared with the daemon so a reload can replace them.
+#[derive(Debug, Clone, Default)]
+pub struct EntityNames(std::sync::Arc<std::sync::RwLock<Vec<String>>>);
+
+impl EntityNames {
+    pub fn contains(&self, entity: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|e| e == entity)
+    }
+    pub fn set(&self, names: Vec<String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = names;
+    }
+}
+
+impl From<Vec<String>> for EntityNames {
+    fn from(names: Vec<String>) -> Self {
+        EntityNames(std::sync::Arc::new(std::sync::RwLock::new(names)))
+    }
+}
+
 /// Everything the admin API reads or acts on.
 #[derive(Clone)]
 pub struct AdminContext {
@@ -73,8 +96,9 @@ pub struct AdminContext {
     /// Renders the Prometheus exposition; `None` when no recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub replay: ReplayFn,
-    /// Entity names, to tell an unknown entity from an unknown record.
-    pub entities: Vec<String>,
+    /// Entity names, to tell an unknown entity from an unknown record; replaced when a
+    /// reload changes the configuration.
+    pub entities: EntityNames,
     /// Tokens, the public-listener rule and TLS.
     pub auth: AdminAuth,
 }
