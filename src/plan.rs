@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 
 use crate::config::{
     Config, ConnectorConfig, DefaultPolicy, Direction, EntityConfig, FieldMapConfig, LinkConfig, MapDirection,
-    NonOwnerPolicy, OneOrMany, SystemConfig, Transform, WriteMode,
+    OneOrMany, SystemConfig, Transform, WriteMode,
 };
 
 /// Placeholder for an empty cell.
@@ -189,7 +189,7 @@ impl<'a> Plan<'a> {
                 Some(a) => a.owners.join(if a.owners_equal { " = " } else { " > " }),
                 None => format!("default: {}", default_policy_name(entity.default_policy)),
             };
-            let non_owner = authority.map_or(NONE, |a| non_owner_name(a.non_owner));
+            let non_owner = authority.map_or(NONE, |a| a.non_owner.as_str());
 
             let mut read_from = Vec::new();
             let mut written_to = Vec::new();
@@ -388,14 +388,6 @@ fn default_policy_name(policy: DefaultPolicy) -> &'static str {
     match policy {
         DefaultPolicy::LastWriterWins => "last_writer_wins",
         DefaultPolicy::FirstWriterWins => "first_writer_wins",
-    }
-}
-
-fn non_owner_name(policy: NonOwnerPolicy) -> &'static str {
-    match policy {
-        NonOwnerPolicy::Revert => "revert",
-        NonOwnerPolicy::Ignore => "ignore",
-        NonOwnerPolicy::Flag => "flag",
     }
 }
 

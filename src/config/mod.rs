@@ -349,6 +349,17 @@ pub enum NonOwnerPolicy {
     Flag,
 }
 
+impl NonOwnerPolicy {
+    /// The name as written in the configuration; also the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NonOwnerPolicy::Revert => "revert",
+            NonOwnerPolicy::Ignore => "ignore",
+            NonOwnerPolicy::Flag => "flag",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteConfig {

@@ -147,13 +147,17 @@ fn dead_letter_change(
     })
 }
 
-/// The normalised values of the entity's match keys present in `fields`.
-fn key_values(entity: &EntityRuntime, fields: &crate::model::Fields) -> Vec<(String, String)> {
+/// The normalised values of the entity's match keys, in configured order, for the
+/// fields `value_of` finds (a change's fields, or the agreed values of a record).
+fn key_values<'a>(
+    entity: &EntityRuntime,
+    value_of: impl Fn(&str) -> Option<&'a crate::model::Value>,
+) -> Vec<(String, String)> {
     entity
         .match_keys
         .iter()
         .filter_map(|(key, format)| {
-            let value = fields.get(key)?;
+            let value = value_of(key)?;
             normalise_key(value, format.as_deref()).map(|v| (key.clone(), v))
         })
         .collect()
@@ -211,7 +215,7 @@ fn process_record(
     }
 
     // Identify: the identity map first, then the match keys.
-    let keys = key_values(entity, &fields);
+    let keys = key_values(entity, |k| fields.get(k));
     let known = tables.identity(&entity.name, system, &record.local_id)?;
     let (global_id, state) = match known {
         Some(id) => (id, tables.record(&entity.name, id)?),
@@ -261,7 +265,7 @@ fn process_record(
     // Rollout on capture: a record outside this link's rollout is not taken from it.
     // Its match keys are the agreed ones when concord knows the record.
     let rollout_keys = match &state {
-        Some(s) if record.kind == ChangeKind::Delete || keys.is_empty() => key_values(entity, &s.base.values()),
+        Some(s) if record.kind == ChangeKind::Delete || keys.is_empty() => key_values(entity, |k| s.base.value(k)),
         _ => keys.clone(),
     };
     if !rollout_selects(link.config.rollout.as_ref(), &rollout_keys) {
@@ -285,7 +289,7 @@ fn process_record(
     // Keep the match index in step with the agreed values; most changes leave the
     // keys as they were and write nothing here.
     let new_keys: std::collections::BTreeMap<String, String> =
-        key_values(entity, &new_state.base.values()).into_iter().collect();
+        key_values(entity, |k| new_state.base.value(k)).into_iter().collect();
     let old_keys = state.as_ref().map(|s| &s.match_keys);
     if old_keys != Some(&new_keys) {
         for (key, value) in old_keys.into_iter().flatten() {
@@ -352,8 +356,10 @@ fn merge_change(
     now: TimeMs,
 ) -> merge::MergeOutput {
     // Rollout of writes is decided on the agreed match keys, or the change's when new.
-    let keys_source = state.map(|s| s.base.values()).unwrap_or_else(|| change.fields.clone());
-    let keys = key_values(entity, &keys_source);
+    let keys = match state {
+        Some(s) => key_values(entity, |k| s.base.value(k)),
+        None => key_values(entity, |k| change.fields.get(k)),
+    };
     let targets: Vec<Target<'_>> = entity
         .links
         .iter()
@@ -394,11 +400,7 @@ fn record_metrics(decision: &merge::Decision) {
                 .increment(1);
         }
         if let Some(policy) = field.policy {
-            let policy = match policy {
-                crate::config::NonOwnerPolicy::Revert => "revert",
-                crate::config::NonOwnerPolicy::Ignore => "ignore",
-                crate::config::NonOwnerPolicy::Flag => "flag",
-            };
+            let policy = policy.as_str();
             metrics::counter!(m::FIELD_REJECTIONS, m::LABEL_ENTITY => decision.entity.clone(),
                 m::LABEL_FIELD => field.field.clone(), m::LABEL_POLICY => policy)
             .increment(1);

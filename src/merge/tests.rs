@@ -1335,14 +1335,6 @@ fn parse_non_owner(word: &str) -> NonOwnerPolicy {
     }
 }
 
-fn non_owner_name(policy: NonOwnerPolicy) -> &'static str {
-    match policy {
-        NonOwnerPolicy::Revert => "revert",
-        NonOwnerPolicy::Ignore => "ignore",
-        NonOwnerPolicy::Flag => "flag",
-    }
-}
-
 fn mode_name(mode: WriteMode) -> &'static str {
     match mode {
         WriteMode::Send => "send",
@@ -1370,7 +1362,7 @@ fn render(state: &RecordState, decision: &Decision, writes: &[PlannedWrite]) -> 
         let mut line = format!("{name}: {}", field.rule.as_str());
         if let Some(policy) = field.policy {
             line.push(' ');
-            line.push_str(non_owner_name(policy));
+            line.push_str(policy.as_str());
         }
         if field.conflict {
             line.push_str(" conflict");
