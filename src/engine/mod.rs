@@ -30,7 +30,6 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::connector::{AnySink, AnySource, ErrorClass};
-use crate::http::{ReplayError, ReplayOutcome};
 use crate::merge::WriteAction;
 use crate::metrics as m;
 use crate::model::now_ms;
@@ -75,6 +74,30 @@ impl Shared {
             w.notify_one();
         }
     }
+}
+
+/// What replaying a dead letter did.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum ReplayOutcome {
+    /// A change was merged again.
+    Merged,
+    /// A change failed again; it is a new dead letter.
+    DeadLetteredAgain { id: u64 },
+    /// A write was queued again.
+    Requeued { seq: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("dead letter {0} not found")]
+    NotFound(u64),
+    #[error("dead letter {0} is an unreadable source item; fix the source and resend it")]
+    NotReplayable(u64),
+    #[error("no link for system {system} and entity {entity}")]
+    NoLink { system: String, entity: String },
+    #[error("state store failure")]
+    State(#[from] crate::state::StateError),
 }
 
 /// A running engine's handle.

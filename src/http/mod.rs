@@ -38,29 +38,7 @@ use error::ApiError;
 pub use extract::MAX_BODY_BYTES;
 use extract::Principal;
 
-/// What replaying a dead letter did.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "snake_case", tag = "result")]
-pub enum ReplayOutcome {
-    /// A change was merged again.
-    Merged,
-    /// A change failed again; it is a new dead letter.
-    DeadLetteredAgain { id: u64 },
-    /// A write was queued again.
-    Requeued { seq: u64 },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("dead letter {0} not found")]
-    NotFound(u64),
-    #[error("dead letter {0} is an unreadable source item; fix the source and resend it")]
-    NotReplayable(u64),
-    #[error("no link for system {system} and entity {entity}")]
-    NoLink { system: String, entity: String },
-    #[error("state store failure")]
-    State(#[from] crate::state::StateError),
-}
+pub use crate::engine::{ReplayError, ReplayOutcome};
 
 /// Replays one dead letter by id.
 pub type ReplayFn = Arc<dyn Fn(u64) -> Result<ReplayOutcome, ReplayError> + Send + Sync>;
