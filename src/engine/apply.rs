@@ -34,6 +34,11 @@ enum Planned {
         write: Write,
         written: Fields,
     },
+    Unsent(Unsent),
+}
+
+/// A group settled without a sink call.
+enum Unsent {
     /// Nothing to send (the system never held the record, the link no longer writes).
     Done { group: Group, note: &'static str },
     /// Cannot be sent: dead-letter it.
@@ -89,7 +94,7 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
                     writes.push(write);
                     sends.push((group, written));
                 }
-                other => others.push(other),
+                Planned::Unsent(unsent) => others.push(unsent),
             }
         }
         let results = if writes.is_empty() {
@@ -184,16 +189,16 @@ fn plan_group(
     group: Group,
 ) -> Result<Planned, StateError> {
     let Some(link) = shared.rt.link(system, &group.entity).filter(|l| l.writes) else {
-        return Ok(Planned::Done {
+        return Ok(Planned::Unsent(Unsent::Done {
             group,
             note: "link no longer writes",
-        });
+        }));
     };
     let Some(state) = view.record(&group.entity, group.global_id)? else {
-        return Ok(Planned::Done {
+        return Ok(Planned::Unsent(Unsent::Done {
             group,
             note: "record forgotten",
-        });
+        }));
     };
     let shadow = state.shadows.get(system);
     let local_id = shadow.and_then(|s| s.local_id.clone());
@@ -215,10 +220,10 @@ fn plan_group(
             values.extend(fields.clone());
             if local_id.is_none() {
                 if !link.config.write_mode().may_create() {
-                    return Ok(Planned::Done {
+                    return Ok(Planned::Unsent(Unsent::Done {
                         group,
                         note: "link does not create",
-                    });
+                    }));
                 }
                 let written: Fields = values
                     .iter()
@@ -228,10 +233,10 @@ fn plan_group(
                 match link.mapping.outbound(&written, None) {
                     Ok(out) => (make(WriteOp::Create, out), written),
                     Err(e) => {
-                        return Ok(Planned::Fail {
+                        return Ok(Planned::Unsent(Unsent::Fail {
                             reason: e.to_string(),
                             group,
-                        });
+                        }));
                     }
                 }
             } else {
@@ -239,29 +244,29 @@ fn plan_group(
                 match link.mapping.outbound(&values, Some(&only)) {
                     Ok(out) => (make(WriteOp::Update, out), fields.clone()),
                     Err(e) => {
-                        return Ok(Planned::Fail {
+                        return Ok(Planned::Unsent(Unsent::Fail {
                             reason: e.to_string(),
                             group,
-                        });
+                        }));
                     }
                 }
             }
         }
         WriteAction::Delete => {
             if local_id.is_none() {
-                return Ok(Planned::Done {
+                return Ok(Planned::Unsent(Unsent::Done {
                     group,
                     note: "system never held the record",
-                });
+                }));
             }
             (make(WriteOp::Delete, Default::default()), Fields::new())
         }
         WriteAction::SoftDelete { field, value } => {
             if local_id.is_none() {
-                return Ok(Planned::Done {
+                return Ok(Planned::Unsent(Unsent::Done {
                     group,
                     note: "system never held the record",
-                });
+                }));
             }
             let mut out = serde_json::Map::new();
             out.insert(field.clone(), value.clone());
@@ -278,7 +283,7 @@ fn settle(
     system: &str,
     sends: Vec<(Group, Fields)>,
     results: Vec<Result<WriteAck, ConnectorError>>,
-    others: Vec<Planned>,
+    others: Vec<Unsent>,
 ) -> Result<Option<Option<Duration>>, StateError> {
     let max_attempts = shared.rt.config.engine.max_attempts;
     let now = now_ms();
@@ -343,21 +348,20 @@ fn settle(
         }
         for other in others {
             match other {
-                Planned::Done { group, note } => {
+                Unsent::Done { group, note } => {
                     tracing::debug!(system = %system, entity = %group.entity, note, "write settled without sending");
                     for entry in &group.entries {
                         t.remove_outbox(system, entry.seq)?;
                         log(t, entry, system, op_name(&group.action), "skipped", Some(note), now)?;
                     }
                 }
-                Planned::Fail { group, reason } => {
+                Unsent::Fail { group, reason } => {
                     for entry in group.entries {
                         failed += 1;
                         dead_letter_write(t, system, entry, DeadLetterClass::WriteRejected, &reason, now)?;
                     }
                     last_error = Some(reason);
                 }
-                Planned::Send { .. } => unreachable!("sends are settled above"),
             }
         }
         Ok::<_, StateError>(())
