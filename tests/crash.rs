@@ -285,6 +285,7 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let status = support::wait_for("the reference sync", 600, || child.try_wait().unwrap());
     assert!(status.success(), "concord exited with {status}");
     let work_ms = ready.elapsed().as_millis().max(20) as u64;
+    let total = progress_of(reference.path()).max(1);
 
     let seed: u64 = std::env::var("CONCORD_CRASH_SEED")
         .ok()
@@ -296,15 +297,23 @@ fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     let mut progress = vec![progress_of(crashed.path())];
     while kills < 12 {
         let (mut child, port) = spawn_listening(crashed.path());
-        // Each kill lands at a random point after the engine is up, within a tenth
-        // of the whole sync, so twelve kills interrupt it at many different stages.
-        support::wait_for("readiness", 60, || {
-            support::request(port, "GET", "/readyz")
-                .filter(|r| r.status == 200)
-                .map(|_| ())
-                .or_else(|| child.try_wait().unwrap().map(|_| ()))
-        });
-        std::thread::sleep(Duration::from_millis(rng.random_range(0..work_ms / 10 + 1)));
+        // Each kill lands at a random point after the engine is up, so twelve kills
+        // interrupt the sync at many different stages.
+        // Readiness is polled tightly: a coarse poll would let each restart run on
+        // unobserved and the sync could finish before the kills are spent.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while support::request(port, "GET", "/readyz")
+            .filter(|r| r.status == 200)
+            .is_none()
+            && child.try_wait().unwrap().is_none()
+        {
+            assert!(Instant::now() < deadline, "timed out waiting for readiness");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // The window shrinks with the work left, so the kills spread over the whole sync.
+        let left = total.saturating_sub(progress_of(crashed.path())).max(1) as u64;
+        let window = work_ms * left / total as u64 / (12 - kills as u64 + 1);
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..window + 1)));
         match child.try_wait().unwrap() {
             Some(status) => {
                 assert!(status.success(), "concord exited with {status}");
