@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod plan;
+pub mod sim;
 pub mod state;
 pub mod state_cli;
