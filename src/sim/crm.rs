@@ -24,6 +24,8 @@
 //!   match), `DELETE` (204, then 404 `ENTITY_IS_DELETED`). `LastName` is required on
 //!   create; unknown fields are 400 `INVALID_FIELD`, read-only ones 400
 //!   `INVALID_FIELD_FOR_INSERT_UPDATE`. Phone is free text, as in Salesforce.
+//! - Besides the standard fields, `Certified__c` is a custom checkbox field (custom
+//!   fields end in `__c`; a checkbox is never null and defaults to false).
 //! - Every response carries `Sforce-Limit-Info: api-usage=<used>/<limit>` and the
 //!   `X-RateLimit-*` headers.
 
@@ -89,6 +91,8 @@ pub struct Contact {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub title: Option<String>,
+    /// The custom checkbox `Certified__c`.
+    pub certified: bool,
     /// Second precision.
     pub last_modified: DateTime<Utc>,
     pub is_deleted: bool,
@@ -105,6 +109,7 @@ pub struct NewContact {
     pub email: Option<String>,
     pub phone: Option<String>,
     pub title: Option<String>,
+    pub certified: bool,
 }
 
 /// The fields of `Contact` in the subset the simulator knows.
@@ -116,18 +121,20 @@ pub enum Field {
     Email,
     Phone,
     Title,
+    Certified,
     LastModifiedDate,
     IsDeleted,
 }
 
 impl Field {
-    const ALL: [Field; 8] = [
+    const ALL: [Field; 9] = [
         Field::Id,
         Field::FirstName,
         Field::LastName,
         Field::Email,
         Field::Phone,
         Field::Title,
+        Field::Certified,
         Field::LastModifiedDate,
         Field::IsDeleted,
     ];
@@ -140,6 +147,7 @@ impl Field {
             Field::Email => "Email",
             Field::Phone => "Phone",
             Field::Title => "Title",
+            Field::Certified => "Certified__c",
             Field::LastModifiedDate => "LastModifiedDate",
             Field::IsDeleted => "IsDeleted",
         }
@@ -163,7 +171,7 @@ impl Field {
     }
 
     fn writable(self) -> bool {
-        self.max_len().is_some()
+        self.max_len().is_some() || self == Field::Certified
     }
 }
 
@@ -190,11 +198,23 @@ impl Contact {
         }
     }
 
+    fn set_value(&mut self, field: Field, value: FieldValue) {
+        match value {
+            FieldValue::Text(v) => self.set(field, v),
+            FieldValue::Flag(b) => {
+                if field == Field::Certified {
+                    self.certified = b;
+                }
+            }
+        }
+    }
+
     fn value(&self, field: Field) -> Value {
         match field {
             Field::Id => Value::String(self.id.clone()),
             Field::LastModifiedDate => Value::String(render_time(self.last_modified)),
             Field::IsDeleted => Value::Bool(self.is_deleted),
+            Field::Certified => Value::Bool(self.certified),
             other => self.text(other).map_or(Value::Null, |v| Value::String(v.clone())),
         }
     }
@@ -444,6 +464,9 @@ struct Store {
     next_locator: u64,
     /// Edits a user makes just before the next write to that record is served.
     interference: Vec<(String, Field, Option<String>)>,
+    /// Edits a user makes right after the next page that has a successor is served,
+    /// while the client is between two pages of a walk.
+    between_pages: Vec<(String, Field, Option<String>)>,
 }
 
 impl Store {
@@ -643,6 +666,7 @@ impl CrmSim {
                 email: new.email,
                 phone: new.phone,
                 title: new.title,
+                certified: new.certified,
                 last_modified: now,
                 is_deleted: false,
                 deleted_date: None,
@@ -652,10 +676,25 @@ impl CrmSim {
         id
     }
 
-    /// Sets one writable field (`"Title"`, `"Phone"`, ...) as a user would; false when
-    /// the contact does not exist, is deleted or the field is not writable.
+    /// Ticks or clears the `Certified__c` checkbox as a user would.
+    pub fn set_certified(&self, id: &str, certified: bool) -> bool {
+        let now = self.state.now();
+        let mut store = lock(&self.state.store);
+        match store.contacts.get_mut(id) {
+            Some(c) if !c.is_deleted => {
+                c.certified = certified;
+                c.last_modified = now;
+                c.version += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets one writable text field (`"Title"`, `"Phone"`, ...) as a user would; false
+    /// when the contact does not exist, is deleted or the field is not a text field.
     pub fn edit(&self, id: &str, field: &str, value: Option<&str>) -> bool {
-        let Some(field) = Field::parse(field).filter(|f| f.writable()) else {
+        let Some(field) = Field::parse(field).filter(|f| f.max_len().is_some()) else {
             return false;
         };
         let now = self.state.now();
@@ -715,10 +754,23 @@ impl CrmSim {
         }
     }
 
+    /// Right after the next query page that has a successor is served, a user sets
+    /// `field` to `value` on `id`: the record moves within the result while the client
+    /// walks it.
+    pub fn edit_between_pages(&self, id: &str, field: &str, value: Option<&str>) -> bool {
+        let Some(field) = Field::parse(field).filter(|f| f.max_len().is_some()) else {
+            return false;
+        };
+        lock(&self.state.store)
+            .between_pages
+            .push((id.to_string(), field, value.map(str::to_string)));
+        true
+    }
+
     /// Just before the next write to `id` is served, a user sets `field` to `value`:
     /// a write carrying the ETag it read before then meets a 412.
     pub fn interfere_on_next_write(&self, id: &str, field: &str, value: Option<&str>) -> bool {
-        let Some(field) = Field::parse(field).filter(|f| f.writable()) else {
+        let Some(field) = Field::parse(field).filter(|f| f.max_len().is_some()) else {
             return false;
         };
         lock(&self.state.store)
@@ -774,8 +826,9 @@ fn start_query(state: &CrmState, headers: &HeaderMap, q: Option<String>, include
         include_deleted,
         batch: batch_size(headers),
     };
+    let now = state.now();
     let mut store = lock(&state.store);
-    page(&mut store, None, locator, 0, include_deleted)
+    page(&mut store, None, locator, 0, include_deleted, now)
 }
 
 async fn query_more(State(state): State<Arc<CrmState>>, Path(locator): Path<String>) -> Response {
@@ -797,12 +850,20 @@ async fn query_more(State(state): State<Arc<CrmState>>, Path(locator): Path<Stri
         return invalid();
     };
     let include_deleted = found.include_deleted;
-    page(&mut store, Some(id), found, offset, include_deleted)
+    let now = state.now();
+    page(&mut store, Some(id), found, offset, include_deleted, now)
 }
 
 /// Answers one page of a walk, evaluating the query now (no snapshot), and registers
 /// the locator for the next page when more remain.
-fn page(store: &mut Store, id: Option<u64>, locator: Locator, offset: usize, include_deleted: bool) -> Response {
+fn page(
+    store: &mut Store,
+    id: Option<u64>,
+    locator: Locator,
+    offset: usize,
+    include_deleted: bool,
+    now: DateTime<Utc>,
+) -> Response {
     let rows = store.evaluate(&locator.soql, include_deleted);
     let total = rows.len();
     let end = offset.saturating_add(locator.batch).min(total);
@@ -813,6 +874,15 @@ fn page(store: &mut Store, id: Option<u64>, locator: Locator, offset: usize, inc
         .map(|c| c.json(&locator.soql.fields))
         .collect();
     let path = if include_deleted { "queryAll" } else { "query" };
+    if end < total && !store.between_pages.is_empty() {
+        for (id, field, value) in std::mem::take(&mut store.between_pages) {
+            if let Some(c) = store.contacts.get_mut(&id) {
+                c.set(field, value);
+                c.last_modified = now;
+                c.version += 1;
+            }
+        }
+    }
     let mut body = json!({"totalSize": total, "done": end >= total, "records": records});
     if end < total {
         let id = id.unwrap_or_else(|| {
@@ -903,8 +973,15 @@ async fn read_one(State(state): State<Arc<CrmState>>, Path(id): Path<String>) ->
     }
 }
 
+/// A value in a write body: text (or null) for text fields, a boolean for checkboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FieldValue {
+    Text(Option<String>),
+    Flag(bool),
+}
+
 /// A validated write body: (field, value) pairs.
-type Changes = Vec<(Field, Option<String>)>;
+type Changes = Vec<(Field, FieldValue)>;
 
 /// Parses and validates a JSON body of fields.
 fn changes(body: &[u8]) -> Result<Changes, Response> {
@@ -944,6 +1021,21 @@ fn changes(body: &[u8]) -> Result<Changes, Response> {
                 ),
             ));
         }
+        if field == Field::Certified {
+            let flag = match value {
+                Value::Bool(b) => b,
+                Value::Null => false,
+                _ => {
+                    return Err(errors(
+                        StatusCode::BAD_REQUEST,
+                        "JSON_PARSER_ERROR",
+                        "Cannot deserialize instance of boolean for field Certified__c",
+                    ));
+                }
+            };
+            out.push((field, FieldValue::Flag(flag)));
+            continue;
+        }
         let value = match value {
             Value::Null => None,
             Value::String(s) if s.is_empty() => None,
@@ -975,7 +1067,7 @@ fn changes(body: &[u8]) -> Result<Changes, Response> {
                 "Email: invalid email address",
             ));
         }
-        out.push((field, value));
+        out.push((field, FieldValue::Text(value)));
     }
     Ok(out)
 }
@@ -1003,13 +1095,14 @@ fn insert_new(state: &CrmState, store: &mut Store, changes: Changes) -> Result<S
         email: None,
         phone: None,
         title: None,
+        certified: false,
         last_modified: state.now(),
         is_deleted: false,
         deleted_date: None,
         version: 1,
     };
     for (field, value) in changes {
-        contact.set(field, value);
+        contact.set_value(field, value);
     }
     require_last_name(&contact)?;
     contact.id = store.new_id();
@@ -1052,7 +1145,7 @@ fn precondition_failed() -> Response {
 fn apply(state: &CrmState, contact: &mut Contact, changes: Changes) -> Result<(), Response> {
     let mut next = contact.clone();
     for (field, value) in changes {
-        next.set(field, value);
+        next.set_value(field, value);
     }
     require_last_name(&next)?;
     next.last_modified = state.now();
@@ -1104,7 +1197,7 @@ async fn upsert(
     };
     if changes
         .iter()
-        .any(|(f, v)| *f == Field::Email && !v.as_deref().is_some_and(|v| v.eq_ignore_ascii_case(&email)))
+        .any(|(f, v)| *f == Field::Email && !matches!(v, FieldValue::Text(Some(v)) if v.eq_ignore_ascii_case(&email)))
     {
         return errors(
             StatusCode::BAD_REQUEST,
@@ -1124,7 +1217,7 @@ async fn upsert(
     match matches.as_slice() {
         [] => {
             changes.retain(|(f, _)| *f != Field::Email);
-            changes.push((Field::Email, Some(email)));
+            changes.push((Field::Email, FieldValue::Text(Some(email))));
             match insert_new(&state, &mut store, changes) {
                 Ok(id) => json(
                     StatusCode::CREATED,

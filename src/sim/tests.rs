@@ -144,7 +144,7 @@ fn person(n: usize) -> NewContact {
 }
 
 /// Walks every page of a query; returns the Ids in order and the number of pages.
-async fn walk(sim: &CrmSim, soql: &str, batch: usize, between: impl Fn(usize)) -> (Vec<String>, usize) {
+async fn walk(sim: &CrmSim, soql: &str, batch: usize) -> (Vec<String>, usize) {
     let mut ids = Vec::new();
     let mut pages = 0;
     let mut response = crm_get(sim, "/query")
@@ -161,7 +161,6 @@ async fn walk(sim: &CrmSim, soql: &str, batch: usize, between: impl Fn(usize)) -
             assert_eq!(record["attributes"]["type"], "Contact");
             ids.push(record["Id"].as_str().expect("Id").to_string());
         }
-        between(pages);
         match body["nextRecordsUrl"].as_str() {
             Some(next) => {
                 assert_eq!(body["done"], false);
@@ -206,14 +205,14 @@ async fn crm_query_pages_by_batch_size_in_cursor_order() {
     }
     sim.freeze_clock(None);
     let soql = "SELECT Id, LastModifiedDate FROM Contact WHERE LastModifiedDate >= 2026-11-27T18:09:45Z ORDER BY LastModifiedDate, Id";
-    let (ids, pages) = walk(&sim, soql, 200, |_| {}).await;
+    let (ids, pages) = walk(&sim, soql, 200).await;
     assert_eq!(pages, 3);
     assert_eq!(ids.len(), 450);
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted, "ties on LastModifiedDate are ordered by Id");
     // A batch size below Salesforce's minimum is raised to it.
-    let (_, pages) = walk(&sim, soql, 10, |_| {}).await;
+    let (_, pages) = walk(&sim, soql, 10).await;
     assert_eq!(pages, 3);
     let body: Value = crm_get(&sim, "/query")
         .query(&[(
@@ -242,12 +241,8 @@ async fn crm_page_boundary_moves_when_a_record_changes_during_a_walk() {
     sim.freeze_clock(Some(t + chrono::Duration::seconds(5)));
     let soql = "SELECT Id FROM Contact ORDER BY LastModifiedDate, Id";
     let first = created[0].clone();
-    let (ids, _) = walk(&sim, soql, 200, |page| {
-        if page == 1 {
-            assert!(sim.edit(&first, "Title", Some("moved")));
-        }
-    })
-    .await;
+    assert!(sim.edit_between_pages(&first, "Title", Some("moved")));
+    let (ids, _) = walk(&sim, soql, 200).await;
     // The edited record moved behind the boundary and is seen twice; the record that
     // slid onto page one is never seen: the trap a cursor with look-back must survive.
     assert_eq!(ids.len(), 400);
