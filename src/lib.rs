@@ -12,6 +12,8 @@
 
 pub mod bench;
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod connector;
 pub mod engine;
 pub mod http;
