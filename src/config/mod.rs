@@ -222,6 +222,9 @@ pub struct SystemConfig {
 pub enum ConnectorConfig {
     /// Batch export files in a directory (CSV or JSONL), and export files written out.
     File(crate::connector::file::FileSystemConfig),
+    /// A JSON REST API: polled with an updated-since cursor, written with
+    /// create/update/upsert/delete requests.
+    Rest(crate::connector::rest::RestSystemConfig),
 }
 
 impl ConnectorConfig {
@@ -229,6 +232,7 @@ impl ConnectorConfig {
     pub fn type_name(&self) -> &'static str {
         match self {
             ConnectorConfig::File(_) => "file",
+            ConnectorConfig::Rest(_) => "rest",
         }
     }
 }

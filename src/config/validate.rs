@@ -237,6 +237,154 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            ConnectorConfig::Rest(rest) => self.rest(name, &path, system.direction, rest),
+        }
+    }
+
+    fn rest(&mut self, name: &str, path: &str, direction: Direction, rest: &crate::connector::rest::RestSystemConfig) {
+        use crate::connector::rest::{Concurrency, DeleteDetection, Pagination};
+        match reqwest::Url::parse(&rest.base_url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                if url.query().is_some() || url.fragment().is_some() {
+                    self.report(format!("{path}.base_url"), "must not have a query or fragment");
+                }
+            }
+            Ok(_) => self.report(format!("{path}.base_url"), "must be an http or https url with a host"),
+            Err(_) => self.report(format!("{path}.base_url"), "not a valid url"),
+        }
+        if rest.timeout_ms == 0 {
+            self.report(format!("{path}.timeout_ms"), "must be > 0");
+        }
+        if rest.max_body_bytes == 0 {
+            self.report(format!("{path}.max_body_bytes"), "must be > 0");
+        }
+        if rest.max_concurrency == 0 {
+            self.report(format!("{path}.max_concurrency"), "must be > 0");
+        }
+        for (header, value) in &rest.headers {
+            if reqwest::header::HeaderName::from_bytes(header.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(value).is_err()
+            {
+                self.report(format!("{path}.headers.{header}"), "not a valid header name and value");
+            }
+        }
+        for (object_name, object) in &rest.objects {
+            let opath = format!("{path}.objects.{object_name}");
+            self.http_path(format!("{opath}.list.path"), &object.list.path, None);
+            self.pointer(format!("{opath}.records"), &object.records);
+            if let Some(fields) = &object.fields {
+                self.pointer(format!("{opath}.fields"), fields);
+            }
+            match &object.pagination {
+                Pagination::Page { size, .. } | Pagination::Offset { limit: size, .. } if *size == 0 => {
+                    self.report(format!("{opath}.pagination"), "page size must be > 0");
+                }
+                Pagination::Token { pointer, param } => {
+                    self.pointer(format!("{opath}.pagination.pointer"), pointer);
+                    self.not_empty(format!("{opath}.pagination.param"), param);
+                }
+                Pagination::NextUrl { pointer } => self.pointer(format!("{opath}.pagination.pointer"), pointer),
+                _ => {}
+            }
+            if let Some(cursor) = &object.cursor {
+                self.not_empty(format!("{opath}.cursor.field"), &cursor.field);
+                self.not_empty(format!("{opath}.cursor.param"), &cursor.param);
+                if !cursor.template.contains("{cursor}") {
+                    self.report(format!("{opath}.cursor.template"), "must contain {cursor}");
+                }
+            }
+            if let Some(write) = &object.write {
+                if let Some(create) = &write.create_path {
+                    self.http_path(format!("{opath}.write.create_path"), create, None);
+                }
+                self.http_path(format!("{opath}.write.item_path"), &write.item_path, Some("{id}"));
+                if let Some(upsert) = &write.upsert {
+                    self.http_path(format!("{opath}.write.upsert.path"), &upsert.path, Some("{key}"));
+                    self.not_empty(format!("{opath}.write.upsert.field"), &upsert.field);
+                }
+                if write.create_path.is_none() && write.upsert.is_none() {
+                    let creating = self.config.links.iter().any(|l| {
+                        l.system == name && &l.object == object_name && direction.writes() && l.write_mode().may_create()
+                    });
+                    if creating {
+                        self.report(
+                            format!("{opath}.write"),
+                            "set create_path or upsert: a link creates records of this object",
+                        );
+                    }
+                }
+                if write.created_id != "location" {
+                    self.pointer(format!("{opath}.write.created_id"), &write.created_id);
+                }
+            }
+            if let Concurrency::VersionField { field } = &object.concurrency {
+                self.not_empty(format!("{opath}.concurrency.field"), field);
+            }
+            match &object.deletes {
+                DeleteDetection::None => {}
+                DeleteDetection::Flag { field, .. } => self.not_empty(format!("{opath}.deletes.field"), field),
+                DeleteDetection::Tombstone {
+                    path: tpath,
+                    records,
+                    id,
+                    time,
+                    interval_secs,
+                    start_param,
+                    ..
+                } => {
+                    self.http_path(format!("{opath}.deletes.path"), tpath, None);
+                    self.pointer(format!("{opath}.deletes.records"), records);
+                    self.pointer(format!("{opath}.deletes.id"), id);
+                    if let Some(time) = time {
+                        self.pointer(format!("{opath}.deletes.time"), time);
+                    }
+                    self.not_empty(format!("{opath}.deletes.start_param"), start_param);
+                    if *interval_secs == 0 {
+                        self.report(format!("{opath}.deletes.interval_secs"), "must be > 0");
+                    }
+                }
+                DeleteDetection::FullScan { interval_secs } => {
+                    if *interval_secs == 0 {
+                        self.report(format!("{opath}.deletes.interval_secs"), "must be > 0");
+                    }
+                }
+            }
+        }
+        for (index, link) in self.config.links.iter().enumerate() {
+            if link.system != name {
+                continue;
+            }
+            match rest.objects.get(&link.object) {
+                None => self.report(
+                    format!("links[{index}].object"),
+                    format!("{:?} is not an object of {path}.objects", link.object),
+                ),
+                Some(object) => {
+                    let writes = direction.writes() && link.write_mode() != WriteMode::ReadOnly;
+                    if writes && object.write.is_none() {
+                        self.report(
+                            format!("{path}.objects.{}.write", link.object),
+                            format!("must be set: links[{index}] writes to this object"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// A path appended to a base URL: starts with `/`; `placeholder` must appear in it.
+    fn http_path(&mut self, path: String, value: &str, placeholder: Option<&str>) {
+        if !value.starts_with('/') {
+            self.report(path, "must start with /");
+        } else if let Some(p) = placeholder.filter(|p| !value.contains(*p)) {
+            self.report(path, format!("must contain {p}"));
+        }
+    }
+
+    /// A JSON pointer (RFC 6901): empty, or starting with `/`.
+    fn pointer(&mut self, path: String, value: &str) {
+        if !value.is_empty() && !value.starts_with('/') {
+            self.report(path, "must be a JSON pointer: empty or starting with /");
         }
     }
 

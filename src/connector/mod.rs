@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod rest;
 
 use std::time::Duration;
 
@@ -194,6 +195,12 @@ pub fn open_all(
                     },
                 )?,
             ),
+            ConnectorConfig::Rest(_) => {
+                return Err(OpenError::Connector {
+                    what: link.name.clone(),
+                    source: ConnectorError::fatal("unsupported", "rest capture is not available in this build"),
+                });
+            }
         };
         connectors.sources.push((link.index, source));
     }
@@ -207,6 +214,12 @@ pub fn open_all(
                         source,
                     }
                 })?)
+            }
+            ConnectorConfig::Rest(_) => {
+                return Err(OpenError::Connector {
+                    what: system_name.clone(),
+                    source: ConnectorError::fatal("unsupported", "rest writes are not available in this build"),
+                });
             }
         };
         connectors.sinks.insert(system_name, sink);
