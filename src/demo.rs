@@ -120,7 +120,11 @@ const HR_COUNT: usize = 24;
 
 fn email(i: usize) -> String {
     let (first, last, _) = PEOPLE[i % PEOPLE.len()];
-    format!("{}.{}@example.com", first.to_lowercase(), last.to_lowercase().replace(' ', "-"))
+    format!(
+        "{}.{}@example.com",
+        first.to_lowercase(),
+        last.to_lowercase().replace(' ', "-")
+    )
 }
 
 fn employee_id(i: usize) -> String {
@@ -155,7 +159,9 @@ async fn start_simulators(dir: &Path, crm_rate: u32) -> anyhow::Result<Systems> 
     };
     let crm = match CrmSim::start(crm_options(CRM_PORT)).await {
         Ok(crm) => crm,
-        Err(_) => CrmSim::start(crm_options(0)).await.context("starting the simulated CRM")?,
+        Err(_) => CrmSim::start(crm_options(0))
+            .await
+            .context("starting the simulated CRM")?,
     };
     let lms = match LmsSim::start(LmsOptions {
         port: LMS_PORT,
@@ -194,11 +200,19 @@ fn seed(systems: &mut Systems) -> anyhow::Result<()> {
         let (first, last, title) = PEOPLE[i];
         systems.crm.create(NewContact {
             // The CRM's own spelling differs for some; HR owns names and wins.
-            first_name: Some(if i % 7 == 3 { first[..1].to_string() } else { first.to_string() }),
+            first_name: Some(if i % 7 == 3 {
+                first[..1].to_string()
+            } else {
+                first.to_string()
+            }),
             last_name: Some(last.into()),
             email: Some(email(i)),
             phone: Some(format!("+1 415-555-{:04}", 100 + i)),
-            title: Some(if i % 5 == 2 { "Sales contact".into() } else { title.into() }),
+            title: Some(if i % 5 == 2 {
+                "Sales contact".into()
+            } else {
+                title.into()
+            }),
             certified: false,
         });
     }
@@ -342,8 +356,9 @@ fn write_secret(path: &Path, value: &str) -> anyhow::Result<()> {
 /// (state, inbox, credential files) resolve in `dir`, entity schemas stay where the
 /// configuration names them, and the CRM and LMS base URLs are the bound addresses.
 fn adapt(cfg: &mut Config, dir: &Path, systems: &Systems, listen: Option<String>) -> anyhow::Result<()> {
+    let config_dir = std::path::absolute(&cfg.base_dir).context("resolving the configuration's directory")?;
     for entity in cfg.entities.values_mut() {
-        entity.schema = cfg.base_dir.join(&entity.schema);
+        entity.schema = config_dir.join(&entity.schema);
     }
     cfg.base_dir = dir.to_path_buf();
     if let Some(listen) = listen {
@@ -404,7 +419,14 @@ fn counters(exposition: &str) -> Counters {
 }
 
 async fn read_counters(client: &reqwest::Client, admin: &str) -> Option<Counters> {
-    let text = client.get(format!("{admin}/metrics")).send().await.ok()?.text().await.ok()?;
+    let text = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     Some(counters(&text))
 }
 
@@ -561,7 +583,9 @@ async fn run_async(options: DemoOptions) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(5))
         .build()
         .context("building the metrics client")?;
-    let run_until = options.seconds.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let run_until = options
+        .seconds
+        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut trickle_tick = tokio::time::interval(TRICKLE_INTERVAL);
     let mut summary_tick = tokio::time::interval(SUMMARY_INTERVAL);
     trickle_tick.tick().await;

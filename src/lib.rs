@@ -12,9 +12,9 @@
 
 pub mod bench;
 pub mod config;
+pub mod connector;
 pub mod daemon;
 pub mod demo;
-pub mod connector;
 pub mod engine;
 pub mod http;
 pub mod mapping;

@@ -206,5 +206,10 @@ fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(concord::daemon::run(cfg, mode, config_path, concord::daemon::Hooks::default()))
+        .block_on(concord::daemon::run(
+            cfg,
+            mode,
+            config_path,
+            concord::daemon::Hooks::default(),
+        ))
 }

@@ -46,14 +46,17 @@ fn the_demo_converges_to_the_authority_rules() {
     let output = child.wait_with_output().expect("demo output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(status.success(), "the demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        status.success(),
+        "the demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     for shown in ["/api/v1/status", "/metrics", "state (redb)", "records |"] {
         assert!(stdout.contains(shown), "the demo prints {shown:?}:\n{stdout}");
     }
     assert!(dir.join("state").is_dir(), "the state lives in the demo directory");
 
-    let summary: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).expect("summary.json")).expect("summary is JSON");
+    let summary: Value = serde_json::from_slice(&std::fs::read(dir.join("summary.json")).expect("summary.json"))
+        .expect("summary is JSON");
     assert_eq!(summary["converged"], true, "the systems settled\n{stdout}");
     let contacts = summary["crm"]["contacts"].as_array().expect("CRM contacts");
     let learners = summary["lms"]["learners"].as_array().expect("LMS learners");
@@ -71,7 +74,11 @@ fn the_demo_converges_to_the_authority_rules() {
         let c = find(contacts, "Email", email).unwrap_or_else(|| panic!("{email} is not in the CRM"));
         assert_eq!(text(&c, "FirstName"), text(e, "first"), "{email}");
         assert_eq!(text(&c, "LastName"), text(e, "last"), "{email}");
-        assert_eq!(text(&c, "Title"), text(e, "job_title"), "{email}: HR's title, the CRM edit reverted");
+        assert_eq!(
+            text(&c, "Title"),
+            text(e, "job_title"),
+            "{email}: HR's title, the CRM edit reverted"
+        );
         let l = find(learners, "email", email).unwrap_or_else(|| panic!("{email} is not in the LMS"));
         assert_eq!(
             text(&l, "full_name"),
@@ -91,7 +98,13 @@ fn the_demo_converges_to_the_authority_rules() {
 
     // The scripted changes happened, and their effects are visible.
     let happened = |kind: &str| events.iter().filter(|e| text(e, "kind") == kind).count();
-    for kind in ["title_edit", "invalid_phone", "certified", "title_change", "name_retyped"] {
+    for kind in [
+        "title_edit",
+        "invalid_phone",
+        "certified",
+        "title_change",
+        "name_retyped",
+    ] {
         assert!(happened(kind) >= 1, "no {kind} event in {events:?}");
     }
     let counters = &summary["counters"];
@@ -108,7 +121,10 @@ fn the_demo_converges_to_the_authority_rules() {
         let email = text(e, "email");
         if let (Some(c), Some(l)) = (find(contacts, "Email", email), find(learners, "email", email)) {
             assert_eq!(l["certified"], true, "{email}");
-            assert_eq!(c["Certified__c"], true, "{email}: the LMS certification reached the CRM");
+            assert_eq!(
+                c["Certified__c"], true,
+                "{email}: the LMS certification reached the CRM"
+            );
         }
     }
 }

@@ -145,7 +145,10 @@ map = [
         batch = setup.crm_batch,
         schema = schema.display(),
         on_delete = setup.lms_on_delete,
-        crm_rate = setup.crm_rate_limit.map(|r| format!("rate_limit = {r}")).unwrap_or_default(),
+        crm_rate = setup
+            .crm_rate_limit
+            .map(|r| format!("rate_limit = {r}"))
+            .unwrap_or_default(),
     )
 }
 
@@ -217,29 +220,34 @@ impl Sync {
 
     /// Waits until both systems hold the same people with the same agreed values.
     async fn agreed(&self) {
-        self.until("the CRM and the LMS agree", |s| agreement(&s.crm, &s.lms)).await;
+        self.until("the CRM and the LMS agree", |s| agreement(&s.crm, &s.lms))
+            .await;
     }
 
     /// Waits until every link has finished `polls` more polls than now and nothing
     /// is pending: whatever either system held now has been captured and merged.
     async fn quiet(&self, polls: u32) {
         let start = self.status();
-        let mut seen: std::collections::BTreeMap<String, (Option<i64>, u32)> = start
+        let mut seen: std::collections::BTreeMap<String, (Option<concord::model::TimeMs>, u32)> = start
             .links
             .iter()
-            .map(|(name, l)| (name.clone(), (l.last_success_ms.map(|t| t as i64), 0)))
+            .map(|(name, l)| (name.clone(), (l.last_success_ms, 0)))
             .collect();
         self.until("every link polled again and nothing is pending", |s| {
             let status = s.status();
             for (name, link) in &status.links {
                 let entry = seen.entry(name.clone()).or_insert((None, 0));
-                let now = link.last_success_ms.map(|t| t as i64);
+                let now = link.last_success_ms;
                 if now != entry.0 {
                     entry.0 = now;
                     entry.1 += 1;
                 }
             }
-            let behind: Vec<_> = seen.iter().filter(|(_, (_, n))| *n < polls).map(|(k, _)| k.clone()).collect();
+            let behind: Vec<_> = seen
+                .iter()
+                .filter(|(_, (_, n))| *n < polls)
+                .map(|(k, _)| k.clone())
+                .collect();
             let pending: u64 = status.systems.values().map(|s| s.outbox_depth).sum();
             if behind.is_empty() && pending == 0 {
                 Ok(())
@@ -251,12 +259,14 @@ impl Sync {
     }
 }
 
-fn crm_sim(options: CrmOptions) -> impl std::future::Future<Output = CrmSim> {
-    async move { CrmSim::start(options).await.expect("the CRM simulator starts") }
+async fn crm_sim(options: CrmOptions) -> CrmSim {
+    CrmSim::start(options).await.expect("the CRM simulator starts")
 }
 
 async fn lms_sim() -> LmsSim {
-    LmsSim::start(LmsOptions::default()).await.expect("the LMS simulator starts")
+    LmsSim::start(LmsOptions::default())
+        .await
+        .expect("the LMS simulator starts")
 }
 
 fn contact(n: usize) -> NewContact {
@@ -299,7 +309,11 @@ fn agreement(crm: &CrmSim, lms: &LmsSim) -> Result<(), String> {
             return Err(format!("{email} is in the CRM, not in the LMS"));
         };
         if l.full_name != name_of(c) {
-            return Err(format!("{email}: CRM name {:?}, LMS name {:?}", name_of(c), l.full_name));
+            return Err(format!(
+                "{email}: CRM name {:?}, LMS name {:?}",
+                name_of(c),
+                l.full_name
+            ));
         }
         if l.certified != c.certified {
             return Err(format!("{email}: CRM certified {}, LMS {}", c.certified, l.certified));
@@ -312,11 +326,13 @@ fn agreement(crm: &CrmSim, lms: &LmsSim) -> Result<(), String> {
 }
 
 fn learner_by_email(lms: &LmsSim, email: &str) -> Result<Learner, String> {
-    lms.find_by_email(email).ok_or_else(|| format!("no live learner {email}"))
+    lms.find_by_email(email)
+        .ok_or_else(|| format!("no live learner {email}"))
 }
 
 fn contact_by_email(crm: &CrmSim, email: &str) -> Result<Contact, String> {
-    crm.find_by_email(email).ok_or_else(|| format!("no live contact {email}"))
+    crm.find_by_email(email)
+        .ok_or_else(|| format!("no live contact {email}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,8 +350,16 @@ async fn initial_sync_then_steady_changes_both_ways() {
     sync.agreed().await;
     assert_eq!((sync.crm.live().len(), sync.lms.live().len()), (80, 80));
     // The LMS owns certification: the CRM took it for the people both knew.
-    assert!(contact_by_email(&sync.crm, "p42@example.com").expect("contact").certified);
-    assert!(!contact_by_email(&sync.crm, "p43@example.com").expect("contact").certified);
+    assert!(
+        contact_by_email(&sync.crm, "p42@example.com")
+            .expect("contact")
+            .certified
+    );
+    assert!(
+        !contact_by_email(&sync.crm, "p43@example.com")
+            .expect("contact")
+            .certified
+    );
     // A learner created from the CRM is known by the id the LMS gave it, and one created
     // from the LMS by the CRM's.
     let created = contact_by_email(&sync.crm, "p70@example.com").expect("created in the CRM");
@@ -470,7 +494,8 @@ async fn server_errors_and_timeouts_are_retried_until_everything_is_applied() {
     assert_eq!(sync.lms.live().len(), 20);
     // Updates whose answer is lost after they were applied: retried, applied again
     // (idempotent), and nothing else changes.
-    sync.lms.fail_next(2, Fault::StallAfter(Duration::from_secs(2)), FaultScope::Writes);
+    sync.lms
+        .fail_next(2, Fault::StallAfter(Duration::from_secs(2)), FaultScope::Writes);
     for n in 0..4 {
         let c = contact_by_email(&sync.crm, &format!("p{n}@example.com")).expect("contact");
         assert!(sync.crm.edit(&c.id, "LastName", Some(&format!("After{n}"))));
@@ -507,16 +532,27 @@ async fn a_concurrent_edit_meets_a_412_and_both_changes_survive() {
     // A user changes the phone just before concord's write of the certification
     // lands: the write carries the ETag concord read, meets a 412, and is made again
     // on the record as it now is.
-    assert!(sync.crm.interfere_on_next_write(&c.id, "Phone", Some("+1 415 555 0199")));
+    assert!(
+        sync.crm
+            .interfere_on_next_write(&c.id, "Phone", Some("+1 415 555 0199"))
+    );
     let l = learner_by_email(&sync.lms, "p3@example.com").expect("learner");
     assert!(sync.lms.edit(l.id, json!({"certified": true})));
     sync.until("the certification reaches the CRM", |s| {
         let c = contact_by_email(&s.crm, "p3@example.com")?;
-        if c.certified { Ok(()) } else { Err("not certified yet".into()) }
+        if c.certified {
+            Ok(())
+        } else {
+            Err("not certified yet".into())
+        }
     })
     .await;
     let c = contact_by_email(&sync.crm, "p3@example.com").expect("contact");
-    assert_eq!(c.phone.as_deref(), Some("+1 415 555 0199"), "the user's edit was not overwritten");
+    assert_eq!(
+        c.phone.as_deref(),
+        Some("+1 415 555 0199"),
+        "the user's edit was not overwritten"
+    );
     assert!(sync.crm.stats().precondition_failed >= 1, "{:?}", sync.crm.stats());
     sync.agreed().await;
     sync.stop().await;
@@ -542,16 +578,21 @@ async fn deletes_propagate_by_the_link_policy() {
         let l = learner_by_email(&sync.lms, "p2@example.com").expect("learner");
         assert!(sync.lms.delete(l.id));
         if propagates {
-            sync.until("the CRM's delete reaches the LMS", |s| match s.lms.find_by_email("p1@example.com") {
-                None => Ok(()),
-                Some(_) => Err("p1 is still a live learner".into()),
+            sync.until("the CRM's delete reaches the LMS", |s| {
+                match s.lms.find_by_email("p1@example.com") {
+                    None => Ok(()),
+                    Some(_) => Err("p1 is still a live learner".into()),
+                }
             })
             .await;
             let gone = sync.lms.learners().into_iter().find(|l| l.email == "p1@example.com");
             assert!(gone.expect("kept, soft-deleted").deleted_at.is_some());
         } else {
             sync.quiet(3).await;
-            assert!(sync.lms.find_by_email("p1@example.com").is_some(), "ignored: the learner stays");
+            assert!(
+                sync.lms.find_by_email("p1@example.com").is_some(),
+                "ignored: the learner stays"
+            );
         }
         sync.quiet(3).await;
         assert!(
@@ -577,7 +618,11 @@ async fn the_echo_of_our_own_write_causes_no_further_write() {
     assert!(sync.crm.edit(&c.id, "FirstName", Some("Echo")));
     sync.until("the rename reaches the LMS", |s| {
         let l = learner_by_email(&s.lms, "p4@example.com")?;
-        if l.full_name == "Echo Last4" { Ok(()) } else { Err(format!("{:?}", l.full_name)) }
+        if l.full_name == "Echo Last4" {
+            Ok(())
+        } else {
+            Err(format!("{:?}", l.full_name))
+        }
     })
     .await;
     // The LMS now shows our write as its own change; two more polls of every link

@@ -444,8 +444,7 @@ mod tests {
             let doc: toml::Table = toml::from_str(&example).expect("example is toml");
             let systems = doc["systems"].as_table().expect("systems table");
             for (_, system) in systems {
-                let system: crate::config::SystemConfig =
-                    system.clone().try_into().expect("example is a valid system");
+                let system: crate::config::SystemConfig = system.clone().try_into().expect("example is a valid system");
                 let crate::config::ConnectorConfig::Rest(rest) = system.connector else {
                     panic!("example is a rest system");
                 };
