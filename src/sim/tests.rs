@@ -310,7 +310,7 @@ async fn crm_create_upsert_and_delete() {
     let response = client()
         .post(url("/sobjects/Contact"))
         .bearer_auth(sim.token())
-        .json(&json!({"FirstName": "Grace", "LastName": "Hopper", "Email": "grace@example.com"}))
+        .json(&json!({"FirstName": "Grace", "LastName": "Hopper", "Email": "grace@example.com", "Certified__c": true}))
         .send()
         .await
         .expect("create");
@@ -319,6 +319,15 @@ async fn crm_create_upsert_and_delete() {
     let id = body["id"].as_str().expect("id").to_string();
     assert_eq!((id.len(), &id[..3]), (18, "003"));
     assert_eq!(body["success"], true);
+    assert!(sim.contact(&id).expect("created").certified, "the custom checkbox is set");
+    let response = client()
+        .post(url("/sobjects/Contact"))
+        .bearer_auth(sim.token())
+        .json(&json!({"LastName": "Checkbox", "Certified__c": "yes"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let response = client()
         .post(url("/sobjects/Contact"))
         .bearer_auth(sim.token())
