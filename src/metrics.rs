@@ -16,6 +16,7 @@ pub const LABEL_POLICY: &str = "policy";
 pub const LABEL_REASON: &str = "reason";
 pub const LABEL_VERSION: &str = "version";
 pub const LABEL_LINK: &str = "link";
+pub const LABEL_METHOD: &str = "method";
 
 /// Build information; value 1, the version in a label.
 pub const BUILD_INFO: &str = "concord_build_info";
@@ -35,7 +36,8 @@ pub const DEAD_LETTERS: &str = "concord_dead_letters_total";
 pub const DLQ_DEPTH: &str = "concord_dlq_entries";
 /// Current pending outbox entries, by system.
 pub const OUTBOX_DEPTH: &str = "concord_outbox_entries";
-/// Write attempts, by system, entity, op and outcome (ok, retry, dead_letter, dry_run).
+/// Write attempts, by system, entity, op and outcome (ok, retry, dead_letter, dry_run,
+/// conflict: refused because the record changed in the system, read again and merged).
 pub const WRITES: &str = "concord_writes_total";
 /// Age of the oldest change a source holds that concord has not captured yet.
 pub const SOURCE_LAG: &str = "concord_source_lag_seconds";
@@ -55,6 +57,14 @@ pub const LINK_UP: &str = "concord_link_up";
 pub const RECORDS: &str = "concord_records";
 /// Admin API requests, by outcome (status class).
 pub const ADMIN_REQUESTS: &str = "concord_admin_requests_total";
+
+/// HTTP requests to REST systems, by system, method and status class (2xx, 4xx, 5xx,
+/// error for no answer). Never the URL.
+pub const HTTP_REQUESTS: &str = "concord_http_requests_total";
+/// Duration of one HTTP request to a REST system, answer body included, by system.
+pub const HTTP_REQUEST_DURATION: &str = "concord_http_request_duration_seconds";
+/// Share of a system's rate budget left (0..1), from its rate-limit headers, by system.
+pub const RATE_LIMIT_HEADROOM: &str = "concord_rate_limit_headroom_ratio";
 
 /// Every metric name above, for the tests that hold dashboards, alerts and the
 /// exposition to this list.
@@ -78,6 +88,9 @@ pub const ALL: &[&str] = &[
     LINK_UP,
     RECORDS,
     ADMIN_REQUESTS,
+    HTTP_REQUESTS,
+    HTTP_REQUEST_DURATION,
+    RATE_LIMIT_HEADROOM,
 ];
 
 /// Buckets for latency histograms, in seconds: 1 ms to 5 minutes.
@@ -87,7 +100,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Every histogram name, so the exporter renders each as a histogram with
 /// [`LATENCY_BUCKETS`].
-pub const HISTOGRAMS: &[&str] = &[END_TO_END_LATENCY, STATE_COMMIT_DURATION];
+pub const HISTOGRAMS: &[&str] = &[END_TO_END_LATENCY, STATE_COMMIT_DURATION, HTTP_REQUEST_DURATION];
 
 /// Registers help text and units with the recorder. Call once after installing it.
 pub fn describe() {
@@ -134,5 +147,15 @@ pub fn describe() {
     describe_gauge!(LINK_UP, "1 while a link runs, 0 after it stopped on a fatal error.");
     describe_gauge!(RECORDS, Unit::Count, "Records in the state store.");
     describe_counter!(ADMIN_REQUESTS, Unit::Count, "Admin API requests, by status class.");
+    describe_counter!(HTTP_REQUESTS, Unit::Count, "HTTP requests to REST systems, by status class.");
+    describe_histogram!(
+        HTTP_REQUEST_DURATION,
+        Unit::Seconds,
+        "Duration of one HTTP request to a REST system."
+    );
+    describe_gauge!(
+        RATE_LIMIT_HEADROOM,
+        "Share of the system's rate budget left, from its rate-limit headers."
+    );
     metrics::gauge!(BUILD_INFO, LABEL_VERSION => env!("CARGO_PKG_VERSION")).set(1.0);
 }

@@ -135,6 +135,7 @@ pub trait Sink: Send {
 pub enum AnySource {
     File(file::FileSource),
     Memory(memory::MemorySource),
+    Rest(rest::RestSource),
 }
 
 impl AnySource {
@@ -142,18 +143,21 @@ impl AnySource {
         match self {
             AnySource::File(s) => s.next_batch(max).await,
             AnySource::Memory(s) => s.next_batch(max).await,
+            AnySource::Rest(s) => s.next_batch(max).await,
         }
     }
     pub async fn committed(&mut self, checkpoint: &Checkpoint) -> Result<(), ConnectorError> {
         match self {
             AnySource::File(s) => s.committed(checkpoint).await,
             AnySource::Memory(s) => s.committed(checkpoint).await,
+            AnySource::Rest(s) => s.committed(checkpoint).await,
         }
     }
     pub fn lag_seconds(&self) -> f64 {
         match self {
             AnySource::File(s) => s.lag_seconds(),
             AnySource::Memory(s) => s.lag_seconds(),
+            AnySource::Rest(s) => s.lag_seconds(),
         }
     }
 }
@@ -162,6 +166,7 @@ impl AnySource {
 pub enum AnySink {
     File(file::FileSink),
     Memory(memory::MemorySink),
+    Rest(rest::RestSink),
 }
 
 impl AnySink {
@@ -169,6 +174,17 @@ impl AnySink {
         match self {
             AnySink::File(s) => s.apply(writes).await,
             AnySink::Memory(s) => s.apply(writes).await,
+            AnySink::Rest(s) => s.apply(writes).await,
+        }
+    }
+
+    /// Records read again after writes the system refused because the record changed
+    /// there (HTTP 412), since the last call. The applier merges each as a change from
+    /// the system and plans the refused write again from the result.
+    pub fn take_rereads(&mut self) -> Vec<rest::Reread> {
+        match self {
+            AnySink::Rest(s) => s.take_rereads(),
+            AnySink::File(_) | AnySink::Memory(_) => Vec::new(),
         }
     }
 }
@@ -183,6 +199,8 @@ pub fn open_all(
     let mut connectors = crate::engine::Connectors::default();
     let view = store.read()?;
     let base_dir = &rt.config.base_dir;
+    // One client per REST system: its links and its sink share the pool and the budget.
+    let mut rest_clients = RestClients::default();
     for link in rt.links.iter().filter(|l| l.captures) {
         let system = &rt.config.systems[&link.config.system];
         let checkpoint = view.checkpoint(&link.config.system, &link.name)?;
@@ -195,11 +213,27 @@ pub fn open_all(
                     },
                 )?,
             ),
-            ConnectorConfig::Rest(_) => {
-                return Err(OpenError::Connector {
-                    what: link.name.clone(),
-                    source: ConnectorError::fatal("unsupported", "rest capture is not available in this build"),
-                });
+            ConnectorConfig::Rest(cfg) => {
+                let client = rest_clients.get(&link.config.system, system, cfg, base_dir)?;
+                let system_name = link.config.system.as_str();
+                let known = || {
+                    view.records(&link.config.entity)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|(_, state)| {
+                            let shadow = state.shadows.get(system_name)?;
+                            if shadow.deleted { None } else { shadow.local_id.clone() }
+                        })
+                        .collect()
+                };
+                AnySource::Rest(
+                    rest::RestSource::open(client, &cfg.objects, &link.config, checkpoint.as_ref(), known).map_err(
+                        |source| OpenError::Connector {
+                            what: link.name.clone(),
+                            source,
+                        },
+                    )?,
+                )
             }
         };
         connectors.sources.push((link.index, source));
@@ -215,16 +249,49 @@ pub fn open_all(
                     }
                 })?)
             }
-            ConnectorConfig::Rest(_) => {
-                return Err(OpenError::Connector {
-                    what: system_name.clone(),
-                    source: ConnectorError::fatal("unsupported", "rest writes are not available in this build"),
-                });
+            ConnectorConfig::Rest(cfg) => {
+                let client = rest_clients.get(&system_name, system, cfg, base_dir)?;
+                let links = rt
+                    .links
+                    .iter()
+                    .filter(|l| l.writes && l.config.system == system_name)
+                    .map(|l| &l.config);
+                AnySink::Rest(
+                    rest::RestSink::open(client, &cfg.objects, links, cfg.max_concurrency).map_err(|source| {
+                        OpenError::Connector {
+                            what: system_name.clone(),
+                            source,
+                        }
+                    })?,
+                )
             }
         };
         connectors.sinks.insert(system_name, sink);
     }
     Ok(connectors)
+}
+
+#[derive(Default)]
+struct RestClients(std::collections::BTreeMap<String, rest::RestClient>);
+
+impl RestClients {
+    fn get(
+        &mut self,
+        name: &str,
+        system: &crate::config::SystemConfig,
+        config: &rest::RestSystemConfig,
+        base_dir: &std::path::Path,
+    ) -> Result<rest::RestClient, OpenError> {
+        if let Some(client) = self.0.get(name) {
+            return Ok(client.clone());
+        }
+        let client = rest::RestClient::new(name, system, config, base_dir).map_err(|e| OpenError::Connector {
+            what: name.to_string(),
+            source: e.into(),
+        })?;
+        self.0.insert(name.to_string(), client.clone());
+        Ok(client)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connector::rest::Reread;
 use crate::connector::{AnySink, ConnectorError, ErrorClass};
 use crate::merge::{self, WriteAction};
 use crate::metrics as m;
@@ -102,10 +103,19 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
         } else {
             sink.apply(writes).await
         };
+        let rereads = sink.take_rereads();
         let settle = {
             let shared = shared.clone();
             let system = system.clone();
-            tokio::task::spawn_blocking(move || settle(&shared, &system, sends, results, others)).await
+            tokio::task::spawn_blocking(move || {
+                let mut wake = BTreeSet::new();
+                let outcome = settle(&shared, &system, sends, results, rereads, others, &mut wake);
+                for target in &wake {
+                    shared.wake(target);
+                }
+                outcome
+            })
+            .await
         };
         match settle {
             Ok(Ok(Some(retry))) => {
@@ -277,13 +287,16 @@ fn plan_group(
 }
 
 /// Records every result. Returns `Some(retry_after)` when a transient failure asks the
-/// applier to back off.
+/// applier to back off. Systems that got new outbox entries (from re-merged records)
+/// are added to `wake`, to be woken once the transaction committed.
 fn settle(
     shared: &Shared,
     system: &str,
     sends: Vec<(Group, Fields)>,
     results: Vec<Result<WriteAck, ConnectorError>>,
+    mut rereads: Vec<Reread>,
     others: Vec<Unsent>,
+    wake: &mut BTreeSet<String>,
 ) -> Result<Option<Option<Duration>>, StateError> {
     let max_attempts = shared.rt.config.engine.max_attempts;
     let now = now_ms();
@@ -323,6 +336,15 @@ fn settle(
                     count_write(system, &group.entity, op, "ok", settled);
                 }
                 Err(error) => {
+                    let seq = group.entries.last().map(|e| e.seq);
+                    let reread = rereads
+                        .iter()
+                        .position(|r| Some(r.seq) == seq && r.entity == group.entity)
+                        .map(|i| rereads.swap_remove(i));
+                    if let Some(reread) = reread {
+                        remerge(shared, t, system, group, &written, reread, &error.reason, now, wake)?;
+                        continue;
+                    }
                     failed += 1;
                     last_error = Some(error.reason.clone());
                     metrics::counter!(m::SYSTEM_ERRORS, m::LABEL_SYSTEM => system.to_string(), m::LABEL_CLASS => error.class.as_str())
@@ -380,6 +402,43 @@ fn settle(
         metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.to_string()).set(now as f64 / 1000.0);
     }
     Ok(retry)
+}
+
+/// The system refused a write because the record changed there since concord read it
+/// (a failed precondition), and the sink read it again. The refused write is not
+/// forced: its entries leave the outbox and their pending values are forgotten, and the
+/// fresh copy is merged as a change from the system, under field authority, through the
+/// normal batch path. That merge plans whatever write the system still needs, against
+/// its current values and version.
+#[allow(clippy::too_many_arguments)]
+fn remerge(
+    shared: &Shared,
+    t: &mut crate::state::WriteTables<'_>,
+    system: &str,
+    group: Group,
+    written: &Fields,
+    reread: Reread,
+    reason: &str,
+    now: TimeMs,
+    wake: &mut BTreeSet<String>,
+) -> Result<(), StateError> {
+    let op = op_name(&group.action);
+    if let Some(mut state) = t.record(&group.entity, group.global_id)? {
+        merge::abandon_write(&mut state, system, written);
+        t.put_record(&group.entity, group.global_id, &state)?;
+    }
+    for mut entry in group.entries {
+        t.remove_outbox(system, entry.seq)?;
+        entry.attempts += 1;
+        log(t, &entry, system, op, "conflict", Some(reason), now)?;
+        count_write(system, &group.entity, op, "conflict", 1);
+    }
+    let Some(link) = shared.rt.link(system, &group.entity) else {
+        return Ok(());
+    };
+    let report = super::batch::process(&shared.rt, t, link, &[reread.record], &[], None, now)?;
+    wake.extend(report.wake);
+    Ok(())
 }
 
 fn op_name(action: &WriteAction) -> &'static str {
