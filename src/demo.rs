@@ -114,6 +114,14 @@ const PEOPLE: [(&str, &str, &str); 32] = [
     ("Carol", "Shaw", "New Hire"),
     ("Joan", "Clarke", "New Hire"),
 ];
+/// People whose title the CRM held differently from HR at the start (`i % 5 == 2`):
+/// HR's title replaced the CRM's, so HR has set it, and a CRM user's later edit of it is
+/// a non-owner change.
+const TITLE_EDITED: [usize; 4] = [2, 7, 12, 17];
+/// Learners whose given name the LMS held abbreviated at the start (`i % 4 == 1`),
+/// replaced by HR's spelling, so HR has set it; a trainer's later retyping of the given
+/// name is a non-owner change.
+const NAME_RETYPED: [usize; 3] = [9, 13, 17];
 /// People 0..HR_COUNT are employees; CRM holds 0..20 and the prospects 24..28; the LMS
 /// holds 6..18 and the trainees 28..30; 30.. are hired by HR during the demo.
 const HR_COUNT: usize = 24;
@@ -184,8 +192,8 @@ async fn start_simulators(dir: &Path, crm_rate: u32) -> anyhow::Result<Systems> 
     })
 }
 
-/// Fills the three systems with their first view of the people.
-fn seed(systems: &mut Systems) -> anyhow::Result<()> {
+/// HR's first export: the employees as HR holds them.
+fn seed_hr(systems: &mut Systems) -> anyhow::Result<()> {
     for (i, (first, last, title)) in PEOPLE.iter().enumerate().take(HR_COUNT) {
         systems.hr.upsert(Employee {
             employee_id: employee_id(i),
@@ -196,6 +204,12 @@ fn seed(systems: &mut Systems) -> anyhow::Result<()> {
         });
     }
     systems.hr.export().context("writing the first HR export")?;
+    Ok(())
+}
+
+/// The CRM's and the LMS's first view of the people: many known to HR too, some only
+/// to one of them, some spelled or titled differently.
+fn seed_apps(systems: &mut Systems) {
     for i in (0..20).chain(24..28) {
         let (first, last, title) = PEOPLE[i];
         systems.crm.create(NewContact {
@@ -219,13 +233,16 @@ fn seed(systems: &mut Systems) -> anyhow::Result<()> {
     for i in (6..18).chain(28..30) {
         let (first, last, _) = PEOPLE[i];
         systems.lms.create(NewLearner {
-            full_name: format!("{first} {last}"),
+            full_name: if i % 4 == 1 {
+                format!("{}. {last}", &first[..1])
+            } else {
+                format!("{first} {last}")
+            },
             email: email(i),
             certified: i % 3 == 0,
             completed_at: (i % 3 == 0).then(chrono::Utc::now),
         });
     }
-    Ok(())
 }
 
 /// Makes the next change of the script, as a user of that system would.
@@ -237,7 +254,7 @@ fn trickle(systems: &mut Systems) -> anyhow::Result<()> {
     match step % 7 {
         // A CRM user edits a job title; HR owns titles, so concord reverts it.
         0 => {
-            let i = (round * 3) % 20;
+            let i = TITLE_EDITED[round % TITLE_EDITED.len()];
             if let Some(c) = systems.crm.find_by_email(&email(i))
                 && systems.crm.edit(&c.id, "Title", Some("Chief Everything Officer"))
             {
@@ -286,9 +303,11 @@ fn trickle(systems: &mut Systems) -> anyhow::Result<()> {
         }
         // A trainer retypes a learner's name; HR owns names, so concord reverts it.
         5 => {
-            let i = 6 + (round % 12);
+            let i = NAME_RETYPED[round % NAME_RETYPED.len()];
             if let Some(l) = systems.lms.find_by_email(&email(i))
-                && systems.lms.edit(l.id, json!({"full_name": l.full_name.to_uppercase()}))
+                && systems
+                    .lms
+                    .edit(l.id, json!({"full_name": shouted_first_name(&l.full_name)}))
             {
                 event("lms", "name_retyped", email(i));
             }
@@ -311,6 +330,14 @@ fn trickle(systems: &mut Systems) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// "Frances Allen" → "FRANCES Allen": a trainer's retyping of the given name.
+fn shouted_first_name(full_name: &str) -> String {
+    match full_name.split_once(' ') {
+        Some((first, rest)) => format!("{} {rest}", first.to_uppercase()),
+        None => full_name.to_uppercase(),
+    }
 }
 
 /// Creates the demo directory, or checks that a given one is empty.
@@ -531,7 +558,8 @@ async fn run_async(options: DemoOptions) -> anyhow::Result<()> {
     let mut systems = start_simulators(&dir, options.crm_rate).await?;
     write_secret(&dir.join(CRM_TOKEN_FILE), systems.crm.token())?;
     write_secret(&dir.join(LMS_KEY_FILE), systems.lms.api_key())?;
-    seed(&mut systems)?;
+    seed_hr(&mut systems)?;
+    seed_apps(&mut systems);
     adapt(&mut cfg, &dir, &systems, options.listen)?;
     let problems = config::validate(&cfg);
     if !problems.is_empty() {

@@ -90,7 +90,7 @@ list = {{ path = "/api/v1/learners", query = {{ per_page = "100", include_delete
 records = ""
 pagination = {{ style = "link_header" }}
 cursor = {{ field = "updated_at", param = "updated_since", format = "rfc3339_millis", lookback_secs = 2 }}
-write = {{ create_path = "/api/v1/learners", item_path = "/api/v1/learners/{{id}}", update_method = "patch", created_id = "/id" }}
+write = {{ create_path = "/api/v1/learners", item_path = "/api/v1/learners/{{id}}", update_method = "patch", created_id = "/id", upsert = {{ path = "/api/v1/learners/by_email/{{key}}", field = "email" }} }}
 concurrency = {{ mode = "etag", fetch_when_unknown = true }}
 deletes = {{ mode = "flag", field = "deleted_at" }}
 
@@ -163,6 +163,12 @@ struct Sync {
 
 impl Sync {
     async fn start(setup: Setup, crm: CrmSim, lms: LmsSim) -> Sync {
+        if let Ok(filter) = std::env::var("CONCORD_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("secrets")).expect("secrets dir");
         std::fs::write(dir.path().join("secrets/crm-token"), crm.token()).expect("token file");
@@ -224,35 +230,27 @@ impl Sync {
             .await;
     }
 
-    /// Waits until every link has finished `polls` more polls than now and nothing
-    /// is pending: whatever either system held now has been captured and merged.
-    async fn quiet(&self, polls: u32) {
-        let start = self.status();
-        let mut seen: std::collections::BTreeMap<String, (Option<concord::model::TimeMs>, u32)> = start
-            .links
-            .iter()
-            .map(|(name, l)| (name.clone(), (l.last_success_ms, 0)))
-            .collect();
-        self.until("every link polled again and nothing is pending", |s| {
+    /// Waits until both systems have answered `pages` more list pages than now, every
+    /// link is idle and nothing is pending: whatever either system held when this was
+    /// called has been captured and merged, and what that caused has been written.
+    async fn quiet(&self, pages: u64) {
+        let (crm0, lms0) = (self.crm.stats().list_pages, self.lms.stats().list_pages);
+        self.until("both systems polled again, every link idle, nothing pending", |s| {
+            let (crm, lms) = (s.crm.stats().list_pages - crm0, s.lms.stats().list_pages - lms0);
             let status = s.status();
-            for (name, link) in &status.links {
-                let entry = seen.entry(name.clone()).or_insert((None, 0));
-                let now = link.last_success_ms;
-                if now != entry.0 {
-                    entry.0 = now;
-                    entry.1 += 1;
-                }
-            }
-            let behind: Vec<_> = seen
-                .iter()
-                .filter(|(_, (_, n))| *n < polls)
-                .map(|(k, _)| k.clone())
+            let busy: Vec<_> = status
+                .links
+                .values()
+                .filter(|l| l.state != "idle")
+                .map(|l| l.link.clone())
                 .collect();
             let pending: u64 = status.systems.values().map(|s| s.outbox_depth).sum();
-            if behind.is_empty() && pending == 0 {
+            if crm >= pages && lms >= pages && busy.is_empty() && pending == 0 {
                 Ok(())
             } else {
-                Err(format!("links still to poll: {behind:?}; pending writes: {pending}"))
+                Err(format!(
+                    "list pages since: crm {crm}, lms {lms}; busy links {busy:?}; pending writes {pending}"
+                ))
             }
         })
         .await;
@@ -286,6 +284,16 @@ fn learner(n: usize, certified: bool) -> NewLearner {
         email: format!("p{n}@example.com"),
         certified,
         completed_at: None,
+    }
+}
+
+/// Waits until the wall clock has left the second of the contact's LastModifiedDate.
+async fn next_second(crm: &CrmSim, id: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    let last = crm.contact(id).expect("contact").last_modified.timestamp();
+    while chrono::Utc::now().timestamp() <= last {
+        assert!(Instant::now() < deadline, "the clock does not move");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -368,6 +376,9 @@ async fn initial_sync_then_steady_changes_both_ways() {
     for round in 0..5 {
         let n = round * 11;
         let c = contact_by_email(&sync.crm, &format!("p{n}@example.com")).expect("contact");
+        // The user's edit lands in a later second than the contact's last change, so
+        // its LastModifiedDate differs (see `an_edit_in_the_same_second_as_our_write_is_captured`).
+        next_second(&sync.crm, &c.id).await;
         assert!(sync.crm.edit(&c.id, "FirstName", Some(&format!("Renamed{round}"))));
         let m = 40 + round * 7;
         let l = learner_by_email(&sync.lms, &format!("p{m}@example.com")).expect("learner");
@@ -615,6 +626,7 @@ async fn the_echo_of_our_own_write_causes_no_further_write() {
     sync.quiet(2).await;
     let (crm_before, lms_before) = (sync.crm.stats().writes, sync.lms.stats().writes);
     let c = contact_by_email(&sync.crm, "p4@example.com").expect("contact");
+    next_second(&sync.crm, &c.id).await;
     assert!(sync.crm.edit(&c.id, "FirstName", Some("Echo")));
     sync.until("the rename reaches the LMS", |s| {
         let l = learner_by_email(&s.lms, "p4@example.com")?;
@@ -662,4 +674,37 @@ async fn a_crm_rate_limit_is_honoured() {
         }
         sync.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: the REST source drops a record whose modification time equals the one it last saw, so with second-precision LastModifiedDate a user's edit in the same second as concord's write is never captured"]
+async fn an_edit_in_the_same_second_as_our_write_is_captured() {
+    let crm = crm_sim(CrmOptions::default()).await;
+    let lms = lms_sim().await;
+    let t = chrono::Utc::now() - chrono::Duration::minutes(10);
+    crm.freeze_clock(Some(t));
+    for n in 0..3 {
+        crm.create(contact(n));
+    }
+    for n in 0..3 {
+        lms.create(learner(n, n == 1));
+    }
+    // Everything happens in one second of the CRM's clock: concord's write of the
+    // certification, its echo, and then a user's rename.
+    let sync = Sync::start(Setup::default(), crm, lms).await;
+    sync.agreed().await;
+    sync.quiet(2).await;
+    let c = contact_by_email(&sync.crm, "p1@example.com").expect("contact");
+    assert!(c.certified);
+    assert!(sync.crm.edit(&c.id, "FirstName", Some("SameSecond")));
+    sync.until("the same-second rename reaches the LMS", |s| {
+        let l = learner_by_email(&s.lms, "p1@example.com")?;
+        if l.full_name == "SameSecond Last1" {
+            Ok(())
+        } else {
+            Err(format!("{:?}", l.full_name))
+        }
+    })
+    .await;
+    sync.stop().await;
 }

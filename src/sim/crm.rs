@@ -810,6 +810,7 @@ fn batch_size(headers: &HeaderMap) -> usize {
 }
 
 fn start_query(state: &CrmState, headers: &HeaderMap, q: Option<String>, include_deleted: bool) -> Response {
+    state.common.count(|s| s.list_pages += 1);
     let Some(q) = q else {
         return errors(
             StatusCode::BAD_REQUEST,
@@ -845,6 +846,7 @@ async fn query_more(State(state): State<Arc<CrmState>>, Path(locator): Path<Stri
     let (Ok(id), Ok(offset)) = (id.parse::<u64>(), offset.parse::<usize>()) else {
         return invalid();
     };
+    state.common.count(|s| s.list_pages += 1);
     let mut store = lock(&state.store);
     let Some(found) = store.locators.get(&id).cloned() else {
         return invalid();

@@ -17,6 +17,10 @@
 //!   `POST` answers 201 with `Location` and `ETag`, 422 `{"error","field"}` on a
 //!   validation failure (unknown field, missing or malformed email, duplicate email);
 //!   `DELETE` soft-deletes (204) and a deleted learner is 404 from then on.
+//! - Upsert by email: `PATCH /learners/by_email/{email}` (merge-patch) updates the live
+//!   learner with that email (200) or creates one (201, `full_name` required), so a
+//!   client that does not know whether a person is already enrolled never makes a
+//!   duplicate.
 
 // Validation helpers return the refusal as the finished HTTP answer; one per request,
 // so its size does not matter.
@@ -264,7 +268,8 @@ impl LmsSim {
         let pipeline_state = state.clone();
         let api = Router::new()
             .route("/learners", get(list).post(create))
-            .route("/learners/{id}", get(read_one).patch(update).delete(delete));
+            .route("/learners/{id}", get(read_one).patch(update).delete(delete))
+            .route("/learners/by_email/{email}", axum::routing::patch(upsert));
         let router = Router::new()
             .nest(API_PATH, api)
             .fallback(|| async { not_found() })
@@ -397,6 +402,7 @@ fn bad_request(field: &str, error: &str) -> Response {
 }
 
 async fn list(State(state): State<Arc<LmsState>>, Query(p): Query<ListParams>) -> Response {
+    state.common.count(|s| s.list_pages += 1);
     let since = match p.updated_since.as_deref() {
         None | Some("") => None,
         Some(s) => match parse_time(s) {
@@ -604,5 +610,80 @@ async fn delete(State(state): State<Arc<LmsState>>, Path(id): Path<String>, head
             StatusCode::NO_CONTENT.into_response()
         }
         _ => not_found(),
+    }
+}
+
+async fn upsert(
+    State(state): State<Arc<LmsState>>,
+    Path(email): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut patch = match object(&body) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    if patch
+        .get("email")
+        .is_some_and(|e| !e.as_str().is_some_and(|e| e.eq_ignore_ascii_case(&email)))
+    {
+        return invalid("email", "does not match the email in the path");
+    }
+    patch.insert("email".into(), Value::String(email.clone()));
+    let now = state.now();
+    let mut store = lock(&state.store);
+    let existing = store
+        .learners
+        .values()
+        .find(|l| l.deleted_at.is_none() && l.email.eq_ignore_ascii_case(&email))
+        .map(|l| l.id);
+    match existing {
+        Some(id) => {
+            state.interfere(&mut store, id);
+            let Some(current) = store.learners.get(&id) else {
+                return not_found();
+            };
+            if !if_match(&headers, &current.etag()) {
+                return json(StatusCode::PRECONDITION_FAILED, json!({"error": "precondition failed"}));
+            }
+            // The stored spelling of the email stays; only other members change.
+            patch.remove("email");
+            let next = match merge(current, &patch) {
+                Ok(next) => next,
+                Err(r) => return r,
+            };
+            let Some(learner) = store.learners.get_mut(&id) else {
+                return not_found();
+            };
+            touch(learner, next, now);
+            with_etag(json(StatusCode::OK, learner.json()), learner)
+        }
+        None => {
+            if !patch.contains_key("full_name") {
+                return invalid("full_name", "can't be blank");
+            }
+            let blank = Learner {
+                id: 0,
+                full_name: String::new(),
+                email: String::new(),
+                certified: false,
+                completed_at: None,
+                updated_at: now,
+                deleted_at: None,
+                version: 1,
+            };
+            let mut learner = match merge(&blank, &patch) {
+                Ok(l) => l,
+                Err(r) => return r,
+            };
+            learner.id = store.next_id;
+            store.next_id += 1;
+            let mut response = with_etag(json(StatusCode::CREATED, learner.json()), &learner);
+            if let Ok(v) = HeaderValue::from_str(&format!("{API_PATH}/learners/{}", learner.id)) {
+                response.headers_mut().insert("location", v);
+            }
+            store.learners.insert(learner.id, learner);
+            response
+        }
     }
 }

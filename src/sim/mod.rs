@@ -86,6 +86,9 @@ pub struct RequestStats {
     pub requests: u64,
     /// GET requests.
     pub reads: u64,
+    /// Pages of a list answered (a CRM query page, an LMS learner list page): one poll
+    /// reads at least one.
+    pub list_pages: u64,
     /// POST, PATCH, PUT and DELETE requests, whatever their outcome.
     pub writes: u64,
     /// Writes that changed the store.

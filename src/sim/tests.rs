@@ -319,7 +319,10 @@ async fn crm_create_upsert_and_delete() {
     let id = body["id"].as_str().expect("id").to_string();
     assert_eq!((id.len(), &id[..3]), (18, "003"));
     assert_eq!(body["success"], true);
-    assert!(sim.contact(&id).expect("created").certified, "the custom checkbox is set");
+    assert!(
+        sim.contact(&id).expect("created").certified,
+        "the custom checkbox is set"
+    );
     let response = client()
         .post(url("/sobjects/Contact"))
         .bearer_auth(sim.token())
@@ -687,6 +690,33 @@ async fn lms_writes_with_etags_and_validation() {
     assert_eq!(response.status(), StatusCode::PRECONDITION_FAILED);
     assert_eq!(sim.learner(id).expect("learner").full_name, "Augusta Ada King");
 
+    // Upsert by email: the existing learner is updated, an unknown email created.
+    let upsert = |email: &str, body: Value| {
+        client()
+            .patch(url(&format!("/learners/by_email/{email}")))
+            .header("X-Api-Key", sim.api_key())
+            .json(&body)
+            .send()
+    };
+    let response = upsert("ADA@example.com", json!({"certified": false}))
+        .await
+        .expect("upsert");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.json::<Value>().await.expect("json")["id"], json!(id));
+    assert!(!sim.learner(id).expect("learner").certified);
+    let response = upsert("grace@example.com", json!({"certified": true}))
+        .await
+        .expect("upsert");
+    assert_eq!(
+        response.status(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a new learner needs a name"
+    );
+    let response = upsert("grace@example.com", json!({"full_name": "Grace Hopper"}))
+        .await
+        .expect("upsert");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(sim.live().len(), 2);
     let delete = || {
         client()
             .delete(url(&format!("/learners/{id}")))
