@@ -304,7 +304,10 @@ impl<'a> Checker<'a> {
                 }
                 if write.create_path.is_none() && write.upsert.is_none() {
                     let creating = self.config.links.iter().any(|l| {
-                        l.system == name && &l.object == object_name && direction.writes() && l.write_mode().may_create()
+                        l.system == name
+                            && &l.object == object_name
+                            && direction.writes()
+                            && l.write_mode().may_create()
                     });
                     if creating {
                         self.report(

@@ -21,6 +21,7 @@
 //! [systems.crm.objects.Contact]
 //! list = { path = "/services/data/v60.0/query" }
 //! records = "/records"
+//! ignore_fields = ["attributes"]
 //! pagination = { style = "next_url", pointer = "/nextRecordsUrl" }
 //! cursor = { field = "LastModifiedDate", param = "q", format = "rfc3339", lookback_secs = 5, template = "SELECT Id, FirstName, LastName, Email, Phone, Title, LastModifiedDate FROM Contact WHERE LastModifiedDate >= {cursor} ORDER BY LastModifiedDate, Id" }
 //! write = { create_path = "/services/data/v60.0/sobjects/Contact", item_path = "/services/data/v60.0/sobjects/Contact/{id}", update_method = "patch", created_id = "/id", upsert = { path = "/services/data/v60.0/sobjects/Contact/Email/{key}", field = "Email" } }
@@ -444,8 +445,7 @@ mod tests {
             let doc: toml::Table = toml::from_str(&example).expect("example is toml");
             let systems = doc["systems"].as_table().expect("systems table");
             for (_, system) in systems {
-                let system: crate::config::SystemConfig =
-                    system.clone().try_into().expect("example is a valid system");
+                let system: crate::config::SystemConfig = system.clone().try_into().expect("example is a valid system");
                 let crate::config::ConnectorConfig::Rest(rest) = system.connector else {
                     panic!("example is a rest system");
                 };

@@ -231,11 +231,20 @@ mod tests {
         let t = parse_time_text("2026-11-27T18:09:45.000+0000", f).expect("salesforce form");
         assert_eq!(Some(t), parse_time_text("2026-11-27T18:09:45Z", f));
         assert_eq!(Some(t + 120), parse_time_text("2026-11-27T18:09:45.120+00:00", f));
-        assert_eq!(parse_time(&json!(1_700_000_000), CursorFormat::EpochS), Some(1_700_000_000_000));
-        assert_eq!(parse_time(&json!(1_700_000_000_123i64), CursorFormat::EpochMs), Some(1_700_000_000_123));
+        assert_eq!(
+            parse_time(&json!(1_700_000_000), CursorFormat::EpochS),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(
+            parse_time(&json!(1_700_000_000_123i64), CursorFormat::EpochMs),
+            Some(1_700_000_000_123)
+        );
         assert_eq!(parse_time(&json!("yesterday"), f), None);
         assert_eq!(format_time(t + 999, f), "2026-11-27T18:09:45Z");
-        assert_eq!(format_time(t + 5, CursorFormat::Rfc3339Millis), "2026-11-27T18:09:45.005Z");
+        assert_eq!(
+            format_time(t + 5, CursorFormat::Rfc3339Millis),
+            "2026-11-27T18:09:45.005Z"
+        );
         assert_eq!(effective(t + 999, f), t);
     }
 
@@ -256,9 +265,14 @@ mod tests {
         assert!(read.mtime_ms.is_some());
 
         let item = json!({"id": "7", "properties": {"archived": true}});
-        assert_eq!(reader.read(&item, || String::new()).expect("a record").record.kind, ChangeKind::Delete);
+        assert_eq!(
+            reader.read(&item, String::new).expect("a record").record.kind,
+            ChangeKind::Delete
+        );
 
-        let reject = reader.read(&json!({"properties": {}}), || "page 2, item 3".into()).expect_err("no id");
+        let reject = reader
+            .read(&json!({"properties": {}}), || "page 2, item 3".into())
+            .expect_err("no id");
         assert_eq!(reject.location, "page 2, item 3");
         assert!(reject.reason.contains("\"id\""));
         assert!(reader.read(&json!([1]), String::new).is_err());

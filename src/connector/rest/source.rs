@@ -377,7 +377,10 @@ impl RestSource {
         let scanning = self.walk.as_ref().is_some_and(|w| w.ids.is_some());
         let mut last_ms = None;
         for (i, item) in items.iter().enumerate() {
-            match self.reader.read(item, || format!("{} list page {page_no}, item {}", self.entity, i + 1)) {
+            match self
+                .reader
+                .read(item, || format!("{} list page {page_no}, item {}", self.entity, i + 1))
+            {
                 Ok(read) => {
                     if read.mtime_ms.is_some() {
                         last_ms = read.mtime_ms;
@@ -589,7 +592,10 @@ impl RestSource {
 
 /// `url` with query parameter `name` set to `f(old value)` (added when missing).
 fn replace_param(url: &Url, name: &str, f: impl FnOnce(&str) -> String) -> Url {
-    let mut pairs: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let mut pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
     match pairs.iter_mut().find(|(k, _)| k == name) {
         Some((_, v)) => *v = f(v),
         None => pairs.push((name.to_string(), f(""))),
@@ -609,7 +615,10 @@ pub fn next_link(header: &str) -> Option<String> {
             let p = p.trim();
             p.split_once('=').is_some_and(|(k, v)| {
                 k.trim().eq_ignore_ascii_case("rel")
-                    && v.trim().trim_matches('"').split_whitespace().any(|r| r.eq_ignore_ascii_case("next"))
+                    && v.trim()
+                        .trim_matches('"')
+                        .split_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
             })
         });
         if is_next {
