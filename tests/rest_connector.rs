@@ -918,3 +918,94 @@ async fn engine_an_echo_of_our_own_write_writes_nothing_more() {
         .expect("the api link checkpointed");
     assert!(checkpoint["cursor_ms"].is_i64());
 }
+
+/// The metrics the REST connector must emit, read from a running daemon's `/metrics`:
+/// requests by system, method and status class, their duration, and the rate-limit
+/// headroom from the API's headers; never a URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_daemon_exports_the_rest_metrics() {
+    let api = Api::start(Paging::None, 10).await;
+    seed(&api, 3, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let port = support::free_port();
+    let config = format!(
+        r#"
+[state]
+dir = "state"
+
+[admin]
+listen = "127.0.0.1:{port}"
+
+[systems.api]
+type = "rest"
+direction = "read"
+base_url = "{base}"
+
+[systems.api.objects.items]
+list = {{ path = "/items" }}
+{CURSOR}
+
+[systems.out]
+type = "file"
+direction = "write"
+export_dir = "out"
+
+[entities.contact]
+schema = "{root}/schemas/contact.schema.json"
+match_keys = ["email"]
+
+[[links]]
+system = "api"
+entity = "contact"
+object = "items"
+id_field = "id"
+capture = {{ interval_secs = 1 }}
+map = [{{ canonical = "email", system = "email" }}]
+
+[[links]]
+system = "out"
+entity = "contact"
+object = "contacts.jsonl"
+id_field = "id"
+map = [{{ canonical = "email", system = "email" }}]
+"#,
+        base = api.base,
+        root = root.display(),
+    );
+    let path = dir.path().join("concord.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = support::start(&path, false);
+    let api_addr = api.base.trim_start_matches("http://").to_string();
+    let metrics = tokio::task::spawn_blocking(move || {
+        support::wait_for("rest metrics", 30, || {
+            let body = support::request(port, "GET", "/metrics")?.body;
+            let ready = body.lines().any(|l| {
+                l.starts_with("concord_http_requests_total{")
+                    && l.contains("system=\"api\"")
+                    && l.contains("method=\"GET\"")
+                    && l.contains("class=\"2xx\"")
+            });
+            ready.then_some(body)
+        })
+    })
+    .await
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "concord_rate_limit_headroom_ratio{system=\"api\"} 0.75"),
+        "headroom from X-RateLimit-Remaining / X-RateLimit-Limit"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("concord_http_request_duration_seconds_bucket{") && l.contains("system=\"api\""))
+    );
+    assert!(
+        !metrics.contains(&api_addr) && !metrics.contains("/items"),
+        "no url in the metrics"
+    );
+}

@@ -44,7 +44,7 @@
 //! records = ""
 //! pagination = { style = "link_header" }
 //! cursor = { field = "updated_at", param = "updated_since", format = "rfc3339_millis", lookback_secs = 5 }
-//! write = { create_path = "/api/v1/learners", item_path = "/api/v1/learners/{id}", update_method = "patch", created_id = "/id" }
+//! write = { create_path = "/api/v1/learners", item_path = "/api/v1/learners/{id}", update_method = "patch", created_id = "/id", upsert = { path = "/api/v1/learners/by_email/{key}", field = "email" } }
 //! concurrency = { mode = "etag", fetch_when_unknown = true }
 //! deletes = { mode = "flag", field = "deleted_at" }
 //! ```
