@@ -305,7 +305,7 @@ impl RestSink {
         let body = response.json("read")?;
         let read = object
             .reader
-            .read(&body, String::new)
+            .read(body, String::new)
             .map_err(|reject| RestError::Shape {
                 what: "read",
                 detail: reject.reason,

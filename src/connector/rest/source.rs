@@ -359,8 +359,13 @@ impl RestSource {
                 status: response.status.as_u16(),
             });
         }
-        let parsed = response.json("list").and_then(|body| {
-            let items = RecordReader::list(&body, &self.object.records, "list")?.clone();
+        let parsed = response.json("list").and_then(|mut body| {
+            RecordReader::list(&body, &self.object.records, "list")?;
+            // Taken out, not cloned; the pagination pointers look elsewhere in the body.
+            let items = match body.pointer_mut(&self.object.records).map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             Ok((body, items))
         });
         let (body, items) = match parsed {
@@ -376,7 +381,8 @@ impl RestSource {
 
         let scanning = self.walk.as_ref().is_some_and(|w| w.ids.is_some());
         let mut last_ms = None;
-        for (i, item) in items.iter().enumerate() {
+        let count = items.len() as u64;
+        for (i, item) in items.into_iter().enumerate() {
             match self
                 .reader
                 .read(item, || format!("{} list page {page_no}, item {}", self.entity, i + 1))
@@ -411,7 +417,7 @@ impl RestSource {
             }
         }
 
-        let next = self.next_page(&url, &response, &body, items.len() as u64)?;
+        let next = self.next_page(&url, &response, &body, count)?;
         let format = self.format();
         let walk = self.walk.as_mut().expect("the walk is in progress");
         walk.next = None;
