@@ -312,6 +312,13 @@ async fn deletes_by_full_id_scan() {
         .map(|r| r.local_id.as_str())
         .collect();
     assert_eq!(deletes, ["gone"]);
+    // The scan keeps the cursor parameter, from the epoch (a filter expression stays whole).
+    let scans = api
+        .requests(Method::GET)
+        .into_iter()
+        .filter(|r| r.query.get("since").map(String::as_str) == Some("1970-01-01T00:00:00.000Z"));
+    // One from the first poll (which then moves on by keyset), two pages of the scan.
+    assert_eq!(scans.count(), 3, "the scan walked every page from the epoch");
 }
 
 #[tokio::test]

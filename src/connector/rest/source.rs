@@ -275,9 +275,12 @@ impl RestSource {
     }
 
     fn start_walk(&mut self, scan: bool) -> Result<(), RestError> {
+        // A scan asks from the epoch rather than leaving the cursor out, so an API whose
+        // cursor lives in a filter expression (SOQL) still gets a complete query.
         let request_ms = match (&self.object.cursor, scan) {
             (Some(_), false) => Some((self.cursor_ms.unwrap_or(0) - self.lookback_ms).max(0)),
-            _ => None,
+            (Some(_), true) => Some(0),
+            (None, _) => None,
         };
         let next = Some(self.first_page(request_ms, 0)?);
         self.walk = Some(Walk {
