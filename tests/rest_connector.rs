@@ -325,11 +325,9 @@ async fn deletes_by_full_id_scan() {
 async fn an_item_without_an_id_is_a_reject_and_the_rest_goes_on() {
     let api = Api::start(Paging::None, 10).await;
     api.put("ok", T0, json!({}));
-    let object = "id_pointer_unused = 1";
-    let _ = object;
-    let mut s = source(&api, "", "", None);
-    // A record whose id field is null.
+    // A record whose id is empty.
     api.put("", T0, json!({}));
+    let mut s = source(&api, "", "", None);
     let batches = drain(&mut s, 10).await;
     assert_eq!(ids(&batches), ["ok"]);
     let rejects: Vec<_> = batches.iter().flat_map(|b| &b.rejects).collect();
@@ -1015,4 +1013,45 @@ map = [{{ canonical = "email", system = "email" }}]
         !metrics.contains(&api_addr) && !metrics.contains("/items"),
         "no url in the metrics"
     );
+}
+
+#[tokio::test]
+async fn a_version_field_guards_updates_too() {
+    let api = Api::start(Paging::None, 10).await;
+    api.lock().version_field = true;
+    api.put("v1", T0, json!({"title": "Engineer"}));
+    let object = "write = { item_path = \"/items/{id}\", create_path = \"/items\" }\nconcurrency = { mode = \"version_field\", field = \"version\" }";
+    // The source reads the version from the record.
+    let mut src = source(&api, "", &format!("{object}\n{CURSOR}"), None);
+    let read = drain(&mut src, 10).await;
+    assert_eq!(read[0].records[0].version.as_deref(), Some("1"));
+
+    api.put("v1", T0 + 1000, json!({"title": "Director"}));
+    let mut s = sink(&api, object);
+    let error = s
+        .apply(vec![write(
+            WriteOp::Update,
+            Some("v1"),
+            json!({"title": "Manager"}),
+            Some("1"),
+        )])
+        .await
+        .remove(0)
+        .unwrap_err();
+    assert_eq!(error.kind, "conflict");
+    assert_eq!(api.get("v1").unwrap().fields["title"], json!("Director"));
+    let reread = s.take_rereads().remove(0);
+    assert_eq!(reread.record.version.as_deref(), Some("2"));
+    let ack = s
+        .apply(vec![write(
+            WriteOp::Update,
+            Some("v1"),
+            json!({"title": "Manager"}),
+            Some("2"),
+        )])
+        .await
+        .remove(0)
+        .unwrap();
+    assert_eq!(ack.version.as_deref(), Some("3"));
+    assert_eq!(api.requests(Method::PATCH).last().unwrap().headers["if-match"], "2");
 }

@@ -98,6 +98,8 @@ pub struct ApiState {
     /// Run after each list page is served (to move records during a walk).
     pub after_page: Option<AfterPage>,
     pub now_ms: i64,
+    /// Records carry `version`; `If-Match` is compared with it and a mismatch is 409.
+    pub version_field: bool,
 }
 
 #[derive(Clone)]
@@ -121,6 +123,7 @@ impl Api {
             list_deleted: false,
             after_page: None,
             now_ms: 1_800_000_000_000,
+            version_field: false,
         }));
         let router = axum::Router::new().fallback(handle).with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -197,8 +200,11 @@ fn parse_time(s: &str) -> Option<i64> {
         .or_else(|| s.parse().ok())
 }
 
-fn render(item: &Item, integer_ids: bool) -> Value {
+fn render(item: &Item, integer_ids: bool, version_field: bool) -> Value {
     let mut v = item.fields.clone();
+    if version_field {
+        v.insert("version".into(), json!(item.etag));
+    }
     v.insert(
         "id".into(),
         if integer_ids {
@@ -402,15 +408,23 @@ async fn handle(State(state): State<Arc<Mutex<ApiState>>>, request: Request<Body
             let id = percent_decode(id);
             let now = s.now_ms;
             let integer_ids = s.integer_ids;
+            let version_field = s.version_field;
             let Some(item) = s.items.iter_mut().find(|i| i.id == id && i.deleted_ms.is_none()) else {
                 return json_response(StatusCode::NOT_FOUND, json!({"error": "not found"}), &[]);
             };
             let etag = format!("W/\"{}\"", item.etag);
             if m == Method::GET {
-                return json_response(StatusCode::OK, render(item, integer_ids), &[("etag", etag)]);
+                return json_response(
+                    StatusCode::OK,
+                    render(item, integer_ids, version_field),
+                    &[("etag", etag)],
+                );
             }
             if let Some(want) = headers.get("if-match").and_then(|v| v.to_str().ok()) {
-                if want != etag {
+                if version_field && want != item.etag.to_string() {
+                    return json_response(StatusCode::CONFLICT, json!({"error": "version conflict"}), &[]);
+                }
+                if !version_field && want != etag {
                     return json_response(
                         StatusCode::PRECONDITION_FAILED,
                         json!({"error": "precondition failed"}),
@@ -434,7 +448,11 @@ async fn handle(State(state): State<Arc<Mutex<ApiState>>>, request: Request<Body
                     item.mtime_ms = now;
                     item.etag += 1;
                     let etag = format!("W/\"{}\"", item.etag);
-                    json_response(StatusCode::OK, render(item, integer_ids), &[("etag", etag)])
+                    json_response(
+                        StatusCode::OK,
+                        render(item, integer_ids, version_field),
+                        &[("etag", etag)],
+                    )
                 }
                 _ => json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method"}), &[]),
             }
@@ -471,7 +489,7 @@ fn list(s: &mut ApiState, query: &BTreeMap<String, String>, limits: &[(&str, Str
         .iter()
         .skip(offset)
         .take(take)
-        .map(|i| render(i, s.integer_ids))
+        .map(|i| render(i, s.integer_ids, s.version_field))
         .collect();
     let more = offset.saturating_add(take) < matching.len();
     let mut rest: Vec<(String, String)> = query
