@@ -147,7 +147,11 @@ pub fn describe() {
     describe_gauge!(LINK_UP, "1 while a link runs, 0 after it stopped on a fatal error.");
     describe_gauge!(RECORDS, Unit::Count, "Records in the state store.");
     describe_counter!(ADMIN_REQUESTS, Unit::Count, "Admin API requests, by status class.");
-    describe_counter!(HTTP_REQUESTS, Unit::Count, "HTTP requests to REST systems, by status class.");
+    describe_counter!(
+        HTTP_REQUESTS,
+        Unit::Count,
+        "HTTP requests to REST systems, by status class."
+    );
     describe_histogram!(
         HTTP_REQUEST_DURATION,
         Unit::Seconds,

@@ -1144,3 +1144,99 @@ mod tests {
         assert_eq!(natural_cmp("links[1]", "links[1].system"), Ordering::Less);
     }
 }
+
+#[cfg(test)]
+mod rest_tests {
+    use super::*;
+
+    #[test]
+    fn rest_systems_are_checked_with_paths() {
+        let text = r#"
+            [state]
+            dir = "s"
+
+            [systems.api]
+            type = "rest"
+            base_url = "ftp://example.com"
+            timeout_ms = 0
+            max_concurrency = 0
+            headers = { "Bad Header" = "x" }
+
+            [systems.api.objects.items]
+            list = { path = "items" }
+            records = "data"
+            pagination = { style = "page", size = 0 }
+            cursor = { field = "", param = "since", template = "updated > now" }
+            write = { item_path = "/items", created_id = "id" }
+            deletes = { mode = "full_scan", interval_secs = 0 }
+
+            [entities.contact]
+            schema = "contact.schema.json"
+
+            [[links]]
+            system = "api"
+            entity = "contact"
+            object = "items"
+            id_field = "id"
+            map = [{ canonical = "email", system = "email" }]
+
+            [[links]]
+            system = "api"
+            entity = "contact"
+            object = "others"
+            id_field = "id"
+            map = [{ canonical = "email", system = "email" }]
+        "#;
+        let config: Config = crate::config::parse(text).expect("parses");
+        let got: Vec<String> = validate(&config)
+            .iter()
+            .map(Problem::to_string)
+            .filter(|p| p.starts_with("systems.api") || p.starts_with("links[1].object"))
+            .collect();
+        for want in [
+            "systems.api.base_url: must be an http or https url with a host",
+            "systems.api.timeout_ms: must be > 0",
+            "systems.api.max_concurrency: must be > 0",
+            "systems.api.headers.Bad Header: not a valid header name and value",
+            "systems.api.objects.items.list.path: must start with /",
+            "systems.api.objects.items.records: must be a JSON pointer: empty or starting with /",
+            "systems.api.objects.items.pagination: page size must be > 0",
+            "systems.api.objects.items.cursor.field: must not be empty",
+            "systems.api.objects.items.cursor.template: must contain {cursor}",
+            "systems.api.objects.items.write.item_path: must contain {id}",
+            "systems.api.objects.items.write: set create_path or upsert: a link creates records of this object",
+            "systems.api.objects.items.write.created_id: must be a JSON pointer: empty or starting with /",
+            "systems.api.objects.items.deletes.interval_secs: must be > 0",
+            "links[1].object: \"others\" is not an object of systems.api.objects",
+        ] {
+            assert!(got.iter().any(|p| p == want), "missing {want:?} in {got:#?}");
+        }
+    }
+
+    #[test]
+    fn the_documented_crm_and_lms_systems_are_valid() {
+        let doc = include_str!("../connector/rest/config.rs");
+        let mut systems = String::new();
+        let mut inside = false;
+        for line in doc.lines() {
+            match line.trim_start() {
+                "//! ```toml" => inside = true,
+                "//! ```" => inside = false,
+                l if inside => {
+                    systems.push_str(l.strip_prefix("//!").unwrap_or(l).strip_prefix(' ').unwrap_or(""));
+                    systems.push('\n');
+                }
+                _ => {}
+            }
+        }
+        let text = format!("[state]\ndir = \"s\"\n[entities]\n{systems}");
+        let config: Config = crate::config::parse(&text).expect("the examples parse");
+        let problems: Vec<String> = validate(&config)
+            .iter()
+            .map(Problem::to_string)
+            .filter(|p| !p.contains(".auth."))
+            .collect();
+        assert!(problems.is_empty(), "{problems:#?}");
+        assert_eq!(config.systems.len(), 2);
+    }
+}

@@ -135,7 +135,8 @@ pub trait Sink: Send {
 pub enum AnySource {
     File(file::FileSource),
     Memory(memory::MemorySource),
-    Rest(rest::RestSource),
+    /// Boxed: its state is far larger than the other variants'.
+    Rest(Box<rest::RestSource>),
 }
 
 impl AnySource {
@@ -226,14 +227,12 @@ pub fn open_all(
                         })
                         .collect()
                 };
-                AnySource::Rest(
-                    rest::RestSource::open(client, &cfg.objects, &link.config, checkpoint.as_ref(), known).map_err(
-                        |source| OpenError::Connector {
-                            what: link.name.clone(),
-                            source,
-                        },
-                    )?,
-                )
+                let source = rest::RestSource::open(client, &cfg.objects, &link.config, checkpoint.as_ref(), known)
+                    .map_err(|source| OpenError::Connector {
+                        what: link.name.clone(),
+                        source,
+                    })?;
+                AnySource::Rest(Box::new(source))
             }
         };
         connectors.sources.push((link.index, source));

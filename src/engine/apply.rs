@@ -343,6 +343,9 @@ fn settle(
                         .map(|i| rereads.swap_remove(i));
                     if let Some(reread) = reread {
                         remerge(shared, t, system, group, &written, reread, &error.reason, now, wake)?;
+                        // Back off before the re-planned write, so a system that keeps
+                        // refusing is not asked again in a tight loop.
+                        retry = Some(retry.flatten());
                         continue;
                     }
                     failed += 1;

@@ -126,17 +126,19 @@ impl TokenBucket {
 
     /// Waits for this request's slot.
     async fn acquire(&self) {
-        let wait = {
-            let mut tat = self.tat.lock().expect("token bucket lock is never poisoned");
-            let now = Instant::now();
-            let at = (*tat).max(now);
-            let send_at = at.checked_sub(self.tolerance).unwrap_or(now).max(now);
-            *tat = at + self.interval;
-            send_at - now
-        };
+        let wait = self.reserve(Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Reserves the next slot as of `now`; returns how long to wait for it.
+    fn reserve(&self, now: Instant) -> Duration {
+        let mut tat = self.tat.lock().expect("token bucket lock is never poisoned");
+        let at = (*tat).max(now);
+        let send_at = at.checked_sub(self.tolerance).unwrap_or(now).max(now);
+        *tat = at + self.interval;
+        send_at - now
     }
 
     /// The system asked for a pause: nothing is sent before `until`, and the burst
@@ -165,7 +167,11 @@ impl Response {
                 (None, _) => "empty body".to_string(),
                 (Some(b'<'), _) => "an html or xml page".to_string(),
                 (_, serde_json::error::Category::Eof) => "json ends early".to_string(),
-                _ => match self.headers.get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+                _ => match self
+                    .headers
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                {
                     Some(ct) => format!("content type {}", ct.split(';').next().unwrap_or("").trim()),
                     None => "no content type".to_string(),
                 },
@@ -279,7 +285,9 @@ impl RestClient {
             Ok(r) => status_class(r.status),
             Err(RestError::Status { status, .. })
             | Err(RestError::RateLimited { status, .. })
-            | Err(RestError::Unauthorized { status, .. }) => status_class(StatusCode::from_u16(*status).unwrap_or(StatusCode::OK)),
+            | Err(RestError::Unauthorized { status, .. }) => {
+                status_class(StatusCode::from_u16(*status).unwrap_or(StatusCode::OK))
+            }
             Err(_) => "error",
         };
         metrics::counter!(m::HTTP_REQUESTS, m::LABEL_SYSTEM => inner.system.clone(),
@@ -469,19 +477,21 @@ mod tests {
         assert_eq!(encode_segment("a b/c@d.e"), "a%20b%2Fc%40d.e");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn bucket_allows_burst_then_rate() {
+    #[test]
+    fn bucket_allows_burst_then_rate() {
         let bucket = TokenBucket::new(&RateLimit {
             per_second: 10.0,
             burst: 3,
         })
         .expect("valid rate");
-        let start = tokio::time::Instant::now();
-        for _ in 0..3 {
-            bucket.acquire().await;
-        }
-        assert!(start.elapsed() < Duration::from_millis(1));
-        bucket.acquire().await;
-        assert!(start.elapsed() >= Duration::from_millis(99));
+        let now = Instant::now();
+        let waits: Vec<Duration> = (0..5).map(|_| bucket.reserve(now)).collect();
+        let ms: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
+        assert_eq!(ms, [0, 0, 0, 100, 200]);
+        // After a pause, nothing is sent before it ends, and the burst is spent.
+        bucket.pause_until(now + Duration::from_secs(5));
+        let later = now + Duration::from_secs(1);
+        assert_eq!(bucket.reserve(later).as_millis(), 4000);
+        assert_eq!(bucket.reserve(later).as_millis(), 4100);
     }
 }

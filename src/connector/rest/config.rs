@@ -21,6 +21,7 @@
 //! [systems.crm.objects.Contact]
 //! list = { path = "/services/data/v60.0/query" }
 //! records = "/records"
+//! ignore_fields = ["attributes"]
 //! pagination = { style = "next_url", pointer = "/nextRecordsUrl" }
 //! cursor = { field = "LastModifiedDate", param = "q", format = "rfc3339", lookback_secs = 5, template = "SELECT Id, FirstName, LastName, Email, Phone, Title, LastModifiedDate FROM Contact WHERE LastModifiedDate >= {cursor} ORDER BY LastModifiedDate, Id" }
 //! write = { create_path = "/services/data/v60.0/sobjects/Contact", item_path = "/services/data/v60.0/sobjects/Contact/{id}", update_method = "patch", created_id = "/id", upsert = { path = "/services/data/v60.0/sobjects/Contact/Email/{key}", field = "Email" } }
@@ -43,7 +44,7 @@
 //! records = ""
 //! pagination = { style = "link_header" }
 //! cursor = { field = "updated_at", param = "updated_since", format = "rfc3339_millis", lookback_secs = 5 }
-//! write = { create_path = "/api/v1/learners", item_path = "/api/v1/learners/{id}", update_method = "patch", created_id = "/id" }
+//! write = { create_path = "/api/v1/learners", item_path = "/api/v1/learners/{id}", update_method = "patch", created_id = "/id", upsert = { path = "/api/v1/learners/by_email/{key}", field = "email" } }
 //! concurrency = { mode = "etag", fetch_when_unknown = true }
 //! deletes = { mode = "flag", field = "deleted_at" }
 //! ```

@@ -148,7 +148,11 @@ mod tests {
         assert_eq!(s(400), ErrorClass::Permanent);
         assert_eq!(s(404), ErrorClass::Permanent);
         assert_eq!(
-            RestError::Unauthorized { what: "list", status: 401 }.class(),
+            RestError::Unauthorized {
+                what: "list",
+                status: 401
+            }
+            .class(),
             ErrorClass::Fatal
         );
         let limited = ConnectorError::from(RestError::RateLimited {

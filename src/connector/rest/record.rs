@@ -61,29 +61,35 @@ impl RecordReader {
     }
 
     /// Reads one item; an item that is not a record with an id is a reject.
-    pub fn read(&self, item: &Value, location: impl Fn() -> String) -> Result<Read, SourceReject> {
-        let reject = |reason: String| SourceReject {
+    pub fn read(&self, item: Value, location: impl Fn() -> String) -> Result<Read, SourceReject> {
+        let reject = |reason: String, item: &Value| SourceReject {
             location: location(),
             reason,
             raw: raw(item),
         };
-        let Value::Object(top) = item else {
-            return Err(reject("item is not a json object".into()));
-        };
-        let mut fields: Map<String, Value> = match &self.fields_pointer {
-            None => top.clone(),
-            Some(pointer) => match item.pointer(pointer) {
-                Some(Value::Object(inner)) => {
-                    let mut fields = inner.clone();
-                    for (k, v) in top {
-                        if !fields.contains_key(k) && !matches!(v, Value::Object(_)) {
-                            fields.insert(k.clone(), v.clone());
+        let mut fields: Map<String, Value> = match (&self.fields_pointer, item) {
+            (_, item @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) | Value::Array(_))) => {
+                return Err(reject("item is not a json object".into(), &item));
+            }
+            (None, Value::Object(top)) => top,
+            (Some(pointer), mut item) => match item.pointer_mut(pointer).map(Value::take) {
+                Some(Value::Object(mut fields)) => {
+                    if let Value::Object(top) = item {
+                        for (k, v) in top {
+                            if !fields.contains_key(&k) && !matches!(v, Value::Object(_)) {
+                                fields.insert(k, v);
+                            }
                         }
                     }
                     fields
                 }
-                _ => return Err(reject(format!("record has no object at {pointer:?}"))),
+                _ => return Err(reject(format!("record has no object at {pointer:?}"), &item)),
             },
+        };
+        let reject = |reason: String, fields: Map<String, Value>| SourceReject {
+            location: location(),
+            reason,
+            raw: raw(&Value::Object(fields)),
         };
         for name in &self.ignore_fields {
             fields.remove(name);
@@ -91,7 +97,7 @@ impl RecordReader {
         let local_id = match fields.get(&self.id_field) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(reject(format!("record has no id in field {:?}", self.id_field))),
+            _ => return Err(reject(format!("record has no id in field {:?}", self.id_field), fields)),
         };
         let mtime_ms = self
             .cursor_field
@@ -231,11 +237,20 @@ mod tests {
         let t = parse_time_text("2026-11-27T18:09:45.000+0000", f).expect("salesforce form");
         assert_eq!(Some(t), parse_time_text("2026-11-27T18:09:45Z", f));
         assert_eq!(Some(t + 120), parse_time_text("2026-11-27T18:09:45.120+00:00", f));
-        assert_eq!(parse_time(&json!(1_700_000_000), CursorFormat::EpochS), Some(1_700_000_000_000));
-        assert_eq!(parse_time(&json!(1_700_000_000_123i64), CursorFormat::EpochMs), Some(1_700_000_000_123));
+        assert_eq!(
+            parse_time(&json!(1_700_000_000), CursorFormat::EpochS),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(
+            parse_time(&json!(1_700_000_000_123i64), CursorFormat::EpochMs),
+            Some(1_700_000_000_123)
+        );
         assert_eq!(parse_time(&json!("yesterday"), f), None);
         assert_eq!(format_time(t + 999, f), "2026-11-27T18:09:45Z");
-        assert_eq!(format_time(t + 5, CursorFormat::Rfc3339Millis), "2026-11-27T18:09:45.005Z");
+        assert_eq!(
+            format_time(t + 5, CursorFormat::Rfc3339Millis),
+            "2026-11-27T18:09:45.005Z"
+        );
         assert_eq!(effective(t + 999, f), t);
     }
 
@@ -248,7 +263,7 @@ mod tests {
         .expect("object parses");
         let reader = RecordReader::new(&object, "id", None);
         let item = json!({"id": 4711, "attributes": {"t": 1}, "properties": {"email": "a@x", "updated": "2026-01-01T00:00:00Z", "archived": false}});
-        let read = reader.read(&item, || "page 1".into()).expect("a record");
+        let read = reader.read(item, || "page 1".into()).expect("a record");
         assert_eq!(read.record.local_id, "4711");
         assert_eq!(read.record.kind, ChangeKind::Upsert);
         assert_eq!(read.record.fields["email"], json!("a@x"));
@@ -256,11 +271,16 @@ mod tests {
         assert!(read.mtime_ms.is_some());
 
         let item = json!({"id": "7", "properties": {"archived": true}});
-        assert_eq!(reader.read(&item, || String::new()).expect("a record").record.kind, ChangeKind::Delete);
+        assert_eq!(
+            reader.read(item, String::new).expect("a record").record.kind,
+            ChangeKind::Delete
+        );
 
-        let reject = reader.read(&json!({"properties": {}}), || "page 2, item 3".into()).expect_err("no id");
+        let reject = reader
+            .read(json!({"properties": {}}), || "page 2, item 3".into())
+            .expect_err("no id");
         assert_eq!(reject.location, "page 2, item 3");
         assert!(reject.reason.contains("\"id\""));
-        assert!(reader.read(&json!([1]), String::new).is_err());
+        assert!(reader.read(json!([1]), String::new).is_err());
     }
 }

@@ -21,7 +21,7 @@ use reqwest::header::HeaderName;
 use reqwest::{Method, StatusCode};
 use serde_json::{Map, Value};
 
-use super::client::{RestClient, Response, encode_segment};
+use super::client::{Response, RestClient, encode_segment};
 use super::config::{Concurrency, RestObjectConfig, UpdateMethod, WriteEndpoints};
 use super::error::RestError;
 use super::record::RecordReader;
@@ -103,18 +103,17 @@ impl RestSink {
             chains.entry((w.entity.clone(), w.global_id)).or_default().push((i, w));
         }
         let this = &*self;
-        let done: Vec<Vec<(usize, Result<WriteAck, ConnectorError>, Option<Reread>)>> =
-            futures_util::stream::iter(chains.into_values().map(|chain| async move {
-                let mut out = Vec::with_capacity(chain.len());
-                for (i, w) in chain {
-                    let (result, reread) = this.apply_one(&w).await;
-                    out.push((i, result, reread));
-                }
-                out
-            }))
-            .buffer_unordered(self.max_concurrency)
-            .collect()
-            .await;
+        let done: Vec<Vec<Outcome>> = futures_util::stream::iter(chains.into_values().map(|chain| async move {
+            let mut out = Vec::with_capacity(chain.len());
+            for (i, w) in chain {
+                let (result, reread) = this.apply_one(&w).await;
+                out.push((i, result, reread));
+            }
+            out
+        }))
+        .buffer_unordered(self.max_concurrency)
+        .collect()
+        .await;
         let mut results: Vec<Option<Result<WriteAck, ConnectorError>>> = (0..n).map(|_| None).collect();
         for (i, result, reread) in done.into_iter().flatten() {
             results[i] = Some(result);
@@ -193,16 +192,30 @@ impl RestSink {
     async fn update(&self, object: &ObjectWriter, w: &Write) -> (Result<WriteAck, ConnectorError>, Option<Reread>) {
         let Some(id) = w.local_id.as_deref() else {
             return (
-                Err(ConnectorError::permanent("missing_id", "update without the system's id")),
+                Err(ConnectorError::permanent(
+                    "missing_id",
+                    "update without the system's id",
+                )),
                 None,
             );
         };
-        let item = match self.client.url(&object.write.item_path.replace("{id}", &encode_segment(id))) {
+        let item = match self
+            .client
+            .url(&object.write.item_path.replace("{id}", &encode_segment(id)))
+        {
             Ok(u) => u,
             Err(e) => return (Err(e.into()), None),
         };
-        let mut expected = w.expected_version.clone();
-        if expected.is_none() && matches!(object.concurrency, Concurrency::Etag { fetch_when_unknown: true }) {
+        // An empty version is one concord knows to be stale (see `version_of`).
+        let mut expected = w.expected_version.clone().filter(|v| !v.is_empty());
+        if expected.is_none()
+            && matches!(
+                object.concurrency,
+                Concurrency::Etag {
+                    fetch_when_unknown: true
+                }
+            )
+        {
             match self.read_item(object, item.clone(), w).await {
                 Ok(Fetched::Found(_, etag)) => expected = etag,
                 Ok(Fetched::Gone(record)) => {
@@ -221,7 +234,13 @@ impl RestSink {
         };
         let response = match self
             .client
-            .send("update", method, item.clone(), Some(&Value::Object(w.fields.clone())), &headers)
+            .send(
+                "update",
+                method,
+                item.clone(),
+                Some(&Value::Object(w.fields.clone())),
+                &headers,
+            )
             .await
         {
             Ok(r) => r,
@@ -255,7 +274,9 @@ impl RestSink {
             .local_id
             .as_deref()
             .ok_or_else(|| RestError::Config("delete without the system's id".into()))?;
-        let url = self.client.url(&object.write.item_path.replace("{id}", &encode_segment(id)))?;
+        let url = self
+            .client
+            .url(&object.write.item_path.replace("{id}", &encode_segment(id)))?;
         let response = self.client.send("delete", Method::DELETE, url, None, &[]).await?;
         // Already gone is what a delete wants.
         if !matches!(response.status, StatusCode::NOT_FOUND | StatusCode::GONE) {
@@ -282,10 +303,13 @@ impl RestSink {
         }
         expect_success(&response, "read")?;
         let body = response.json("read")?;
-        let read = object.reader.read(&body, String::new).map_err(|reject| RestError::Shape {
-            what: "read",
-            detail: reject.reason,
-        })?;
+        let read = object
+            .reader
+            .read(body, String::new)
+            .map_err(|reject| RestError::Shape {
+                what: "read",
+                detail: reject.reason,
+            })?;
         let mut record = read.record;
         let etag = response.header(&object.write.etag_header).map(str::to_string);
         if matches!(object.concurrency, Concurrency::Etag { .. }) {
@@ -306,7 +330,15 @@ impl RestSink {
     /// returned record.
     fn version_of(&self, object: &ObjectWriter, response: &Response) -> Option<String> {
         match &object.concurrency {
-            Concurrency::Etag { .. } => response.header(&object.write.etag_header).map(str::to_string),
+            // A successful write changed the record's ETag; without the new one in the
+            // answer (Salesforce answers 204 bare), the one concord had is stale. An
+            // empty version says so, and the next update reads the current one first.
+            Concurrency::Etag { .. } => Some(
+                response
+                    .header(&object.write.etag_header)
+                    .map(str::to_string)
+                    .unwrap_or_default(),
+            ),
             Concurrency::VersionField { field } => {
                 let body: Value = serde_json::from_slice(&response.body).ok()?;
                 match body.get(field)? {
@@ -319,6 +351,9 @@ impl RestSink {
         }
     }
 }
+
+/// A write's index in the call, its result, and the record read again after a 412.
+type Outcome = (usize, Result<WriteAck, ConnectorError>, Option<Reread>);
 
 enum Fetched {
     Found(SourceRecord, Option<String>),

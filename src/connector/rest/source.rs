@@ -275,9 +275,12 @@ impl RestSource {
     }
 
     fn start_walk(&mut self, scan: bool) -> Result<(), RestError> {
+        // A scan asks from the epoch rather than leaving the cursor out, so an API whose
+        // cursor lives in a filter expression (SOQL) still gets a complete query.
         let request_ms = match (&self.object.cursor, scan) {
             (Some(_), false) => Some((self.cursor_ms.unwrap_or(0) - self.lookback_ms).max(0)),
-            _ => None,
+            (Some(_), true) => Some(0),
+            (None, _) => None,
         };
         let next = Some(self.first_page(request_ms, 0)?);
         self.walk = Some(Walk {
@@ -359,8 +362,13 @@ impl RestSource {
                 status: response.status.as_u16(),
             });
         }
-        let parsed = response.json("list").and_then(|body| {
-            let items = RecordReader::list(&body, &self.object.records, "list")?.clone();
+        let parsed = response.json("list").and_then(|mut body| {
+            RecordReader::list(&body, &self.object.records, "list")?;
+            // Taken out, not cloned; the pagination pointers look elsewhere in the body.
+            let items = match body.pointer_mut(&self.object.records).map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             Ok((body, items))
         });
         let (body, items) = match parsed {
@@ -376,8 +384,12 @@ impl RestSource {
 
         let scanning = self.walk.as_ref().is_some_and(|w| w.ids.is_some());
         let mut last_ms = None;
-        for (i, item) in items.iter().enumerate() {
-            match self.reader.read(item, || format!("{} list page {page_no}, item {}", self.entity, i + 1)) {
+        let count = items.len() as u64;
+        for (i, item) in items.into_iter().enumerate() {
+            match self
+                .reader
+                .read(item, || format!("{} list page {page_no}, item {}", self.entity, i + 1))
+            {
                 Ok(read) => {
                     if read.mtime_ms.is_some() {
                         last_ms = read.mtime_ms;
@@ -408,7 +420,7 @@ impl RestSource {
             }
         }
 
-        let next = self.next_page(&url, &response, &body, items.len() as u64)?;
+        let next = self.next_page(&url, &response, &body, count)?;
         let format = self.format();
         let walk = self.walk.as_mut().expect("the walk is in progress");
         walk.next = None;
@@ -589,7 +601,10 @@ impl RestSource {
 
 /// `url` with query parameter `name` set to `f(old value)` (added when missing).
 fn replace_param(url: &Url, name: &str, f: impl FnOnce(&str) -> String) -> Url {
-    let mut pairs: Vec<(String, String)> = url.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    let mut pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
     match pairs.iter_mut().find(|(k, _)| k == name) {
         Some((_, v)) => *v = f(v),
         None => pairs.push((name.to_string(), f(""))),
@@ -609,7 +624,10 @@ pub fn next_link(header: &str) -> Option<String> {
             let p = p.trim();
             p.split_once('=').is_some_and(|(k, v)| {
                 k.trim().eq_ignore_ascii_case("rel")
-                    && v.trim().trim_matches('"').split_whitespace().any(|r| r.eq_ignore_ascii_case("next"))
+                    && v.trim()
+                        .trim_matches('"')
+                        .split_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
             })
         });
         if is_next {
