@@ -17,6 +17,7 @@
 //! tokio-postgres over the same TLS configuration, through [`connect`].
 
 pub mod config;
+pub mod pgoutput;
 pub mod tls;
 
 use std::path::Path;
