@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod pgoutput;
+pub mod replication;
 pub mod tls;
 pub mod values;
 
