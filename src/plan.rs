@@ -313,6 +313,7 @@ fn capture_summary(system: &SystemConfig, flows: &[&Flow]) -> String {
     let every: Vec<String> = intervals.into_iter().map(duration_text).collect();
     let how = match &system.connector {
         ConnectorConfig::File(_) => "file inbox",
+        ConnectorConfig::Postgres(_) => "logical replication",
     };
     format!("{how}, every {}", every.join("/"))
 }

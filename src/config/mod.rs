@@ -222,6 +222,9 @@ pub struct SystemConfig {
 pub enum ConnectorConfig {
     /// Batch export files in a directory (CSV or JSONL), and export files written out.
     File(crate::connector::file::FileSystemConfig),
+    /// A PostgreSQL database: changes captured through logical replication (`pgoutput`),
+    /// merged records written back.
+    Postgres(crate::connector::postgres::PostgresSystemConfig),
 }
 
 impl ConnectorConfig {
@@ -229,6 +232,7 @@ impl ConnectorConfig {
     pub fn type_name(&self) -> &'static str {
         match self {
             ConnectorConfig::File(_) => "file",
+            ConnectorConfig::Postgres(_) => "postgres",
         }
     }
 }

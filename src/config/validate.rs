@@ -237,6 +237,66 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+            ConnectorConfig::Postgres(pg) => self.postgres(&path, name, system, pg),
+        }
+    }
+
+    fn postgres(
+        &mut self,
+        path: &str,
+        name: &str,
+        system: &SystemConfig,
+        pg: &crate::connector::postgres::PostgresSystemConfig,
+    ) {
+        use crate::connector::postgres::{TableName, TlsMode};
+        self.not_empty(format!("{path}.host"), &pg.host);
+        self.not_empty(format!("{path}.database"), &pg.database);
+        self.not_empty(format!("{path}.user"), &pg.user);
+        if pg.port == 0 {
+            self.report(format!("{path}.port"), "must be > 0");
+        }
+        if let Some(password) = &pg.password {
+            self.secret(&format!("{path}.password"), password);
+        }
+        if system.auth.is_some() {
+            self.report(
+                format!("{path}.auth"),
+                "a postgres system takes its password from `password = { ... }`, not `auth`",
+            );
+        }
+        if pg.tls_ca_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            self.report(format!("{path}.tls_ca_file"), "must not be empty");
+        }
+        if pg.tls_ca_file.is_some() && pg.tls == TlsMode::Disable {
+            self.report(format!("{path}.tls_ca_file"), "is set but tls is \"disable\"");
+        }
+        for (key, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
+            if value.is_empty() {
+                self.report(format!("{path}.{key}"), "must not be empty");
+            } else if value.len() > 40 {
+                self.report(format!("{path}.{key}"), "must be at most 40 bytes");
+            }
+        }
+        if !pg
+            .slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            self.report(format!("{path}.slot"), "must be lowercase letters, digits or '_'");
+        }
+        if pg.snapshot_chunk_rows == 0 {
+            self.report(format!("{path}.snapshot_chunk_rows"), "must be > 0");
+        }
+        if pg.status_interval_secs == 0 {
+            self.report(format!("{path}.status_interval_secs"), "must be > 0");
+        }
+        for (index, link) in self.config.links.iter().enumerate() {
+            if link.system == name && TableName::parse(&link.object).is_none() {
+                self.problems.push(Problem {
+                    path: format!("links[{index}].object"),
+                    message: "must be \"schema.table\" or \"table\"".into(),
+                });
+            }
         }
     }
 

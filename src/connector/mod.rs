@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod postgres;
 
 use std::time::Duration;
 
@@ -194,6 +195,12 @@ pub fn open_all(
                     },
                 )?,
             ),
+            ConnectorConfig::Postgres(_) => {
+                return Err(OpenError::Unsupported {
+                    what: link.name.clone(),
+                    capability: "capture",
+                });
+            }
         };
         connectors.sources.push((link.index, source));
     }
@@ -207,6 +214,12 @@ pub fn open_all(
                         source,
                     }
                 })?)
+            }
+            ConnectorConfig::Postgres(_) => {
+                return Err(OpenError::Unsupported {
+                    what: system_name.clone(),
+                    capability: "writing",
+                });
             }
         };
         connectors.sinks.insert(system_name, sink);
@@ -222,6 +235,8 @@ pub enum OpenError {
         #[source]
         source: ConnectorError,
     },
+    #[error("{what}: this build of concord has no postgres {capability}")]
+    Unsupported { what: String, capability: &'static str },
     #[error("cannot read checkpoints")]
     State(#[from] crate::state::StateError),
 }
