@@ -19,6 +19,7 @@
 pub mod config;
 pub mod pgoutput;
 pub mod tls;
+pub mod values;
 
 use std::path::Path;
 
