@@ -19,6 +19,7 @@
 pub mod config;
 pub mod pgoutput;
 pub mod replication;
+pub mod source;
 pub mod tls;
 pub mod values;
 
@@ -27,6 +28,7 @@ use std::path::Path;
 use secrecy::ExposeSecret;
 
 pub use config::{PostgresSystemConfig, TableName, TlsMode};
+pub use source::PostgresSource;
 
 /// Session settings every concord connection runs with, so that every value arrives in
 /// the one text form [`values`] parses: ISO dates, UTC offsets, ISO 8601 intervals,

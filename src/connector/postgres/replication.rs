@@ -29,8 +29,8 @@ use postgres_protocol::message::frontend;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::pgoutput::{Lsn, StreamMessage, encode_status_update, format_lsn, parse_lsn};
 use super::config::{quote_ident, quote_literal};
+use super::pgoutput::{Lsn, StreamMessage, encode_status_update, format_lsn, parse_lsn};
 use super::{PostgresSystemConfig, SESSION_SETTINGS, TlsMode};
 use crate::connector::{ConnectorError, ErrorClass};
 
@@ -39,8 +39,8 @@ const MAX_FRAME: usize = 1 << 30;
 /// Time allowed for the TCP connection, TLS handshake and authentication.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
 /// What went wrong on the replication connection. Server errors carry the SQLSTATE and
 /// the server's message (which names objects, not row values).
@@ -182,7 +182,9 @@ impl ReplicationConnection {
     ) -> Result<Self, ReplicationError> {
         let io: Box<dyn Io> = if cfg.host.starts_with('/') {
             if cfg.tls != TlsMode::Disable {
-                return Err(ReplicationError::Tls("tls is not used over a unix socket; set tls = \"disable\"".into()));
+                return Err(ReplicationError::Tls(
+                    "tls is not used over a unix socket; set tls = \"disable\"".into(),
+                ));
             }
             let path = Path::new(&cfg.host).join(format!(".s.PGSQL.{}", cfg.port));
             Box::new(tokio::net::UnixStream::connect(path).await?)
@@ -388,7 +390,10 @@ impl ReplicationConnection {
 
     /// `CREATE_REPLICATION_SLOT "slot" LOGICAL pgoutput EXPORT_SNAPSHOT`.
     pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, ReplicationError> {
-        let sql = format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT", quote_ident(slot));
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot)
+        );
         let rows = self.simple_query(&sql).await?;
         let row = rows
             .first()
@@ -408,7 +413,12 @@ impl ReplicationConnection {
     /// `START_REPLICATION SLOT "slot" LOGICAL <lsn> (proto_version '1', publication_names
     /// '"pub"')`. The server resumes at the slot's confirmed position when `start` is
     /// before it. After this the connection only streams.
-    pub async fn start_replication(&mut self, slot: &str, start: Lsn, publication: &str) -> Result<(), ReplicationError> {
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(), ReplicationError> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
             quote_ident(slot),
@@ -519,9 +529,15 @@ mod tests {
         let body = Bytes::from_static(b"SERROR\0C42704\0Mreplication slot \"x\" does not exist\0\0");
         let error = server_error(body);
         assert_eq!(error.code(), Some("42704"));
-        assert_eq!(error.to_string(), "server error 42704: replication slot \"x\" does not exist");
+        assert_eq!(
+            error.to_string(),
+            "server error 42704: replication slot \"x\" does not exist"
+        );
         assert_eq!(error.class(), ErrorClass::Fatal);
-        assert!(matches!(server_error(Bytes::from_static(b"C5")), ReplicationError::Server { .. }));
+        assert!(matches!(
+            server_error(Bytes::from_static(b"C5")),
+            ReplicationError::Server { .. }
+        ));
     }
 
     #[test]
@@ -542,7 +558,10 @@ mod tests {
         body.extend_from_slice(&(-1i32).to_be_bytes());
         body.extend_from_slice(&2i32.to_be_bytes());
         body.extend_from_slice(b"ok");
-        assert_eq!(data_row(Bytes::from(body)).expect("row"), vec![None, Some("ok".to_string())]);
+        assert_eq!(
+            data_row(Bytes::from(body)).expect("row"),
+            vec![None, Some("ok".to_string())]
+        );
         assert!(data_row(Bytes::from_static(&[0, 1, 0, 0, 0, 9])).is_err());
     }
 }
