@@ -96,6 +96,7 @@ pub struct TxProgress {
 #[derive(Debug, Clone)]
 struct CatalogColumn {
     name: String,
+    type_oid: u32,
     kind: Kind,
 }
 
@@ -123,6 +124,9 @@ struct Stream {
     table_relid: Option<u32>,
     /// Column kinds of the table's current Relation, by position.
     kinds: Vec<Kind>,
+    /// Kinds of the table's column types as the catalog resolved them when the stream
+    /// started (arrays of enums and other non-built-in types).
+    catalog_kinds: HashMap<u32, Kind>,
     /// Type OIDs of the mapped columns as last seen, to detect a retype.
     mapped_types: HashMap<String, u32>,
     tx: Option<OpenTx>,
@@ -378,6 +382,12 @@ impl PostgresSource {
         client: tokio_postgres::Client,
         lsn: Lsn,
     ) -> Result<(), ConnectorError> {
+        let catalog_kinds = self
+            .catalog_columns(&client)
+            .await?
+            .into_iter()
+            .map(|c| (c.type_oid, c.kind))
+            .collect();
         if let Err(error) = repl.start_replication(&self.slot, lsn, &self.cfg.publication).await {
             return Err(self.start_error(error));
         }
@@ -393,6 +403,7 @@ impl PostgresSource {
             relations: HashMap::new(),
             table_relid: None,
             kinds: Vec::new(),
+            catalog_kinds,
             mapped_types: HashMap::new(),
             tx: None,
             skip_next: skip,
@@ -480,6 +491,7 @@ impl PostgresSource {
                 let element: u32 = row.get(3);
                 CatalogColumn {
                     name: row.get(0),
+                    type_oid: oid,
                     kind: column_kind(oid, &category, element),
                 }
             })
@@ -593,7 +605,7 @@ impl PostgresSource {
         let rows = match &after {
             None => {
                 let sql = format!(
-                    "SELECT {} FROM {} ORDER BY {id} LIMIT $1",
+                    "SELECT {} FROM {} AS t ORDER BY t.{id} LIMIT $1",
                     select.join(", "),
                     self.table.quoted()
                 );
@@ -601,7 +613,7 @@ impl PostgresSource {
             }
             Some(after) => {
                 let sql = format!(
-                    "SELECT {} FROM {} WHERE {id} > $1::text::{id_type} ORDER BY {id} LIMIT $2",
+                    "SELECT {} FROM {} AS t WHERE t.{id} > $1::text::{id_type} ORDER BY t.{id} LIMIT $2",
                     select.join(", "),
                     self.table.quoted()
                 );
@@ -743,6 +755,7 @@ impl PostgresSource {
             stream.position = stream.idle_position;
         }
         let previous = parse_lsn(&self.checkpoint.lsn).unwrap_or(0);
+        let was_inside = self.checkpoint.tx.is_some();
         self.checkpoint.lsn = format_lsn(stream.position);
         self.checkpoint.tx = stream.tx.as_ref().map(|tx| TxProgress {
             commit_lsn: format_lsn(tx.commit_lsn),
@@ -757,7 +770,10 @@ impl PostgresSource {
         }
         let advanced = stream.position > previous;
         let heartbeat_due = heartbeat > 0 && stream.last_yield.elapsed() >= Duration::from_secs(heartbeat);
-        if records.is_empty() && rejects.is_empty() && !(advanced && heartbeat_due) {
+        // A transaction whose changes were yielded in earlier batches ended: move the
+        // checkpoint past its commit now rather than at the next heartbeat.
+        let finished_tx = was_inside && self.checkpoint.tx.is_none();
+        if records.is_empty() && rejects.is_empty() && !(advanced && (heartbeat_due || finished_tx)) {
             return Ok(None);
         }
         stream.last_yield = Instant::now();
@@ -828,7 +844,17 @@ impl PostgresSource {
                         stream.mapped_types.insert(name.clone(), column.type_oid);
                     }
                     stream.table_relid = Some(relation.id);
-                    stream.kinds = relation.columns.iter().map(|c| kind_of(c.type_oid)).collect();
+                    stream.kinds = relation
+                        .columns
+                        .iter()
+                        .map(|c| {
+                            stream
+                                .catalog_kinds
+                                .get(&c.type_oid)
+                                .cloned()
+                                .unwrap_or_else(|| kind_of(c.type_oid))
+                        })
+                        .collect();
                 }
                 stream.relations.insert(relation.id, relation);
             }
