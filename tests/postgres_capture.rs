@@ -10,6 +10,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use concord::config::LinkConfig;
@@ -607,4 +608,135 @@ async fn the_flush_position_never_passes_an_uncommitted_batch() {
     let mut again = Captured::default();
     capture_until(&mut source, &mut again, 100, |c| !c.records.is_empty()).await;
     assert_eq!(again.records[0].local_id, batch.records[0].local_id);
+}
+
+/// The whole path: the engine captures from the slot into redb (and plans writes to a
+/// file system), and the slot's confirmed position is the checkpoint redb committed,
+/// never further, across a restart of the engine.
+#[tokio::test]
+async fn through_the_engine_the_slot_confirms_exactly_what_redb_committed() {
+    use concord::engine::runtime::Runtime;
+    use concord::engine::{Engine, RunMode};
+    use concord::state::StateStore;
+    use std::sync::Arc;
+
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id int PRIMARY KEY, email text, first_name text);
+         INSERT INTO contacts VALUES (1, 'a@example.com', 'Ann'), (2, 'b@example.com', 'Bo'), (3, 'c@example.com', 'Cy');",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"),
+        dir.path().join("contact.schema.json"),
+    )
+    .expect("schema");
+    let map = r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
+    let toml = format!(
+        r#"
+[state]
+dir = "state"
+
+[systems.app]
+type = "postgres"
+direction = "read"
+host = "127.0.0.1"
+port = {port}
+database = "{db}"
+user = "{SUPERUSER}"
+password = {{ file = "pgpass" }}
+tls = "disable"
+slot = "{db}"
+publication = "pub_{db}"
+heartbeat_interval_secs = 60
+
+[systems.out]
+type = "file"
+direction = "write"
+export_dir = "out"
+
+[entities.contact]
+schema = "contact.schema.json"
+match_keys = ["email"]
+
+[[links]]
+system = "app"
+entity = "contact"
+object = "contacts"
+id_field = "id"
+capture = {{ interval_secs = 1 }}
+{map}
+
+[[links]]
+system = "out"
+entity = "contact"
+object = "contacts"
+id_field = "id"
+{map}
+"#,
+        port = db.cluster.port(),
+        db = db.name,
+    );
+    let mut config = concord::config::parse(&toml).expect("config parses");
+    config.base_dir = dir.path().to_path_buf();
+    let problems = concord::config::validate(&config);
+    assert!(problems.is_empty(), "{problems:?}");
+    let store = StateStore::open(&config.base_dir.join(&config.state.dir), config.state.cache_mb).expect("store");
+    let rt = Arc::new(Runtime::compile(config).expect("compiles"));
+    let slot = format!("{}_contact", db.name);
+
+    let run = |rt: Arc<Runtime>, store: StateStore| async move {
+        let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
+        let engine = Engine::new(rt, store);
+        tokio::time::timeout(Duration::from_secs(60), engine.run(connectors, RunMode::UntilIdle))
+            .await
+            .expect("the engine becomes idle");
+    };
+    let check = |store: StateStore, ids: &'static [&'static str]| {
+        let db = &db;
+        let slot = slot.clone();
+        async move {
+            let view = store.read().expect("read view");
+            for id in ids {
+                assert!(
+                    view.identity("contact", "app", id).expect("identity").is_some(),
+                    "record {id} is in redb"
+                );
+            }
+            let checkpoint = view
+                .checkpoint("app", "app.contact")
+                .expect("checkpoint")
+                .expect("a committed checkpoint");
+            let committed = lsn_of(&checkpoint);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let confirmed = slot_confirmed(db, &slot).await.expect("slot exists");
+                assert!(
+                    !lsn_before(db, &committed, &confirmed).await,
+                    "slot confirmed {confirmed}, ahead of the committed checkpoint {committed}"
+                );
+                if confirmed == committed {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "slot never reached the committed checkpoint");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    run(rt.clone(), store.clone()).await;
+    check(store.clone(), &["1", "2", "3"]).await;
+    db.execute(
+        "INSERT INTO contacts VALUES (4, 'd@example.com', 'Di');
+         UPDATE contacts SET first_name = 'Anne' WHERE id = 1;",
+    )
+    .await;
+    run(rt.clone(), store.clone()).await;
+    check(store.clone(), &["1", "2", "3", "4"]).await;
+    let view = store.read().expect("read view");
+    let gid = view.identity("contact", "app", "1").expect("identity").expect("known");
+    let record = view.record("contact", gid).expect("record").expect("exists");
+    assert_eq!(record.base.value("first_name"), Some(&json!("Anne")));
 }
