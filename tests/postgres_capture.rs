@@ -740,3 +740,51 @@ id_field = "id"
     let record = view.record("contact", gid).expect("record").expect("exists");
     assert_eq!(record.base.value("first_name"), Some(&json!("Anne")));
 }
+
+/// A slot the server invalidated (`max_slot_wal_keep_size` exceeded while concord was
+/// away) stops the link with an error that says changes were lost and offers a
+/// re-snapshot; never a silent gap.
+#[tokio::test]
+async fn an_invalidated_slot_is_a_fatal_error() {
+    let cluster = PgCluster::start(support::pg::ClusterOptions {
+        extra_conf: vec!["max_slot_wal_keep_size = 1MB".into(), "wal_keep_size = 0".into()],
+        ..Default::default()
+    });
+    let db = cluster.fresh_db().await;
+    db.execute("CREATE TABLE kept (id int PRIMARY KEY, pad text)").await;
+    let s = setup(&db, "kept", &[], 100);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    let slot = source.slot_name().to_string();
+    drop(source);
+    let admin = db.admin().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for round in 0.. {
+        let lost: bool = admin
+            .query_one(
+                "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("slot state")
+            .get(0);
+        if lost {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot was not invalidated");
+        admin
+            .batch_execute(&format!(
+                "INSERT INTO kept SELECT g + {round} * 1000, repeat('x', 1000) FROM generate_series(1, 1000) g;
+                 SELECT pg_switch_wal(); CHECKPOINT;"
+            ))
+            .await
+            .expect("generate wal");
+    }
+    let mut source = open(&s, captured.checkpoint.as_ref());
+    let reason = fatal_error(&mut source).await;
+    assert!(reason.contains("invalidated") && reason.contains("re-snapshot"), "{reason}");
+}
