@@ -553,7 +553,7 @@ async fn a_dropped_mapped_column_stops_the_link_with_a_clear_error() {
     .await;
     db.execute("INSERT INTO contacts VALUES (1, 'a@example.com', 'n')")
         .await;
-    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 1).await;
+    capture_until(&mut source, &mut captured, 100, |c| !c.records.is_empty()).await;
     // An unmapped column may come and go.
     db.execute("ALTER TABLE contacts DROP COLUMN note; ALTER TABLE contacts ADD COLUMN extra int; INSERT INTO contacts VALUES (2, 'b@example.com', 5)").await;
     capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 2).await;
@@ -633,7 +633,8 @@ async fn through_the_engine_the_slot_confirms_exactly_what_redb_committed() {
         dir.path().join("contact.schema.json"),
     )
     .expect("schema");
-    let map = r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
+    let map =
+        r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
     let toml = format!(
         r#"
 [state]
@@ -786,5 +787,8 @@ async fn an_invalidated_slot_is_a_fatal_error() {
     }
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
-    assert!(reason.contains("invalidated") && reason.contains("re-snapshot"), "{reason}");
+    assert!(
+        reason.contains("invalidated") && reason.contains("re-snapshot"),
+        "{reason}"
+    );
 }

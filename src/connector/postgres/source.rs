@@ -106,12 +106,16 @@ enum Phase {
     Closed,
     /// Reading the table; `repl` holds the exported snapshot open (first run) or is a
     /// fresh connection (resumed snapshot).
-    Snapshot {
-        repl: ReplicationConnection,
-        client: tokio_postgres::Client,
-        in_snapshot: bool,
-    },
+    Snapshot(Box<SnapshotReader>),
     Streaming(Box<Stream>),
+}
+
+/// The connections of the snapshot phase.
+struct SnapshotReader {
+    repl: ReplicationConnection,
+    client: tokio_postgres::Client,
+    /// Reading inside the slot's exported snapshot (a transaction is open).
+    in_snapshot: bool,
 }
 
 /// State of the replication stream.
@@ -267,7 +271,7 @@ impl PostgresSource {
             self.open_phase().await?;
         }
         match &mut self.phase {
-            Phase::Snapshot { .. } => self.snapshot_chunk(max).await.map(Some),
+            Phase::Snapshot(_) => self.snapshot_chunk(max).await.map(Some),
             Phase::Streaming(_) => self.stream_batch(max).await,
             Phase::Closed => Ok(None),
         }
@@ -326,11 +330,11 @@ impl PostgresSource {
                 tx: None,
             };
             tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
-            self.phase = Phase::Snapshot {
+            self.phase = Phase::Snapshot(Box::new(SnapshotReader {
                 repl,
                 client,
                 in_snapshot: true,
-            };
+            }));
             return Ok(());
         }
         // Resuming: the yielded position falls back to the committed one.
@@ -366,11 +370,11 @@ impl PostgresSource {
             ));
         }
         if committed.snapshot.is_some() {
-            self.phase = Phase::Snapshot {
+            self.phase = Phase::Snapshot(Box::new(SnapshotReader {
                 repl,
                 client,
                 in_snapshot: false,
-            };
+            }));
             return Ok(());
         }
         self.start_stream(repl, client, lsn).await
@@ -582,9 +586,10 @@ impl PostgresSource {
 
     /// Reads the next chunk of the initial snapshot.
     async fn snapshot_chunk(&mut self, max: usize) -> Result<SourceBatch, ConnectorError> {
-        let Phase::Snapshot { client, .. } = &self.phase else {
+        let Phase::Snapshot(reader) = &self.phase else {
             unreachable!("snapshot_chunk runs in the snapshot phase");
         };
+        let client = &reader.client;
         let columns = self.check_columns(client).await?;
         let id_type: String = client
             .query_one(
@@ -660,14 +665,14 @@ impl PostgresSource {
             checkpoint: serde_json::to_value(&self.checkpoint).expect("a checkpoint serialises"),
         };
         if finished {
-            let Phase::Snapshot {
+            let Phase::Snapshot(reader) = std::mem::replace(&mut self.phase, Phase::Closed) else {
+                unreachable!("still in the snapshot phase");
+            };
+            let SnapshotReader {
                 repl,
                 client,
                 in_snapshot,
-            } = std::mem::replace(&mut self.phase, Phase::Closed)
-            else {
-                unreachable!("still in the snapshot phase");
-            };
+            } = *reader;
             if in_snapshot {
                 client
                     .batch_execute("COMMIT")
