@@ -508,7 +508,7 @@ async fn a_terminated_walsender_resumes_with_nothing_lost_or_repeated() {
 }
 
 #[tokio::test]
-async fn a_dropped_slot_is_a_fatal_error_that_offers_a_resnapshot() {
+async fn a_dropped_slot_is_a_fatal_error_and_a_resnapshot_recovers() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE things (id int PRIMARY KEY)").await;
     let s = setup(&db, "things", &[], 100);
@@ -531,12 +531,30 @@ async fn a_dropped_slot_is_a_fatal_error_that_offers_a_resnapshot() {
         assert!(Instant::now() < deadline, "slot could not be dropped");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    db.execute("INSERT INTO things VALUES (1), (2)").await;
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
     assert!(
-        reason.contains("does not exist") && reason.contains("re-snapshot"),
+        reason.contains("does not exist") && reason.contains("resnapshot_on_slot_loss = true"),
         "{reason}"
     );
+
+    // The offered fix: a new slot and the table read again in its snapshot.
+    let mut s = s;
+    s.system.resnapshot_on_slot_loss = true;
+    let mut source = open(&s, captured.checkpoint.as_ref());
+    let mut again = Captured::default();
+    capture_until(&mut source, &mut again, 100, |c| {
+        c.records.len() >= 2 && c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    assert_eq!(
+        again.ids(),
+        vec![("1".into(), ChangeKind::Upsert), ("2".into(), ChangeKind::Upsert)]
+    );
+    db.execute("INSERT INTO things VALUES (3)").await;
+    capture_until(&mut source, &mut again, 100, |c| c.records.len() >= 3).await;
+    assert_eq!(again.records[2].local_id, "3", "streaming goes on from the new slot");
 }
 
 #[tokio::test]
@@ -788,7 +806,7 @@ async fn an_invalidated_slot_is_a_fatal_error() {
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
     assert!(
-        reason.contains("invalidated") && reason.contains("re-snapshot"),
+        reason.contains("invalidated") && reason.contains("resnapshot_on_slot_loss"),
         "{reason}"
     );
 }

@@ -33,9 +33,11 @@
 //! Safety checks before streaming, each a fatal error of the link with the fix in its
 //! message: the slot exists; it was not invalidated (`wal_status = 'lost'`, e.g. by
 //! `max_slot_wal_keep_size`); its `confirmed_flush_lsn` is not ahead of the checkpoint
-//! (the changes between were never committed to redb: a silent gap). Every columns the
-//! link maps must exist; a Relation message in which a mapped column is missing or has
-//! another type stops the link.
+//! (the changes between were never committed to redb: a silent gap). The fix offered
+//! is a re-snapshot: with `resnapshot_on_slot_loss = true` the link replaces the slot
+//! and reads the table again inside the new slot's snapshot (step 1 and 2 above).
+//! Every column the link maps must exist; a Relation message in which a mapped column
+//! is missing or has another type stops the link.
 //!
 //! TRUNCATE does not name the rows it removes: it becomes a dead letter (visible,
 //! counted) and the stream goes on; re-snapshot the link to reconcile.
@@ -284,90 +286,36 @@ impl PostgresSource {
             .await
             .map_err(|e| connect_error(&e))?;
         self.check_columns(&client).await?;
-        let mut repl = ReplicationConnection::connect(&self.cfg, &self.base_dir).await?;
-        let fresh = self.committed.is_none();
-        if fresh {
-            self.ensure_publication(&client).await?;
-            if let Some(slot) = self.slot_state(&client).await? {
-                if !self.cfg.create_slot {
-                    return Err(ConnectorError::fatal(
-                        "slot",
-                        format!(
-                            "slot {} exists but concord has no checkpoint for link {}: the initial snapshot needs a \
-                             new slot; drop it (SELECT pg_drop_replication_slot('{}')) or set create_slot = true",
-                            self.slot, self.link, self.slot
-                        ),
-                    ));
-                }
-                if slot.active {
-                    return Err(ConnectorError::transient(
-                        "slot",
-                        format!("slot {} is in use", self.slot),
-                    ));
-                }
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
-                    .await
-                    .map_err(|e| pg_error("dropping the unused slot", &e))?;
-            } else if !self.cfg.create_slot {
-                return Err(missing_slot(&self.slot, &self.link, "create_slot is false"));
-            }
-            let created = repl.create_slot(&self.slot).await?;
-            let Some(snapshot_name) = created.snapshot_name else {
-                return Err(ConnectorError::transient("slot", "the server exported no snapshot"));
-            };
-            client
-                .batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                    super::config::quote_literal(&snapshot_name)
-                ))
-                .await
-                .map_err(|e| pg_error("starting the snapshot transaction", &e))?;
-            self.checkpoint = PgCheckpoint {
-                v: CHECKPOINT_VERSION,
-                lsn: format_lsn(created.consistent_point),
-                snapshot: Some(SnapshotProgress { after: None }),
-                tx: None,
-            };
-            tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
-            self.phase = Phase::Snapshot(Box::new(SnapshotReader {
-                repl,
-                client,
-                in_snapshot: true,
-            }));
-            return Ok(());
-        }
+        let repl = ReplicationConnection::connect(&self.cfg, &self.base_dir).await?;
+        let Some(committed) = self.committed.clone() else {
+            return self.setup_fresh(client, repl).await;
+        };
         // Resuming: the yielded position falls back to the committed one.
-        let committed = self.committed.clone().expect("resuming implies a committed checkpoint");
         self.checkpoint = committed.clone();
         let lsn = parse_lsn(&committed.lsn).expect("checkpoint lsn was parsed when stored");
-        let Some(slot) = self.slot_state(&client).await? else {
-            return Err(missing_slot(&self.slot, &self.link, "it was dropped"));
+        let problem = match self.slot_state(&client).await? {
+            None => Some(self.slot_lost("it does not exist (dropped)")),
+            Some(slot) if slot.lost => {
+                Some(self.slot_lost("the server invalidated it: WAL it needed was removed, see max_slot_wal_keep_size"))
+            }
+            Some(SlotState {
+                confirmed_flush: Some(confirmed),
+                ..
+            }) if confirmed > lsn => Some(self.slot_lost(&format!(
+                "its confirmed position {} is ahead of concord's checkpoint {}, so the changes between were never \
+                 recorded",
+                format_lsn(confirmed),
+                committed.lsn
+            ))),
+            Some(_) => None,
         };
-        if slot.lost {
-            return Err(ConnectorError::fatal(
-                "slot_invalidated",
-                format!(
-                    "slot {} was invalidated by the server (WAL it needed was removed, see max_slot_wal_keep_size): \
-                     changes were lost; re-snapshot link {}: drop the slot and the link's checkpoint",
-                    self.slot, self.link
-                ),
-            ));
-        }
-        if let Some(confirmed) = slot.confirmed_flush
-            && confirmed > lsn
-        {
-            return Err(ConnectorError::fatal(
-                "slot_ahead",
-                format!(
-                    "slot {} has confirmed position {} but concord's checkpoint of link {} is {}: the changes between \
-                     were never recorded; re-snapshot the link: drop the slot and the link's checkpoint",
-                    self.slot,
-                    format_lsn(confirmed),
-                    self.link,
-                    committed.lsn
-                ),
-            ));
+        if let Some(error) = problem {
+            if !self.cfg.resnapshot_on_slot_loss {
+                return Err(error);
+            }
+            tracing::warn!(system = %self.system, link = %self.link, slot = %self.slot, reason = %error.reason,
+                "slot unusable; re-snapshot from a new slot (resnapshot_on_slot_loss)");
+            return self.setup_fresh(client, repl).await;
         }
         if committed.snapshot.is_some() {
             self.phase = Phase::Snapshot(Box::new(SnapshotReader {
@@ -378,6 +326,85 @@ impl PostgresSource {
             return Ok(());
         }
         self.start_stream(repl, client, lsn).await
+    }
+
+    /// Publication, a new slot with an exported snapshot, and the snapshot transaction.
+    /// A slot of the same name left by a run that never committed a checkpoint (or an
+    /// unusable one, on a re-snapshot) is dropped first.
+    async fn setup_fresh(
+        &mut self,
+        client: tokio_postgres::Client,
+        mut repl: ReplicationConnection,
+    ) -> Result<(), ConnectorError> {
+        self.ensure_publication(&client).await?;
+        if let Some(slot) = self.slot_state(&client).await? {
+            if !self.cfg.create_slot {
+                return Err(ConnectorError::fatal(
+                    "slot",
+                    format!(
+                        "slot {} exists but concord has no usable checkpoint for link {}: the initial snapshot needs \
+                         a new slot; drop it (SELECT pg_drop_replication_slot('{}')) or set create_slot = true",
+                        self.slot, self.link, self.slot
+                    ),
+                ));
+            }
+            if slot.active {
+                return Err(ConnectorError::transient(
+                    "slot",
+                    format!("slot {} is in use", self.slot),
+                ));
+            }
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+                .await
+                .map_err(|e| pg_error("dropping the unused slot", &e))?;
+        } else if !self.cfg.create_slot {
+            return Err(ConnectorError::fatal(
+                "slot_missing",
+                format!(
+                    "slot {} does not exist and create_slot is false: SELECT pg_create_logical_replication_slot('{}', \
+                     'pgoutput') is not enough (the initial snapshot needs the slot's exported snapshot); set \
+                     create_slot = true",
+                    self.slot, self.slot
+                ),
+            ));
+        }
+        let created = repl.create_slot(&self.slot).await?;
+        let Some(snapshot_name) = created.snapshot_name else {
+            return Err(ConnectorError::transient("slot", "the server exported no snapshot"));
+        };
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                super::config::quote_literal(&snapshot_name)
+            ))
+            .await
+            .map_err(|e| pg_error("starting the snapshot transaction", &e))?;
+        self.checkpoint = PgCheckpoint {
+            v: CHECKPOINT_VERSION,
+            lsn: format_lsn(created.consistent_point),
+            snapshot: Some(SnapshotProgress { after: None }),
+            tx: None,
+        };
+        tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
+        self.phase = Phase::Snapshot(Box::new(SnapshotReader {
+            repl,
+            client,
+            in_snapshot: true,
+        }));
+        Ok(())
+    }
+
+    /// The fatal error of a slot that cannot give the changes since the checkpoint.
+    fn slot_lost(&self, why: &str) -> ConnectorError {
+        ConnectorError::fatal(
+            "slot_lost",
+            format!(
+                "replication slot {} of link {} cannot resume: {why}; changes since the checkpoint may be lost. \
+                 To re-read the table from a new slot, set resnapshot_on_slot_loss = true on system {} and restart",
+                self.slot, self.link, self.system
+            ),
+        )
     }
 
     async fn start_stream(
@@ -425,17 +452,10 @@ impl PostgresSource {
     fn start_error(&self, error: ReplicationError) -> ConnectorError {
         let text = error.to_string();
         if text.contains("can no longer get changes") || text.contains("has been invalidated") {
-            return ConnectorError::fatal(
-                "slot_invalidated",
-                format!(
-                    "slot {} was invalidated by the server: changes were lost; re-snapshot link {}: drop the slot and \
-                     the link's checkpoint",
-                    self.slot, self.link
-                ),
-            );
+            return self.slot_lost("the server invalidated it");
         }
         if error.code() == Some("42704") {
-            return missing_slot(&self.slot, &self.link, "it was dropped");
+            return self.slot_lost("it does not exist (dropped)");
         }
         error.into()
     }
@@ -1077,17 +1097,6 @@ fn column_kind(oid: u32, category: &str, element: u32) -> Kind {
         Kind::Text if category == "A" && element != 0 => Kind::Array(Box::new(kind_of(element))),
         kind => kind,
     }
-}
-
-fn missing_slot(slot: &str, link: &str, why: &str) -> ConnectorError {
-    ConnectorError::fatal(
-        "slot_missing",
-        format!(
-            "replication slot {slot} of link {link} does not exist ({why}): changes since concord's checkpoint may be \
-             lost; re-snapshot the link: remove its checkpoint and restart (the slot is created again with \
-             create_slot = true)"
-        ),
-    )
 }
 
 /// A tokio-postgres error, classified by SQLSTATE.
