@@ -810,3 +810,42 @@ async fn an_invalidated_slot_is_a_fatal_error() {
         "{reason}"
     );
 }
+
+/// A re-snapshot of the table requested in the stream reads every row again, then the
+/// stream goes on from where it paused.
+#[tokio::test]
+async fn a_resnapshot_requested_while_streaming_reads_the_table_again() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute("CREATE TABLE members (id int PRIMARY KEY, v text)").await;
+    let s = setup(&db, "members", &["v"], 2);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    db.execute("INSERT INTO members VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        .await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 3).await;
+    db.execute(
+        "SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'public.other');
+         SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'public.members');
+         UPDATE members SET v = 'b2' WHERE id = 2;",
+    )
+    .await;
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.records.len() >= 7 && c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    let tail: Vec<String> = captured.records[3..].iter().map(|r| r.local_id.clone()).collect();
+    assert_eq!(
+        tail,
+        vec!["1", "2", "3", "2"],
+        "the table once more (chunks of 2), then the update"
+    );
+    let latest = captured.upserts();
+    assert_eq!(latest["2"].fields["v"], json!("b2"));
+    db.execute("INSERT INTO members VALUES (4, 'd')").await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 8).await;
+    assert_eq!(captured.records[7].local_id, "4");
+}

@@ -39,8 +39,17 @@
 //! Every column the link maps must exist; a Relation message in which a mapped column
 //! is missing or has another type stops the link.
 //!
+//! A re-snapshot of one table can be requested while the link streams (PostgreSQL 14
+//! and later, whose pgoutput passes logical messages on), from any session on the
+//! database: `SELECT pg_logical_emit_message(false, 'concord.resnapshot',
+//! 'schema.table')`. The message travels in the WAL, so the stream sees it in order; the
+//! link pauses the stream (answering the server meanwhile), reads the table again in
+//! chunks as it is now, and goes on streaming from where it paused: changes made during
+//! the read are replayed over it and converge. Rows deleted before the request are not
+//! in the table and stay in concord.
+//!
 //! TRUNCATE does not name the rows it removes: it becomes a dead letter (visible,
-//! counted) and the stream goes on; re-snapshot the link to reconcile.
+//! counted) and the stream goes on; request a re-snapshot to reconcile.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -63,6 +72,9 @@ use crate::model::{ChangeKind, SourceRecord, SourceReject};
 /// Longest a call waits for the first message of the stream before it reports that
 /// nothing is available.
 const POLL_WAIT: Duration = Duration::from_secs(1);
+/// Prefix of the logical message that asks a link to read its table again while it
+/// streams: `SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'schema.table')`.
+pub const RESNAPSHOT_PREFIX: &str = "concord.resnapshot";
 /// Layout version of [`PgCheckpoint`].
 const CHECKPOINT_VERSION: u32 = 1;
 
@@ -106,18 +118,27 @@ struct CatalogColumn {
 enum Phase {
     /// Nothing open; the next call connects.
     Closed,
-    /// Reading the table; `repl` holds the exported snapshot open (first run) or is a
-    /// fresh connection (resumed snapshot).
+    /// Reading the table: the initial snapshot, a resumed one, or a re-snapshot.
     Snapshot(Box<SnapshotReader>),
     Streaming(Box<Stream>),
 }
 
 /// The connections of the snapshot phase.
 struct SnapshotReader {
-    repl: ReplicationConnection,
+    then: AfterSnapshot,
     client: tokio_postgres::Client,
     /// Reading inside the slot's exported snapshot (a transaction is open).
     in_snapshot: bool,
+}
+
+/// Where the link goes once the table is read.
+enum AfterSnapshot {
+    /// Start streaming on this connection (which holds the exported snapshot open on a
+    /// first run, and is a fresh connection when resuming).
+    Start(ReplicationConnection),
+    /// Go on with this stream, paused for a re-snapshot requested in the stream; it is
+    /// kept alive with status updates meanwhile.
+    Resume(Box<Stream>),
 }
 
 /// State of the replication stream.
@@ -150,6 +171,9 @@ struct Stream {
     last_metrics: Option<Instant>,
     /// Commit time of the newest transaction seen, microseconds since the Unix epoch.
     newest_commit_us: i64,
+    /// A re-snapshot of the table was requested in the stream; it starts once no
+    /// transaction is open.
+    resnapshot: bool,
 }
 
 struct OpenTx {
@@ -319,7 +343,7 @@ impl PostgresSource {
         }
         if committed.snapshot.is_some() {
             self.phase = Phase::Snapshot(Box::new(SnapshotReader {
-                repl,
+                then: AfterSnapshot::Start(repl),
                 client,
                 in_snapshot: false,
             }));
@@ -388,7 +412,7 @@ impl PostgresSource {
         };
         tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
         self.phase = Phase::Snapshot(Box::new(SnapshotReader {
-            repl,
+            then: AfterSnapshot::Start(repl),
             client,
             in_snapshot: true,
         }));
@@ -419,7 +443,17 @@ impl PostgresSource {
             .into_iter()
             .map(|c| (c.type_oid, c.kind))
             .collect();
-        if let Err(error) = repl.start_replication(&self.slot, lsn, &self.cfg.publication).await {
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| pg_error("reading the server version", &e))?
+            .get(0);
+        // Logical messages (re-snapshot requests) reach pgoutput clients from 14 on.
+        let messages = version >= 140_000;
+        if let Err(error) = repl
+            .start_replication(&self.slot, lsn, &self.cfg.publication, messages)
+            .await
+        {
             return Err(self.start_error(error));
         }
         tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, lsn = %format_lsn(lsn), "streaming");
@@ -445,6 +479,7 @@ impl PostgresSource {
             last_yield: Instant::now(),
             last_metrics: None,
             newest_commit_us: 0,
+            resnapshot: false,
         }));
         Ok(())
     }
@@ -606,6 +641,13 @@ impl PostgresSource {
 
     /// Reads the next chunk of the initial snapshot.
     async fn snapshot_chunk(&mut self, max: usize) -> Result<SourceBatch, ConnectorError> {
+        if let Phase::Snapshot(reader) = &mut self.phase
+            && let AfterSnapshot::Resume(stream) = &mut reader.then
+            && stream.last_status.elapsed() >= Duration::from_secs(self.cfg.status_interval_secs.max(1))
+        {
+            stream.repl.send_status(stream.confirmed, false).await?;
+            stream.last_status = Instant::now();
+        }
         let Phase::Snapshot(reader) = &self.phase else {
             unreachable!("snapshot_chunk runs in the snapshot phase");
         };
@@ -689,7 +731,7 @@ impl PostgresSource {
                 unreachable!("still in the snapshot phase");
             };
             let SnapshotReader {
-                repl,
+                then,
                 client,
                 in_snapshot,
             } = *reader;
@@ -699,9 +741,14 @@ impl PostgresSource {
                     .await
                     .map_err(|e| pg_error("ending the snapshot transaction", &e))?;
             }
-            tracing::info!(system = %self.system, link = %self.link, "initial snapshot read");
-            let lsn = parse_lsn(&self.checkpoint.lsn).expect("the snapshot's lsn came from the server");
-            self.start_stream(repl, client, lsn).await?;
+            tracing::info!(system = %self.system, link = %self.link, "snapshot read");
+            match then {
+                AfterSnapshot::Start(repl) => {
+                    let lsn = parse_lsn(&self.checkpoint.lsn).expect("the snapshot's lsn came from the server");
+                    self.start_stream(repl, client, lsn).await?;
+                }
+                AfterSnapshot::Resume(stream) => self.phase = Phase::Streaming(stream),
+            }
         }
         Ok(batch)
     }
@@ -722,7 +769,7 @@ impl PostgresSource {
                 stream.repl.send_status(stream.confirmed, false).await?;
                 stream.last_status = Instant::now();
             }
-            if records.len() >= max {
+            if records.len() >= max || (stream.resnapshot && stream.tx.is_none()) {
                 break;
             }
             let now = Instant::now();
@@ -795,6 +842,28 @@ impl PostgresSource {
         }
         let advanced = stream.position > previous;
         let heartbeat_due = heartbeat > 0 && stream.last_yield.elapsed() >= Duration::from_secs(heartbeat);
+        if stream.resnapshot && stream.tx.is_none() {
+            // Pause the stream and read the table again; the checkpoint says so, so a
+            // crash resumes the re-snapshot and then the stream from this position.
+            stream.resnapshot = false;
+            let client = connect(&self.cfg, &self.base_dir)
+                .await
+                .map_err(|e| connect_error(&e))?;
+            self.checkpoint.snapshot = Some(SnapshotProgress { after: None });
+            let Phase::Streaming(stream) = std::mem::replace(&mut self.phase, Phase::Closed) else {
+                unreachable!("still streaming");
+            };
+            self.phase = Phase::Snapshot(Box::new(SnapshotReader {
+                then: AfterSnapshot::Resume(stream),
+                client,
+                in_snapshot: false,
+            }));
+            return Ok(Some(SourceBatch {
+                records,
+                rejects,
+                checkpoint: serde_json::to_value(&self.checkpoint).expect("a checkpoint serialises"),
+            }));
+        }
         // A transaction whose changes were yielded in earlier batches ended: move the
         // checkpoint past its commit now rather than at the next heartbeat.
         let finished_tx = was_inside && self.checkpoint.tx.is_none();
@@ -938,6 +1007,12 @@ impl PostgresSource {
                         "table {} was truncated: the rows it removed are not named by the stream; re-snapshot the link",
                         self.table
                     )));
+                }
+            }
+            Message::Message { prefix, content, .. } if prefix == RESNAPSHOT_PREFIX => {
+                if content.as_ref() == self.table.to_string().as_bytes() {
+                    tracing::info!(system = %self.system, link = %self.link, "re-snapshot requested");
+                    stream.resnapshot = true;
                 }
             }
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
