@@ -849,3 +849,51 @@ async fn a_resnapshot_requested_while_streaming_reads_the_table_again() {
     capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 8).await;
     assert_eq!(captured.records[7].local_id, "4");
 }
+
+/// A partitioned table is captured under its own name: the snapshot reads every
+/// partition and the publication publishes through the root.
+#[tokio::test]
+async fn a_partitioned_table_is_captured_through_its_root() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE orders_low PARTITION OF orders FOR VALUES FROM (0) TO (100);
+         CREATE TABLE orders_high PARTITION OF orders FOR VALUES FROM (100) TO (200);
+         INSERT INTO orders VALUES (1, 'a'), (150, 'b');",
+    )
+    .await;
+    let s = setup(&db, "orders", &["v"], 100);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    db.execute(
+        "INSERT INTO orders VALUES (2, 'c'), (160, 'd');
+         UPDATE orders SET v = 'b2' WHERE id = 150;
+         DELETE FROM orders WHERE id = 1;",
+    )
+    .await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 6).await;
+    assert_eq!(
+        captured.ids(),
+        vec![
+            ("1".into(), ChangeKind::Upsert),
+            ("150".into(), ChangeKind::Upsert),
+            ("2".into(), ChangeKind::Upsert),
+            ("160".into(), ChangeKind::Upsert),
+            ("150".into(), ChangeKind::Upsert),
+            ("1".into(), ChangeKind::Delete),
+        ]
+    );
+
+    // A publication made without publish_via_partition_root is refused with the fix.
+    let mut other = setup(&db, "orders", &["v"], 100);
+    other.system.slot = format!("{}_other", db.name);
+    other.system.publication = format!("plain_{}", db.name);
+    db.execute(&format!("CREATE PUBLICATION plain_{} FOR TABLE orders", db.name)).await;
+    let mut source = open(&other, None);
+    let reason = fatal_error(&mut source).await;
+    assert!(reason.contains("publish_via_partition_root = true"), "{reason}");
+}

@@ -585,13 +585,16 @@ impl PostgresSource {
         let publication = &self.cfg.publication;
         let exists = client
             .query_opt(
-                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+                "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
                 &[publication],
             )
             .await
             .map_err(|e| pg_error("reading the publication", &e))?;
+        // Changes of a partitioned table are published under the root's name only with
+        // publish_via_partition_root; otherwise they carry each partition's name and
+        // would not be recognised as the link's table.
         let fix = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
             quote_ident(publication),
             self.table.quoted()
         );
@@ -609,6 +612,27 @@ impl PostgresSource {
             return Ok(());
         };
         let all_tables: bool = row.get(0);
+        let via_root: bool = row.get(1);
+        let partitioned: bool = client
+            .query_one(
+                "SELECT coalesce((SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2), false)",
+                &[&self.table.schema, &self.table.table],
+            )
+            .await
+            .map_err(|e| pg_error("reading the table's kind", &e))?
+            .get(0);
+        if partitioned && !via_root {
+            return Err(ConnectorError::fatal(
+                "publication",
+                format!(
+                    "table {} is partitioned and publication {publication} publishes its changes under the \
+                     partitions' names: ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    self.table,
+                    quote_ident(publication)
+                ),
+            ));
+        }
         if all_tables {
             return Ok(());
         }
@@ -829,10 +853,19 @@ impl PostgresSource {
         let previous = parse_lsn(&self.checkpoint.lsn).unwrap_or(0);
         let was_inside = self.checkpoint.tx.is_some();
         self.checkpoint.lsn = format_lsn(stream.position);
-        self.checkpoint.tx = stream.tx.as_ref().map(|tx| TxProgress {
-            commit_lsn: format_lsn(tx.commit_lsn),
-            done: tx.seen,
-        });
+        self.checkpoint.tx = match (&stream.tx, stream.skip_next) {
+            (Some(tx), _) => Some(TxProgress {
+                commit_lsn: format_lsn(tx.commit_lsn),
+                done: tx.seen,
+            }),
+            // Restarted inside a transaction that has not come again yet: keep what is
+            // known to be yielded of it.
+            (None, Some((commit_lsn, done))) => Some(TxProgress {
+                commit_lsn: format_lsn(commit_lsn),
+                done,
+            }),
+            (None, None) => None,
+        };
         let due = stream
             .last_metrics
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(self.cfg.status_interval_secs.max(1)));
