@@ -1024,6 +1024,51 @@ mod tests {
     }
 
     #[test]
+    fn postgres_systems_are_checked() {
+        let toml = r#"
+            [state]
+            dir = "state"
+            [systems.app]
+            type = "postgres"
+            host = ""
+            port = 0
+            database = "app"
+            user = "concord"
+            password = { env = "" }
+            tls = "disable"
+            tls_ca_file = "ca.pem"
+            slot = "Bad-Slot"
+            snapshot_chunk_rows = 0
+            status_interval_secs = 0
+            auth = { method = "bearer", token = { env = "T" } }
+            [entities.contact]
+            schema = "contact.schema.json"
+            [[links]]
+            system = "app"
+            entity = "contact"
+            object = "a.b.c"
+            id_field = "id"
+            capture = { interval_secs = 60 }
+        "#;
+        let (_dir, config) = config_with(toml, &[("contact.schema.json", CONTACT_SCHEMA)]);
+        assert_eq!(
+            problems(&config),
+            vec![
+                "links[0].capture.interval_secs: must be <= 10 for a postgres system",
+                r#"links[0].object: must be "schema.table" or "table""#,
+                "systems.app.auth: a postgres system takes its password from `password = { ... }`, not `auth`",
+                "systems.app.host: must not be empty",
+                "systems.app.password.env: must not be empty",
+                "systems.app.port: must be > 0",
+                "systems.app.slot: must be lowercase letters, digits or '_'",
+                "systems.app.snapshot_chunk_rows: must be > 0",
+                "systems.app.status_interval_secs: must be > 0",
+                r#"systems.app.tls_ca_file: is set but tls is "disable""#,
+            ]
+        );
+    }
+
+    #[test]
     fn problems_sort_indices_as_numbers_and_do_not_repeat() {
         let mut links = String::new();
         for _ in 0..12 {
