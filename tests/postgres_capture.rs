@@ -898,3 +898,33 @@ async fn a_partitioned_table_is_captured_through_its_root() {
     let reason = fatal_error(&mut source).await;
     assert!(reason.contains("publish_via_partition_root = true"), "{reason}");
 }
+
+/// The slot gauges are exported per system and link while the link streams.
+#[tokio::test]
+async fn slot_metrics_are_exported() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("the only recorder of this test binary");
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute("CREATE TABLE gauges (id int PRIMARY KEY)").await;
+    let s = setup(&db, "gauges", &[], 100);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = handle.render();
+        let has = |name: &str| {
+            text.lines()
+                .any(|l| l.starts_with(name) && l.contains("link=\"app.person\"") && l.contains("system=\"app\""))
+        };
+        if has(concord::metrics::PG_SLOT_RETAINED_WAL) && has(concord::metrics::PG_SLOT_CONFIRMED_LAG) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot gauges not exported:\n{text}");
+        let _ = source.next_batch(100).await.expect("next batch");
+    }
+}
