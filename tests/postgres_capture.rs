@@ -108,10 +108,11 @@ async fn capture_until(
     done: impl Fn(&Captured) -> bool,
 ) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_error = None;
     while !done(captured) {
         assert!(
             Instant::now() < deadline,
-            "capture did not reach the expected state in time"
+            "capture did not reach the expected state in time; last transient error: {last_error:?}"
         );
         match source.next_batch(max).await {
             Ok(Some(batch)) => {
@@ -124,6 +125,7 @@ async fn capture_until(
             }
             Ok(None) => {}
             Err(error) if error.class == ErrorClass::Transient => {
+                last_error = Some(error.reason);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Err(error) => panic!("capture failed: {} ({:?})", error.reason, error.class),
@@ -927,4 +929,111 @@ async fn slot_metrics_are_exported() {
         assert!(Instant::now() < deadline, "slot gauges not exported:\n{text}");
         let _ = source.next_batch(100).await.expect("next batch");
     }
+}
+
+/// TLS on both connections (tokio-postgres and our replication connection), with the
+/// server's certificate checked against the configured CA and the host.
+#[tokio::test]
+async fn capture_over_tls_with_a_verified_certificate() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca certificate");
+    let server_key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("server params")
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server certificate");
+
+    let cluster = PgCluster::start(support::pg::ClusterOptions::default());
+    let db = cluster.fresh_db().await;
+    let admin = db.admin().await;
+    // The server writes its own key and certificate files (as its own user) through
+    // large objects, then turns TLS on with a reload.
+    let data_dir: String = admin
+        .query_one("SHOW data_directory", &[])
+        .await
+        .expect("data directory")
+        .get(0);
+    for (name, pem) in [("server.crt", server.pem()), ("server.key", server_key.serialize_pem())] {
+        let oid: u32 = admin
+            .query_one("SELECT lo_from_bytea(0, convert_to($1, 'UTF8'))", &[&pem])
+            .await
+            .unwrap_or_else(|e| panic!("store {name}: {}", support::pg::describe(&e)))
+            .get(0);
+        admin
+            .query_one("SELECT lo_export($1, $2)", &[&oid, &format!("{data_dir}/{name}")])
+            .await
+            .unwrap_or_else(|e| panic!("write {name}: {}", support::pg::describe(&e)));
+        // The server refuses a key readable by others; the test runs as the server's
+        // user or as root, so it may set the mode.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(format!("{data_dir}/{name}"), std::fs::Permissions::from_mode(0o600))
+            .expect("restrict the file's mode");
+    }
+    admin
+        .batch_execute("ALTER SYSTEM SET ssl = on")
+        .await
+        .expect("enable ssl");
+    admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let on: String = db
+            .admin()
+            .await
+            .query_one("SHOW ssl", &[])
+            .await
+            .expect("show ssl")
+            .get(0);
+        if on == "on" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "ssl did not turn on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.execute("CREATE TABLE secure (id int PRIMARY KEY); INSERT INTO secure VALUES (1);")
+        .await;
+
+    let mut s = setup(&db, "secure", &[], 100);
+    std::fs::write(s.dir.path().join("ca.pem"), ca.pem()).expect("write ca");
+    s.system.tls = concord::connector::postgres::TlsMode::VerifyFull;
+    s.system.tls_ca_file = Some("ca.pem".into());
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    db.execute("INSERT INTO secure VALUES (2)").await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 2).await;
+    assert_eq!(captured.ids()[1], ("2".to_string(), ChangeKind::Upsert));
+    let encrypted: i64 = db
+        .admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE s.ssl AND a.application_name = 'concord' AND a.backend_type = 'walsender'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert_eq!(encrypted, 1, "the replication connection uses tls");
+    drop(source);
+
+    // A certificate that does not chain to the configured CA is refused.
+    let other_key = KeyPair::generate().expect("other key");
+    let mut other_params = CertificateParams::new(Vec::<String>::new()).expect("other params");
+    other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let other = other_params.self_signed(&other_key).expect("other ca");
+    std::fs::write(s.dir.path().join("ca.pem"), other.pem()).expect("write other ca");
+    let mut source = open(&s, captured.checkpoint.as_ref());
+    let error = source.next_batch(100).await.expect_err("untrusted certificate");
+    assert!(
+        error.reason.contains("tls") || error.reason.contains("connect"),
+        "{}",
+        error.reason
+    );
 }

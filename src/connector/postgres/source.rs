@@ -1228,7 +1228,16 @@ fn pg_error(what: &str, error: &tokio_postgres::Error) -> ConnectorError {
                 retry_after: None,
             }
         }
-        None => ConnectorError::transient("connection", format!("{what}: {error}")),
+        None => {
+            let mut reason = format!("{what}: {error}");
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                reason.push_str(": ");
+                reason.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            ConnectorError::transient("connection", reason)
+        }
     }
 }
 
