@@ -316,6 +316,26 @@ impl TestDb<'_> {
     pub fn conninfo(&self, user: &str) -> String {
         self.cluster.conninfo(&self.name, user)
     }
+
+    /// The keys of a concord `type = "postgres"` system for `role` on this database,
+    /// without TLS; the password is written to `dir/<role>.password` and referenced as a
+    /// file secret (relative to `dir`, the configuration's directory).
+    pub fn system_toml(&self, role: &Role, dir: &Path) -> String {
+        let file = format!("{}.password", role.name);
+        std::fs::write(dir.join(&file), &role.password).expect("write password file");
+        format!(
+            "host = \"{}\"\nport = {}\ndatabase = \"{}\"\nuser = \"{}\"\npassword = {{ file = \"{file}\" }}\ntls = \"disable\"\n",
+            self.cluster.host(),
+            self.cluster.port(),
+            self.name,
+            role.name
+        )
+    }
+
+    /// A concord system configuration for `role` on this database; see [`Self::system_toml`].
+    pub fn system_config(&self, role: &Role, dir: &Path) -> concord::connector::postgres::PostgresSystemConfig {
+        toml::from_str(&self.system_toml(role, dir)).expect("system settings parse")
+    }
 }
 
 /// The server's message and SQLSTATE for a database error, the error itself otherwise.

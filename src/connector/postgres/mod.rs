@@ -17,7 +17,10 @@
 //! tokio-postgres over the same TLS configuration, through [`connect`].
 
 pub mod config;
+pub mod error;
 pub mod pgoutput;
+pub mod preflight;
+pub mod sink;
 pub mod tls;
 pub mod values;
 

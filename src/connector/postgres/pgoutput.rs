@@ -553,17 +553,30 @@ mod tests {
             .into_iter()
             .map(|m| Message::decode(Bytes::from(m)).expect("sample decodes"))
             .collect();
-        assert!(matches!(decoded[0], Message::Begin { final_lsn: 0x1_0000_0010, xid: 7, .. }));
+        assert!(matches!(
+            decoded[0],
+            Message::Begin {
+                final_lsn: 0x1_0000_0010,
+                xid: 7,
+                ..
+            }
+        ));
         assert!(matches!(decoded[1], Message::Commit { end_lsn: 0x20, .. }));
-        let Message::Relation(rel) = &decoded[3] else { panic!("relation") };
+        let Message::Relation(rel) = &decoded[3] else {
+            panic!("relation")
+        };
         assert_eq!(rel.name, "people");
         assert_eq!(rel.replica_identity, ReplicaIdentity::Default);
         assert!(rel.columns[0].key && !rel.columns[1].key);
         assert_eq!(rel.columns[1].type_oid, 25);
-        let Message::Update { old, new, .. } = &decoded[6] else { panic!("update") };
+        let Message::Update { old, new, .. } = &decoded[6] else {
+            panic!("update")
+        };
         assert_eq!(old.as_ref().map(|(k, v)| (*k, v.len())), Some((OldKind::Key, 2)));
         assert_eq!(new[1], TupleValue::Unchanged, "the 'u' marker is not a null");
-        let Message::Delete { old, .. } = &decoded[7] else { panic!("delete") };
+        let Message::Delete { old, .. } = &decoded[7] else {
+            panic!("delete")
+        };
         assert_eq!(old.0, OldKind::Full);
         assert_eq!(old.1[1], TupleValue::Text(Bytes::from_static(b"text")));
         assert_eq!(
@@ -594,7 +607,10 @@ mod tests {
         assert_eq!(update.len(), 34);
         assert_eq!(update[0], b'r');
         assert_eq!(&update[9..17], &2u64.to_be_bytes());
-        assert_eq!(StreamMessage::decode(Bytes::from_static(b"w")), Err(DecodeError::Truncated("xlogdata start")));
+        assert_eq!(
+            StreamMessage::decode(Bytes::from_static(b"w")),
+            Err(DecodeError::Truncated("xlogdata start"))
+        );
     }
 
     #[test]
@@ -612,7 +628,10 @@ mod tests {
         m.extend_from_slice(&1u32.to_be_bytes());
         m.push(b'N');
         m.extend_from_slice(&(-1i16).to_be_bytes());
-        assert_eq!(Message::decode(Bytes::from(m)), Err(DecodeError::Negative("tuple column count")));
+        assert_eq!(
+            Message::decode(Bytes::from(m)),
+            Err(DecodeError::Negative("tuple column count"))
+        );
         let mut m = vec![b'T'];
         m.extend_from_slice(&i32::MAX.to_be_bytes());
         m.push(0);
@@ -621,7 +640,10 @@ mod tests {
         m.extend_from_slice(&0u64.to_be_bytes());
         cstr(&mut m, "p");
         m.extend_from_slice(&i32::MAX.to_be_bytes());
-        assert_eq!(Message::decode(Bytes::from(m)), Err(DecodeError::Truncated("message content")));
+        assert_eq!(
+            Message::decode(Bytes::from(m)),
+            Err(DecodeError::Truncated("message content"))
+        );
     }
 
     proptest! {

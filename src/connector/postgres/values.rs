@@ -70,8 +70,8 @@ pub fn kind_of(oid: u32) -> Kind {
         1185 => Kind::Array(Box::new(Kind::TimestampTz)),
         // text, varchar, bpchar, name, char, uuid, date, time, timetz, interval, inet,
         // cidr, macaddr, money, bit, varbit, xml arrays.
-        1002 | 1003 | 1009 | 1014 | 1015 | 2951 | 1182 | 1183 | 1270 | 1187 | 1041 | 651 | 1040 | 791 | 1561
-        | 1563 | 143 => Kind::Array(Box::new(Kind::Text)),
+        1002 | 1003 | 1009 | 1014 | 1015 | 2951 | 1182 | 1183 | 1270 | 1187 | 1041 | 651 | 1040 | 791 | 1561 | 1563
+        | 143 => Kind::Array(Box::new(Kind::Text)),
         _ => Kind::Text,
     }
 }
@@ -330,7 +330,10 @@ mod tests {
         assert_eq!(text, r#"{"a \"b\"",NULL,"c\\d"}"#);
         assert_eq!(to_json(&array, &text), json!(["a \"b\"", null, "c\\d"]));
         let nested = kind_of(1007);
-        assert_eq!(to_pg_text(&nested, &json!([[1, 2], [3, 4]])).as_deref(), Some(r#"{{"1","2"},{"3","4"}}"#));
+        assert_eq!(
+            to_pg_text(&nested, &json!([[1, 2], [3, 4]])).as_deref(),
+            Some(r#"{{"1","2"},{"3","4"}}"#)
+        );
     }
 
     proptest::proptest! {
