@@ -494,6 +494,12 @@ impl PostgresSink {
     }
 }
 
+impl crate::connector::Sink for PostgresSink {
+    fn apply(&mut self, writes: Vec<Write>) -> impl Future<Output = Vec<Result<WriteAck, ConnectorError>>> + Send {
+        PostgresSink::apply(self, writes)
+    }
+}
+
 /// Columns of a table with the cast type, the base type (through domains), its
 /// category and its element type (for arrays).
 const COLUMNS_SQL: &str = "
