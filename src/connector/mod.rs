@@ -162,7 +162,8 @@ impl AnySource {
 pub enum AnySink {
     File(file::FileSink),
     Memory(memory::MemorySink),
-    Postgres(postgres::sink::PostgresSink),
+    /// Boxed: it holds a connection, statement cache and catalog, far larger than the others.
+    Postgres(Box<postgres::sink::PostgresSink>),
 }
 
 impl AnySink {
@@ -228,14 +229,14 @@ pub fn open_all(
                         version_field: l.config.version_field.clone(),
                     })
                     .collect();
-                AnySink::Postgres(
+                AnySink::Postgres(Box::new(
                     postgres::sink::PostgresSink::open(&system_name, cfg, base_dir, tables).map_err(|source| {
                         OpenError::Connector {
                             what: system_name.clone(),
                             source,
                         }
                     })?,
-                )
+                ))
             }
         };
         connectors.sinks.insert(system_name, sink);
