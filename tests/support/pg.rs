@@ -487,7 +487,7 @@ fn reap_stale_clusters(base: &Path, bindir: &Path) {
         else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if process_alive(pid) {
             continue;
         }
         if dir.join("data/postmaster.pid").exists() {
@@ -507,5 +507,17 @@ fn reap_stale_clusters(base: &Path, bindir: &Path) {
             let _ = cmd.status();
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Whether `pid` runs: it exists and is not a zombie waiting for its parent to reap it.
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }

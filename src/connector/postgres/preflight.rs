@@ -687,3 +687,43 @@ async fn check_slots(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_identities_that_hide_updates_and_deletes() {
+        // (relreplident, has primary key, replica identity index present, acceptable)
+        let cases = [
+            ('d', true, false, true),
+            ('d', false, false, false),
+            ('f', false, false, true),
+            ('i', false, true, true),
+            ('i', true, false, false),
+            ('n', true, false, false),
+        ];
+        for (identity, pk, index, fine) in cases {
+            assert_eq!(
+                identity_problem(identity, pk, index).is_none(),
+                fine,
+                "{identity} {pk} {index}"
+            );
+        }
+    }
+
+    #[test]
+    fn findings_print_with_their_path() {
+        let error = Finding {
+            severity: Severity::Error,
+            path: "systems.app".into(),
+            message: "wal_level is \"replica\"".into(),
+        };
+        assert_eq!(error.to_string(), "systems.app: wal_level is \"replica\"");
+        let warning = Finding {
+            severity: Severity::Warning,
+            ..error
+        };
+        assert_eq!(warning.to_string(), "warning: systems.app: wal_level is \"replica\"");
+    }
+}
