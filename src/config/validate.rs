@@ -20,6 +20,10 @@ use super::{
     OneOrMany, SystemConfig, Transform, WriteMode,
 };
 
+/// Longest pause between polls of a postgres link: well inside the server's default
+/// `wal_sender_timeout` of 60 s.
+const MAX_POSTGRES_CAPTURE_INTERVAL_SECS: u64 = 10;
+
 /// One problem, with the key path it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -291,10 +295,23 @@ impl<'a> Checker<'a> {
             self.report(format!("{path}.status_interval_secs"), "must be > 0");
         }
         for (index, link) in self.config.links.iter().enumerate() {
-            if link.system == name && TableName::parse(&link.object).is_none() {
+            if link.system != name {
+                continue;
+            }
+            if TableName::parse(&link.object).is_none() {
                 self.problems.push(Problem {
                     path: format!("links[{index}].object"),
                     message: "must be \"schema.table\" or \"table\"".into(),
+                });
+            }
+            // The replication connection is read only while the link polls; the server
+            // drops a client silent for wal_sender_timeout (60 s by default).
+            if let Some(capture) = &link.capture
+                && capture.interval_secs > MAX_POSTGRES_CAPTURE_INTERVAL_SECS
+            {
+                self.problems.push(Problem {
+                    path: format!("links[{index}].capture.interval_secs"),
+                    message: format!("must be <= {MAX_POSTGRES_CAPTURE_INTERVAL_SECS} for a postgres system"),
                 });
             }
         }

@@ -135,6 +135,7 @@ pub trait Sink: Send {
 pub enum AnySource {
     File(file::FileSource),
     Memory(memory::MemorySource),
+    Postgres(Box<postgres::PostgresSource>),
 }
 
 impl AnySource {
@@ -142,18 +143,21 @@ impl AnySource {
         match self {
             AnySource::File(s) => s.next_batch(max).await,
             AnySource::Memory(s) => s.next_batch(max).await,
+            AnySource::Postgres(s) => s.next_batch(max).await,
         }
     }
     pub async fn committed(&mut self, checkpoint: &Checkpoint) -> Result<(), ConnectorError> {
         match self {
             AnySource::File(s) => s.committed(checkpoint).await,
             AnySource::Memory(s) => s.committed(checkpoint).await,
+            AnySource::Postgres(s) => s.committed(checkpoint).await,
         }
     }
     pub fn lag_seconds(&self) -> f64 {
         match self {
             AnySource::File(s) => s.lag_seconds(),
             AnySource::Memory(s) => s.lag_seconds(),
+            AnySource::Postgres(s) => s.lag_seconds(),
         }
     }
 }
@@ -198,12 +202,13 @@ pub fn open_all(
                     },
                 )?,
             ),
-            ConnectorConfig::Postgres(_) => {
-                return Err(OpenError::Unsupported {
+            ConnectorConfig::Postgres(cfg) => AnySource::Postgres(Box::new(
+                postgres::PostgresSource::open(&link.config.system, cfg, &link.config, base_dir, checkpoint.as_ref())
+                    .map_err(|source| OpenError::Connector {
                     what: link.name.clone(),
-                    capability: "capture",
-                });
-            }
+                    source,
+                })?,
+            )),
         };
         connectors.sources.push((link.index, source));
     }

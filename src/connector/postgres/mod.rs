@@ -11,6 +11,9 @@
 //! - [`source`]: slot and publication setup, the initial snapshot inside the slot's
 //!   exported snapshot, then streaming, with the flush position confirmed only once
 //!   redb has committed it.
+//! - [`sink`]: batched upserts, updates and deletes in one transaction per batch.
+//! - [`preflight`]: the setup checks `concord check` runs against the server.
+//! - [`error`]: SQLSTATE classification and operator hints.
 //! - [`tls`]: the rustls client configuration both connection kinds use.
 //!
 //! Everything that is not the replication stream (setup, snapshot, slot metrics) uses
@@ -20,7 +23,9 @@ pub mod config;
 pub mod error;
 pub mod pgoutput;
 pub mod preflight;
+pub mod replication;
 pub mod sink;
+pub mod source;
 pub mod tls;
 pub mod values;
 
@@ -29,6 +34,7 @@ use std::path::Path;
 use secrecy::ExposeSecret;
 
 pub use config::{PostgresSystemConfig, TableName, TlsMode};
+pub use source::PostgresSource;
 
 /// Session settings every concord connection runs with, so that every value arrives in
 /// the one text form [`values`] parses: ISO dates, UTC offsets, ISO 8601 intervals,
