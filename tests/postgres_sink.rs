@@ -573,3 +573,66 @@ async fn failures_are_classified_by_sqlstate() {
         vec![text(&["1"]), text(&["2"])]
     );
 }
+
+/// The bundled example with its company directory moved into a PostgreSQL table: the
+/// engine's applier writes the merged contacts through the sink, creates get the ids
+/// the table generates, and a second run writes nothing twice.
+#[tokio::test]
+async fn the_engine_writes_merged_records_through_the_sink() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, mail text UNIQUE,
+                                display_name text, job_title text, telephone text, certified boolean,
+                                source text);",
+    )
+    .await;
+    let role = writer(&db, "contacts").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::example_copy(dir.path(), support::free_port());
+    let original = std::fs::read_to_string(&config).unwrap();
+    let start = original.find("[systems.directory]").expect("directory system");
+    let end = start + original[start..].find("\n\n").expect("end of the directory system");
+    let system = format!(
+        "[systems.directory]\ntype = \"postgres\"\ndirection = \"write\"\n{}",
+        db.system_toml(&role, dir.path())
+    );
+    std::fs::write(
+        &config,
+        format!("{}{}{}", &original[..start], system.trim_end(), &original[end..]),
+    )
+    .unwrap();
+
+    let run = |config: &std::path::Path| {
+        let out = support::concord(&["run", "--once", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&config);
+    let sql = "SELECT mail, display_name, coalesce(job_title, ''), coalesce(telephone, ''), \
+               coalesce(certified::text, ''), source FROM contacts ORDER BY mail";
+    let written = rows(&db, sql).await;
+    assert_eq!(written.len(), 6, "{written:?}");
+    let ada = written
+        .iter()
+        .find(|r| r[0].as_deref() == Some("ada.lovelace@example.com"))
+        .expect("ada");
+    assert_eq!(
+        ada[1..],
+        text(&["Ada Lovelace", "Head of Engineering", "+12125550101", "true", "concord"])[..]
+    );
+    let alan = written
+        .iter()
+        .find(|r| r[0].as_deref() == Some("alan.turing@example.com"))
+        .expect("alan");
+    assert_eq!(alan[1].as_deref(), Some("Alan Turing"), "HR owns names");
+    assert!(
+        !written
+            .iter()
+            .any(|r| r[0].as_deref() == Some("edsger.dijkstra@example.com"))
+    );
+
+    run(&config);
+    assert_eq!(rows(&db, sql).await, written, "a second run writes nothing twice");
+}

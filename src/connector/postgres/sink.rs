@@ -37,19 +37,23 @@
 //!
 //! Failures of single rows do not lose the batch: all statements are pipelined in one
 //! transaction; when a row fails with a permanent error (a data or integrity error,
-//! SQLSTATE classes 22 and 23), the transaction is rolled back, that row gets its
+//! SQLSTATE classes 22 and 23, or an unknown column), the transaction is rolled back,
+//! that row gets its
 //! error, and the remaining rows run again in a new transaction with a savepoint around
 //! each, so further failing rows are rolled back alone. Savepoints are not the first
 //! choice because each written row under one takes a subtransaction id, and more than
 //! 64 of them in one transaction slow every snapshot on the server. Any other error
 //! (connection lost, serialization failure, missing privilege) fails the whole batch
-//! with its class; see [`super::error`].
+//! with its class; see [`super::error`]. A batch that takes longer than
+//! [`BATCH_TIMEOUT`] drops its connection (the server rolls the transaction back) and
+//! fails transiently; the next batch connects again.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
@@ -65,6 +69,12 @@ use crate::model::{Write, WriteAck, WriteOp};
 /// Prepared statements kept per connection; past this the cache starts over, so a
 /// stream of ever-new column sets cannot grow it without bound.
 const MAX_STATEMENTS: usize = 512;
+/// Longest a batch may take before the connection is dropped (the server then rolls the
+/// transaction back) and the batch is retried: far above any healthy batch, short enough
+/// that a half-open connection does not stall the applier for the TCP keepalive's hours.
+pub const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Savepoint name used around each row once a row of the batch has failed.
 const SAVEPOINT: &str = "concord_row";
 
@@ -170,7 +180,14 @@ impl PostgresSink {
         if writes.is_empty() {
             return Vec::new();
         }
-        if let Err(error) = self.ensure_connected().await {
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, self.ensure_connected()).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectorError::transient(
+                "timeout",
+                format!("connect: no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+            )),
+        };
+        if let Err(error) = connected {
             tracing::warn!(system = %self.system, error = %error, class = error.class.as_str(), "cannot connect");
             return writes.iter().map(|_| Err(error.clone())).collect();
         }
@@ -188,7 +205,16 @@ impl PostgresSink {
             }
         }
         if !planned.is_empty() {
-            let outcome = self.run(&planned).await;
+            let outcome = match tokio::time::timeout(BATCH_TIMEOUT, self.run(&planned)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(ConnectorError::transient(
+                    "connection",
+                    format!(
+                        "batch not done within {} s; the connection is dropped",
+                        BATCH_TIMEOUT.as_secs()
+                    ),
+                )),
+            };
             let outcome = match outcome {
                 Ok(rows) => rows,
                 Err(error) => {
