@@ -255,7 +255,9 @@ impl PostgresSink {
     /// catalog and statements after an error a schema change explains.
     fn forget_after(&mut self, error: &ConnectorError) {
         match error.kind {
-            "connection" => {
+            // After 57P01 the server closes the session; the client may not have seen
+            // the close yet.
+            "connection" | "shutdown" => {
                 self.client = None;
                 self.statements.clear();
             }
@@ -465,13 +467,21 @@ impl PostgresSink {
             self.statements.clear();
         }
         let client = self.client.as_mut().expect("connected before running");
+        // New statements are prepared together, pipelined like the rows.
+        let mut missing: Vec<(&str, &str)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for p in planned {
             for sql in std::iter::once(&p.sql).chain(p.exists_sql.as_ref()) {
-                if !self.statements.contains_key(sql) {
-                    let statement = client.prepare(sql).await.map_err(|e| classify(&p.doing, &e))?;
-                    self.statements.insert(sql.clone(), statement);
+                if !self.statements.contains_key(sql) && seen.insert(sql.as_str()) {
+                    missing.push((sql, &p.doing));
                 }
             }
+        }
+        let client_ref = &*client;
+        let prepared = futures_util::future::join_all(missing.iter().map(|(sql, _)| client_ref.prepare(sql))).await;
+        for ((sql, doing), statement) in missing.into_iter().zip(prepared) {
+            let statement = statement.map_err(|e| classify(doing, &e))?;
+            self.statements.insert(sql.to_string(), statement);
         }
         let statements = &self.statements;
         let mut failed: Vec<Option<ConnectorError>> = planned.iter().map(|_| None).collect();
