@@ -256,3 +256,57 @@ async fn a_written_table_needs_a_unique_key_and_a_wrong_password_is_reported() {
     );
     assert!(!err.contains("wrong"), "the password is not echoed: {err}");
 }
+
+#[tokio::test]
+async fn a_superuser_works_with_a_warning() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+    let superuser = Role {
+        name: support::pg::SUPERUSER.into(),
+        password: support::pg::SUPERUSER_PASSWORD.into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &superuser, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "warning: systems.app: role \"{}\" is a superuser; concord needs only REPLICATION",
+            support::pg::SUPERUSER
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[tokio::test]
+async fn an_existing_slot_must_be_a_pgoutput_slot_of_this_database() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+    let role = good_role(&db).await;
+    let slot = format!("{}_contact", db.name);
+    db.execute(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'test_decoding')"
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let expected = format!(
+        "systems.app.slot: replication slot \"{slot}\" is not a logical pgoutput slot (logical, test_decoding): drop \
+         it (SELECT pg_drop_replication_slot('{slot}');) or choose another slot name"
+    );
+    assert!(stderr(&out).lines().any(|l| l == expected), "{}", stderr(&out));
+
+    db.execute(&format!(
+        "SELECT pg_drop_replication_slot('{slot}'); SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+    ))
+    .await;
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    db.execute(&format!("SELECT pg_drop_replication_slot('{slot}')")).await;
+}
