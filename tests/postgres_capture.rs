@@ -508,7 +508,7 @@ async fn a_terminated_walsender_resumes_with_nothing_lost_or_repeated() {
 }
 
 #[tokio::test]
-async fn a_dropped_slot_is_a_fatal_error_that_offers_a_resnapshot() {
+async fn a_dropped_slot_is_a_fatal_error_and_a_resnapshot_recovers() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE things (id int PRIMARY KEY)").await;
     let s = setup(&db, "things", &[], 100);
@@ -531,12 +531,30 @@ async fn a_dropped_slot_is_a_fatal_error_that_offers_a_resnapshot() {
         assert!(Instant::now() < deadline, "slot could not be dropped");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    db.execute("INSERT INTO things VALUES (1), (2)").await;
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
     assert!(
-        reason.contains("does not exist") && reason.contains("re-snapshot"),
+        reason.contains("does not exist") && reason.contains("resnapshot_on_slot_loss = true"),
         "{reason}"
     );
+
+    // The offered fix: a new slot and the table read again in its snapshot.
+    let mut s = s;
+    s.system.resnapshot_on_slot_loss = true;
+    let mut source = open(&s, captured.checkpoint.as_ref());
+    let mut again = Captured::default();
+    capture_until(&mut source, &mut again, 100, |c| {
+        c.records.len() >= 2 && c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    assert_eq!(
+        again.ids(),
+        vec![("1".into(), ChangeKind::Upsert), ("2".into(), ChangeKind::Upsert)]
+    );
+    db.execute("INSERT INTO things VALUES (3)").await;
+    capture_until(&mut source, &mut again, 100, |c| c.records.len() >= 3).await;
+    assert_eq!(again.records[2].local_id, "3", "streaming goes on from the new slot");
 }
 
 #[tokio::test]
@@ -788,7 +806,94 @@ async fn an_invalidated_slot_is_a_fatal_error() {
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
     assert!(
-        reason.contains("invalidated") && reason.contains("re-snapshot"),
+        reason.contains("invalidated") && reason.contains("resnapshot_on_slot_loss"),
         "{reason}"
     );
+}
+
+/// A re-snapshot of the table requested in the stream reads every row again, then the
+/// stream goes on from where it paused.
+#[tokio::test]
+async fn a_resnapshot_requested_while_streaming_reads_the_table_again() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute("CREATE TABLE members (id int PRIMARY KEY, v text)").await;
+    let s = setup(&db, "members", &["v"], 2);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    db.execute("INSERT INTO members VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        .await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 3).await;
+    db.execute(
+        "SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'public.other');
+         SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'public.members');
+         UPDATE members SET v = 'b2' WHERE id = 2;",
+    )
+    .await;
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.records.len() >= 7 && c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    let tail: Vec<String> = captured.records[3..].iter().map(|r| r.local_id.clone()).collect();
+    assert_eq!(
+        tail,
+        vec!["1", "2", "3", "2"],
+        "the table once more (chunks of 2), then the update"
+    );
+    let latest = captured.upserts();
+    assert_eq!(latest["2"].fields["v"], json!("b2"));
+    db.execute("INSERT INTO members VALUES (4, 'd')").await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 8).await;
+    assert_eq!(captured.records[7].local_id, "4");
+}
+
+/// A partitioned table is captured under its own name: the snapshot reads every
+/// partition and the publication publishes through the root.
+#[tokio::test]
+async fn a_partitioned_table_is_captured_through_its_root() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+         CREATE TABLE orders_low PARTITION OF orders FOR VALUES FROM (0) TO (100);
+         CREATE TABLE orders_high PARTITION OF orders FOR VALUES FROM (100) TO (200);
+         INSERT INTO orders VALUES (1, 'a'), (150, 'b');",
+    )
+    .await;
+    let s = setup(&db, "orders", &["v"], 100);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    db.execute(
+        "INSERT INTO orders VALUES (2, 'c'), (160, 'd');
+         UPDATE orders SET v = 'b2' WHERE id = 150;
+         DELETE FROM orders WHERE id = 1;",
+    )
+    .await;
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 6).await;
+    assert_eq!(
+        captured.ids(),
+        vec![
+            ("1".into(), ChangeKind::Upsert),
+            ("150".into(), ChangeKind::Upsert),
+            ("2".into(), ChangeKind::Upsert),
+            ("160".into(), ChangeKind::Upsert),
+            ("150".into(), ChangeKind::Upsert),
+            ("1".into(), ChangeKind::Delete),
+        ]
+    );
+
+    // A publication made without publish_via_partition_root is refused with the fix.
+    let mut other = setup(&db, "orders", &["v"], 100);
+    other.system.slot = format!("{}_other", db.name);
+    other.system.publication = format!("plain_{}", db.name);
+    db.execute(&format!("CREATE PUBLICATION plain_{} FOR TABLE orders", db.name)).await;
+    let mut source = open(&other, None);
+    let reason = fatal_error(&mut source).await;
+    assert!(reason.contains("publish_via_partition_root = true"), "{reason}");
 }

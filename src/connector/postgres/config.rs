@@ -14,6 +14,7 @@
 //! publication = "concord"
 //! create_slot = true
 //! create_publication = true
+//! resnapshot_on_slot_loss = false       # true: a lost slot is replaced and the table read again
 //! snapshot_chunk_rows = 10000
 //! status_interval_secs = 10
 //! heartbeat_interval_secs = 60
@@ -93,6 +94,12 @@ pub struct PostgresSystemConfig {
     /// (or superuser). When false, a missing publication stops the link.
     #[serde(default = "default_true")]
     pub create_publication: bool,
+    /// When a link's slot cannot resume (dropped, invalidated by the server, or ahead of
+    /// concord's checkpoint), create a new slot and read the table again inside its
+    /// snapshot instead of stopping the link. Off by default: the changes in the gap are
+    /// lost (rows deleted in it stay in concord), which an operator should decide on.
+    #[serde(default)]
+    pub resnapshot_on_slot_loss: bool,
     /// Rows per query of the initial snapshot.
     #[serde(default = "default_snapshot_chunk_rows")]
     pub snapshot_chunk_rows: u32,

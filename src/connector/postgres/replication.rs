@@ -411,19 +411,22 @@ impl ReplicationConnection {
     }
 
     /// `START_REPLICATION SLOT "slot" LOGICAL <lsn> (proto_version '1', publication_names
-    /// '"pub"')`. The server resumes at the slot's confirmed position when `start` is
-    /// before it. After this the connection only streams.
+    /// '"pub"'[, messages 'true'])`. The server resumes at the slot's confirmed position
+    /// when `start` is before it. `messages` (PostgreSQL 14 and later) asks for the
+    /// messages of `pg_logical_emit_message`. After this the connection only streams.
     pub async fn start_replication(
         &mut self,
         slot: &str,
         start: Lsn,
         publication: &str,
+        messages: bool,
     ) -> Result<(), ReplicationError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {})",
+            "START_REPLICATION SLOT {} LOGICAL {} (proto_version '1', publication_names {}{})",
             quote_ident(slot),
             format_lsn(start),
             quote_literal(&quote_ident(publication)),
+            if messages { ", messages 'true'" } else { "" },
         );
         frontend::query(&sql, &mut self.write)?;
         self.flush().await?;

@@ -33,12 +33,23 @@
 //! Safety checks before streaming, each a fatal error of the link with the fix in its
 //! message: the slot exists; it was not invalidated (`wal_status = 'lost'`, e.g. by
 //! `max_slot_wal_keep_size`); its `confirmed_flush_lsn` is not ahead of the checkpoint
-//! (the changes between were never committed to redb: a silent gap). Every columns the
-//! link maps must exist; a Relation message in which a mapped column is missing or has
-//! another type stops the link.
+//! (the changes between were never committed to redb: a silent gap). The fix offered
+//! is a re-snapshot: with `resnapshot_on_slot_loss = true` the link replaces the slot
+//! and reads the table again inside the new slot's snapshot (step 1 and 2 above).
+//! Every column the link maps must exist; a Relation message in which a mapped column
+//! is missing or has another type stops the link.
+//!
+//! A re-snapshot of one table can be requested while the link streams (PostgreSQL 14
+//! and later, whose pgoutput passes logical messages on), from any session on the
+//! database: `SELECT pg_logical_emit_message(false, 'concord.resnapshot',
+//! 'schema.table')`. The message travels in the WAL, so the stream sees it in order; the
+//! link pauses the stream (answering the server meanwhile), reads the table again in
+//! chunks as it is now, and goes on streaming from where it paused: changes made during
+//! the read are replayed over it and converge. Rows deleted before the request are not
+//! in the table and stay in concord.
 //!
 //! TRUNCATE does not name the rows it removes: it becomes a dead letter (visible,
-//! counted) and the stream goes on; re-snapshot the link to reconcile.
+//! counted) and the stream goes on; request a re-snapshot to reconcile.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -61,6 +72,9 @@ use crate::model::{ChangeKind, SourceRecord, SourceReject};
 /// Longest a call waits for the first message of the stream before it reports that
 /// nothing is available.
 const POLL_WAIT: Duration = Duration::from_secs(1);
+/// Prefix of the logical message that asks a link to read its table again while it
+/// streams: `SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'schema.table')`.
+pub const RESNAPSHOT_PREFIX: &str = "concord.resnapshot";
 /// Layout version of [`PgCheckpoint`].
 const CHECKPOINT_VERSION: u32 = 1;
 
@@ -104,18 +118,27 @@ struct CatalogColumn {
 enum Phase {
     /// Nothing open; the next call connects.
     Closed,
-    /// Reading the table; `repl` holds the exported snapshot open (first run) or is a
-    /// fresh connection (resumed snapshot).
+    /// Reading the table: the initial snapshot, a resumed one, or a re-snapshot.
     Snapshot(Box<SnapshotReader>),
     Streaming(Box<Stream>),
 }
 
 /// The connections of the snapshot phase.
 struct SnapshotReader {
-    repl: ReplicationConnection,
+    then: AfterSnapshot,
     client: tokio_postgres::Client,
     /// Reading inside the slot's exported snapshot (a transaction is open).
     in_snapshot: bool,
+}
+
+/// Where the link goes once the table is read.
+enum AfterSnapshot {
+    /// Start streaming on this connection (which holds the exported snapshot open on a
+    /// first run, and is a fresh connection when resuming).
+    Start(ReplicationConnection),
+    /// Go on with this stream, paused for a re-snapshot requested in the stream; it is
+    /// kept alive with status updates meanwhile.
+    Resume(Box<Stream>),
 }
 
 /// State of the replication stream.
@@ -148,6 +171,9 @@ struct Stream {
     last_metrics: Option<Instant>,
     /// Commit time of the newest transaction seen, microseconds since the Unix epoch.
     newest_commit_us: i64,
+    /// A re-snapshot of the table was requested in the stream; it starts once no
+    /// transaction is open.
+    resnapshot: bool,
 }
 
 struct OpenTx {
@@ -284,100 +310,125 @@ impl PostgresSource {
             .await
             .map_err(|e| connect_error(&e))?;
         self.check_columns(&client).await?;
-        let mut repl = ReplicationConnection::connect(&self.cfg, &self.base_dir).await?;
-        let fresh = self.committed.is_none();
-        if fresh {
-            self.ensure_publication(&client).await?;
-            if let Some(slot) = self.slot_state(&client).await? {
-                if !self.cfg.create_slot {
-                    return Err(ConnectorError::fatal(
-                        "slot",
-                        format!(
-                            "slot {} exists but concord has no checkpoint for link {}: the initial snapshot needs a \
-                             new slot; drop it (SELECT pg_drop_replication_slot('{}')) or set create_slot = true",
-                            self.slot, self.link, self.slot
-                        ),
-                    ));
-                }
-                if slot.active {
-                    return Err(ConnectorError::transient(
-                        "slot",
-                        format!("slot {} is in use", self.slot),
-                    ));
-                }
-                client
-                    .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
-                    .await
-                    .map_err(|e| pg_error("dropping the unused slot", &e))?;
-            } else if !self.cfg.create_slot {
-                return Err(missing_slot(&self.slot, &self.link, "create_slot is false"));
-            }
-            let created = repl.create_slot(&self.slot).await?;
-            let Some(snapshot_name) = created.snapshot_name else {
-                return Err(ConnectorError::transient("slot", "the server exported no snapshot"));
-            };
-            client
-                .batch_execute(&format!(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                    super::config::quote_literal(&snapshot_name)
-                ))
-                .await
-                .map_err(|e| pg_error("starting the snapshot transaction", &e))?;
-            self.checkpoint = PgCheckpoint {
-                v: CHECKPOINT_VERSION,
-                lsn: format_lsn(created.consistent_point),
-                snapshot: Some(SnapshotProgress { after: None }),
-                tx: None,
-            };
-            tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
-            self.phase = Phase::Snapshot(Box::new(SnapshotReader {
-                repl,
-                client,
-                in_snapshot: true,
-            }));
-            return Ok(());
-        }
+        let repl = ReplicationConnection::connect(&self.cfg, &self.base_dir).await?;
+        let Some(committed) = self.committed.clone() else {
+            return self.setup_fresh(client, repl).await;
+        };
         // Resuming: the yielded position falls back to the committed one.
-        let committed = self.committed.clone().expect("resuming implies a committed checkpoint");
         self.checkpoint = committed.clone();
         let lsn = parse_lsn(&committed.lsn).expect("checkpoint lsn was parsed when stored");
-        let Some(slot) = self.slot_state(&client).await? else {
-            return Err(missing_slot(&self.slot, &self.link, "it was dropped"));
+        let problem = match self.slot_state(&client).await? {
+            None => Some(self.slot_lost("it does not exist (dropped)")),
+            Some(slot) if slot.lost => {
+                Some(self.slot_lost("the server invalidated it: WAL it needed was removed, see max_slot_wal_keep_size"))
+            }
+            Some(SlotState {
+                confirmed_flush: Some(confirmed),
+                ..
+            }) if confirmed > lsn => Some(self.slot_lost(&format!(
+                "its confirmed position {} is ahead of concord's checkpoint {}, so the changes between were never \
+                 recorded",
+                format_lsn(confirmed),
+                committed.lsn
+            ))),
+            Some(_) => None,
         };
-        if slot.lost {
-            return Err(ConnectorError::fatal(
-                "slot_invalidated",
-                format!(
-                    "slot {} was invalidated by the server (WAL it needed was removed, see max_slot_wal_keep_size): \
-                     changes were lost; re-snapshot link {}: drop the slot and the link's checkpoint",
-                    self.slot, self.link
-                ),
-            ));
-        }
-        if let Some(confirmed) = slot.confirmed_flush
-            && confirmed > lsn
-        {
-            return Err(ConnectorError::fatal(
-                "slot_ahead",
-                format!(
-                    "slot {} has confirmed position {} but concord's checkpoint of link {} is {}: the changes between \
-                     were never recorded; re-snapshot the link: drop the slot and the link's checkpoint",
-                    self.slot,
-                    format_lsn(confirmed),
-                    self.link,
-                    committed.lsn
-                ),
-            ));
+        if let Some(error) = problem {
+            if !self.cfg.resnapshot_on_slot_loss {
+                return Err(error);
+            }
+            tracing::warn!(system = %self.system, link = %self.link, slot = %self.slot, reason = %error.reason,
+                "slot unusable; re-snapshot from a new slot (resnapshot_on_slot_loss)");
+            return self.setup_fresh(client, repl).await;
         }
         if committed.snapshot.is_some() {
             self.phase = Phase::Snapshot(Box::new(SnapshotReader {
-                repl,
+                then: AfterSnapshot::Start(repl),
                 client,
                 in_snapshot: false,
             }));
             return Ok(());
         }
         self.start_stream(repl, client, lsn).await
+    }
+
+    /// Publication, a new slot with an exported snapshot, and the snapshot transaction.
+    /// A slot of the same name left by a run that never committed a checkpoint (or an
+    /// unusable one, on a re-snapshot) is dropped first.
+    async fn setup_fresh(
+        &mut self,
+        client: tokio_postgres::Client,
+        mut repl: ReplicationConnection,
+    ) -> Result<(), ConnectorError> {
+        self.ensure_publication(&client).await?;
+        if let Some(slot) = self.slot_state(&client).await? {
+            if !self.cfg.create_slot {
+                return Err(ConnectorError::fatal(
+                    "slot",
+                    format!(
+                        "slot {} exists but concord has no usable checkpoint for link {}: the initial snapshot needs \
+                         a new slot; drop it (SELECT pg_drop_replication_slot('{}')) or set create_slot = true",
+                        self.slot, self.link, self.slot
+                    ),
+                ));
+            }
+            if slot.active {
+                return Err(ConnectorError::transient(
+                    "slot",
+                    format!("slot {} is in use", self.slot),
+                ));
+            }
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&self.slot])
+                .await
+                .map_err(|e| pg_error("dropping the unused slot", &e))?;
+        } else if !self.cfg.create_slot {
+            return Err(ConnectorError::fatal(
+                "slot_missing",
+                format!(
+                    "slot {} does not exist and create_slot is false: SELECT pg_create_logical_replication_slot('{}', \
+                     'pgoutput') is not enough (the initial snapshot needs the slot's exported snapshot); set \
+                     create_slot = true",
+                    self.slot, self.slot
+                ),
+            ));
+        }
+        let created = repl.create_slot(&self.slot).await?;
+        let Some(snapshot_name) = created.snapshot_name else {
+            return Err(ConnectorError::transient("slot", "the server exported no snapshot"));
+        };
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                super::config::quote_literal(&snapshot_name)
+            ))
+            .await
+            .map_err(|e| pg_error("starting the snapshot transaction", &e))?;
+        self.checkpoint = PgCheckpoint {
+            v: CHECKPOINT_VERSION,
+            lsn: format_lsn(created.consistent_point),
+            snapshot: Some(SnapshotProgress { after: None }),
+            tx: None,
+        };
+        tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
+        self.phase = Phase::Snapshot(Box::new(SnapshotReader {
+            then: AfterSnapshot::Start(repl),
+            client,
+            in_snapshot: true,
+        }));
+        Ok(())
+    }
+
+    /// The fatal error of a slot that cannot give the changes since the checkpoint.
+    fn slot_lost(&self, why: &str) -> ConnectorError {
+        ConnectorError::fatal(
+            "slot_lost",
+            format!(
+                "replication slot {} of link {} cannot resume: {why}; changes since the checkpoint may be lost. \
+                 To re-read the table from a new slot, set resnapshot_on_slot_loss = true on system {} and restart",
+                self.slot, self.link, self.system
+            ),
+        )
     }
 
     async fn start_stream(
@@ -392,7 +443,17 @@ impl PostgresSource {
             .into_iter()
             .map(|c| (c.type_oid, c.kind))
             .collect();
-        if let Err(error) = repl.start_replication(&self.slot, lsn, &self.cfg.publication).await {
+        let version: i32 = client
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| pg_error("reading the server version", &e))?
+            .get(0);
+        // Logical messages (re-snapshot requests) reach pgoutput clients from 14 on.
+        let messages = version >= 140_000;
+        if let Err(error) = repl
+            .start_replication(&self.slot, lsn, &self.cfg.publication, messages)
+            .await
+        {
             return Err(self.start_error(error));
         }
         tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, lsn = %format_lsn(lsn), "streaming");
@@ -418,6 +479,7 @@ impl PostgresSource {
             last_yield: Instant::now(),
             last_metrics: None,
             newest_commit_us: 0,
+            resnapshot: false,
         }));
         Ok(())
     }
@@ -425,17 +487,10 @@ impl PostgresSource {
     fn start_error(&self, error: ReplicationError) -> ConnectorError {
         let text = error.to_string();
         if text.contains("can no longer get changes") || text.contains("has been invalidated") {
-            return ConnectorError::fatal(
-                "slot_invalidated",
-                format!(
-                    "slot {} was invalidated by the server: changes were lost; re-snapshot link {}: drop the slot and \
-                     the link's checkpoint",
-                    self.slot, self.link
-                ),
-            );
+            return self.slot_lost("the server invalidated it");
         }
         if error.code() == Some("42704") {
-            return missing_slot(&self.slot, &self.link, "it was dropped");
+            return self.slot_lost("it does not exist (dropped)");
         }
         error.into()
     }
@@ -530,13 +585,16 @@ impl PostgresSource {
         let publication = &self.cfg.publication;
         let exists = client
             .query_opt(
-                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+                "SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1",
                 &[publication],
             )
             .await
             .map_err(|e| pg_error("reading the publication", &e))?;
+        // Changes of a partitioned table are published under the root's name only with
+        // publish_via_partition_root; otherwise they carry each partition's name and
+        // would not be recognised as the link's table.
         let fix = format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
             quote_ident(publication),
             self.table.quoted()
         );
@@ -554,6 +612,27 @@ impl PostgresSource {
             return Ok(());
         };
         let all_tables: bool = row.get(0);
+        let via_root: bool = row.get(1);
+        let partitioned: bool = client
+            .query_one(
+                "SELECT coalesce((SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2), false)",
+                &[&self.table.schema, &self.table.table],
+            )
+            .await
+            .map_err(|e| pg_error("reading the table's kind", &e))?
+            .get(0);
+        if partitioned && !via_root {
+            return Err(ConnectorError::fatal(
+                "publication",
+                format!(
+                    "table {} is partitioned and publication {publication} publishes its changes under the \
+                     partitions' names: ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                    self.table,
+                    quote_ident(publication)
+                ),
+            ));
+        }
         if all_tables {
             return Ok(());
         }
@@ -586,6 +665,13 @@ impl PostgresSource {
 
     /// Reads the next chunk of the initial snapshot.
     async fn snapshot_chunk(&mut self, max: usize) -> Result<SourceBatch, ConnectorError> {
+        if let Phase::Snapshot(reader) = &mut self.phase
+            && let AfterSnapshot::Resume(stream) = &mut reader.then
+            && stream.last_status.elapsed() >= Duration::from_secs(self.cfg.status_interval_secs.max(1))
+        {
+            stream.repl.send_status(stream.confirmed, false).await?;
+            stream.last_status = Instant::now();
+        }
         let Phase::Snapshot(reader) = &self.phase else {
             unreachable!("snapshot_chunk runs in the snapshot phase");
         };
@@ -669,7 +755,7 @@ impl PostgresSource {
                 unreachable!("still in the snapshot phase");
             };
             let SnapshotReader {
-                repl,
+                then,
                 client,
                 in_snapshot,
             } = *reader;
@@ -679,9 +765,14 @@ impl PostgresSource {
                     .await
                     .map_err(|e| pg_error("ending the snapshot transaction", &e))?;
             }
-            tracing::info!(system = %self.system, link = %self.link, "initial snapshot read");
-            let lsn = parse_lsn(&self.checkpoint.lsn).expect("the snapshot's lsn came from the server");
-            self.start_stream(repl, client, lsn).await?;
+            tracing::info!(system = %self.system, link = %self.link, "snapshot read");
+            match then {
+                AfterSnapshot::Start(repl) => {
+                    let lsn = parse_lsn(&self.checkpoint.lsn).expect("the snapshot's lsn came from the server");
+                    self.start_stream(repl, client, lsn).await?;
+                }
+                AfterSnapshot::Resume(stream) => self.phase = Phase::Streaming(stream),
+            }
         }
         Ok(batch)
     }
@@ -702,7 +793,7 @@ impl PostgresSource {
                 stream.repl.send_status(stream.confirmed, false).await?;
                 stream.last_status = Instant::now();
             }
-            if records.len() >= max {
+            if records.len() >= max || (stream.resnapshot && stream.tx.is_none()) {
                 break;
             }
             let now = Instant::now();
@@ -762,10 +853,19 @@ impl PostgresSource {
         let previous = parse_lsn(&self.checkpoint.lsn).unwrap_or(0);
         let was_inside = self.checkpoint.tx.is_some();
         self.checkpoint.lsn = format_lsn(stream.position);
-        self.checkpoint.tx = stream.tx.as_ref().map(|tx| TxProgress {
-            commit_lsn: format_lsn(tx.commit_lsn),
-            done: tx.seen,
-        });
+        self.checkpoint.tx = match (&stream.tx, stream.skip_next) {
+            (Some(tx), _) => Some(TxProgress {
+                commit_lsn: format_lsn(tx.commit_lsn),
+                done: tx.seen,
+            }),
+            // Restarted inside a transaction that has not come again yet: keep what is
+            // known to be yielded of it.
+            (None, Some((commit_lsn, done))) => Some(TxProgress {
+                commit_lsn: format_lsn(commit_lsn),
+                done,
+            }),
+            (None, None) => None,
+        };
         let due = stream
             .last_metrics
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(self.cfg.status_interval_secs.max(1)));
@@ -775,6 +875,28 @@ impl PostgresSource {
         }
         let advanced = stream.position > previous;
         let heartbeat_due = heartbeat > 0 && stream.last_yield.elapsed() >= Duration::from_secs(heartbeat);
+        if stream.resnapshot && stream.tx.is_none() {
+            // Pause the stream and read the table again; the checkpoint says so, so a
+            // crash resumes the re-snapshot and then the stream from this position.
+            stream.resnapshot = false;
+            let client = connect(&self.cfg, &self.base_dir)
+                .await
+                .map_err(|e| connect_error(&e))?;
+            self.checkpoint.snapshot = Some(SnapshotProgress { after: None });
+            let Phase::Streaming(stream) = std::mem::replace(&mut self.phase, Phase::Closed) else {
+                unreachable!("still streaming");
+            };
+            self.phase = Phase::Snapshot(Box::new(SnapshotReader {
+                then: AfterSnapshot::Resume(stream),
+                client,
+                in_snapshot: false,
+            }));
+            return Ok(Some(SourceBatch {
+                records,
+                rejects,
+                checkpoint: serde_json::to_value(&self.checkpoint).expect("a checkpoint serialises"),
+            }));
+        }
         // A transaction whose changes were yielded in earlier batches ended: move the
         // checkpoint past its commit now rather than at the next heartbeat.
         let finished_tx = was_inside && self.checkpoint.tx.is_none();
@@ -918,6 +1040,12 @@ impl PostgresSource {
                         "table {} was truncated: the rows it removed are not named by the stream; re-snapshot the link",
                         self.table
                     )));
+                }
+            }
+            Message::Message { prefix, content, .. } if prefix == RESNAPSHOT_PREFIX => {
+                if content.as_ref() == self.table.to_string().as_bytes() {
+                    tracing::info!(system = %self.system, link = %self.link, "re-snapshot requested");
+                    stream.resnapshot = true;
                 }
             }
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
@@ -1077,17 +1205,6 @@ fn column_kind(oid: u32, category: &str, element: u32) -> Kind {
         Kind::Text if category == "A" && element != 0 => Kind::Array(Box::new(kind_of(element))),
         kind => kind,
     }
-}
-
-fn missing_slot(slot: &str, link: &str, why: &str) -> ConnectorError {
-    ConnectorError::fatal(
-        "slot_missing",
-        format!(
-            "replication slot {slot} of link {link} does not exist ({why}): changes since concord's checkpoint may be \
-             lost; re-snapshot the link: remove its checkpoint and restart (the slot is created again with \
-             create_slot = true)"
-        ),
-    )
 }
 
 /// A tokio-postgres error, classified by SQLSTATE.
