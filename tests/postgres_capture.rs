@@ -892,7 +892,8 @@ async fn a_partitioned_table_is_captured_through_its_root() {
     let mut other = setup(&db, "orders", &["v"], 100);
     other.system.slot = format!("{}_other", db.name);
     other.system.publication = format!("plain_{}", db.name);
-    db.execute(&format!("CREATE PUBLICATION plain_{} FOR TABLE orders", db.name)).await;
+    db.execute(&format!("CREATE PUBLICATION plain_{} FOR TABLE orders", db.name))
+        .await;
     let mut source = open(&other, None);
     let reason = fatal_error(&mut source).await;
     assert!(reason.contains("publish_via_partition_root = true"), "{reason}");

@@ -146,7 +146,7 @@ async fn missing_rights_are_listed_with_their_grants() {
              REVOKE TRUNCATE ON \"public\".\"contacts\" FROM \"{r}\";"
         ),
         "systems.app.publication: publication \"concord\" does not exist and create_publication is false: CREATE \
-         PUBLICATION \"concord\" FOR TABLE \"public\".\"contacts\";"
+         PUBLICATION \"concord\" FOR TABLE \"public\".\"contacts\" WITH (publish_via_partition_root = true);"
             .to_string(),
         format!(
             "systems.app.slot: replication slot \"{slot}_contact\" does not exist and create_slot is false: set \
@@ -212,6 +212,13 @@ async fn unsuitable_replica_identities_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &db, &role, "direction = \"read\"");
     let err = stderr(&check(&config, false));
+    assert!(
+        err.lines().any(|l| l
+            == "links[0].object: table public.contacts is partitioned and publication \"concord\" publishes its \
+                changes under the partitions' names: ALTER PUBLICATION \"concord\" SET (publish_via_partition_root \
+                = true);"),
+        "{err}"
+    );
     for partition in ["contacts_low", "contacts_high"] {
         assert!(
             err.contains(&format!(

@@ -5,8 +5,9 @@
 //! For a system whose links capture:
 //! - `wal_level` is `logical` (pgoutput needs it; changing it needs a restart);
 //! - the role has `REPLICATION` (or is a superuser, which works but is warned about);
-//! - the publication exists and holds each captured table and publishes inserts,
-//!   updates and deletes, or `create_publication` is on and the role may create it or
+//! - the publication exists and holds each captured table, publishes inserts, updates
+//!   and deletes, and publishes a partitioned table under its root's name
+//!   (`publish_via_partition_root`), or `create_publication` is on and the role may create it or
 //!   add the tables (`CREATE` on the database and ownership of the tables, ownership of
 //!   the publication to add to it);
 //! - each link's slot (`<slot>_<entity>`) exists as a logical `pgoutput` slot of this
@@ -523,15 +524,17 @@ async fn check_publication(
         .collect();
     let row = client
         .query_opt(
-            "SELECT pubinsert, pubupdate, pubdelete, puballtables, pg_catalog.pg_has_role(pubowner, 'USAGE') \
-             FROM pg_catalog.pg_publication WHERE pubname = $1",
+            "SELECT pubinsert, pubupdate, pubdelete, puballtables, pg_catalog.pg_has_role(pubowner, 'USAGE'), \
+             pubviaroot FROM pg_catalog.pg_publication WHERE pubname = $1",
             &[publication],
         )
         .await?;
     let Some(row) = row else {
         let tables: Vec<String> = captured.iter().map(|(_, n, _)| n.quoted()).collect();
+        // publish_via_partition_root: changes of a partitioned table then carry the
+        // root's name, the table the link names; it changes nothing for plain tables.
         let create = format!(
-            "CREATE PUBLICATION {quoted_publication} FOR TABLE {};",
+            "CREATE PUBLICATION {quoted_publication} FOR TABLE {} WITH (publish_via_partition_root = true);",
             tables.join(", ")
         );
         if !cfg.create_publication {
@@ -563,6 +566,16 @@ async fn check_publication(
             format!(
                 "publication {publication:?} does not publish every insert, update and delete: ALTER PUBLICATION \
                  {quoted_publication} SET (publish = 'insert, update, delete, truncate');"
+            ),
+        );
+    }
+    let via_root: bool = row.get(5);
+    if !via_root && let Some((table_use, name, _)) = captured.iter().find(|(_, _, f)| f.kind == 'p') {
+        report.error(
+            &table_use.path,
+            format!(
+                "table {name} is partitioned and publication {publication:?} publishes its changes under the \
+                 partitions' names: ALTER PUBLICATION {quoted_publication} SET (publish_via_partition_root = true);"
             ),
         );
     }
