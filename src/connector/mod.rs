@@ -166,6 +166,8 @@ impl AnySource {
 pub enum AnySink {
     File(file::FileSink),
     Memory(memory::MemorySink),
+    /// Boxed: it holds a connection, statement cache and catalog, far larger than the others.
+    Postgres(Box<postgres::sink::PostgresSink>),
 }
 
 impl AnySink {
@@ -173,6 +175,7 @@ impl AnySink {
         match self {
             AnySink::File(s) => s.apply(writes).await,
             AnySink::Memory(s) => s.apply(writes).await,
+            AnySink::Postgres(s) => s.apply(writes).await,
         }
     }
 }
@@ -220,11 +223,25 @@ pub fn open_all(
                     }
                 })?)
             }
-            ConnectorConfig::Postgres(_) => {
-                return Err(OpenError::Unsupported {
-                    what: system_name.clone(),
-                    capability: "writing",
-                });
+            ConnectorConfig::Postgres(cfg) => {
+                let tables = rt
+                    .links
+                    .iter()
+                    .filter(|l| l.writes && l.config.system == system_name)
+                    .map(|l| postgres::sink::SinkTable {
+                        object: l.config.object.clone(),
+                        id_field: l.config.id_field.clone(),
+                        version_field: l.config.version_field.clone(),
+                    })
+                    .collect();
+                AnySink::Postgres(Box::new(
+                    postgres::sink::PostgresSink::open(&system_name, cfg, base_dir, tables).map_err(|source| {
+                        OpenError::Connector {
+                            what: system_name.clone(),
+                            source,
+                        }
+                    })?,
+                ))
             }
         };
         connectors.sinks.insert(system_name, sink);

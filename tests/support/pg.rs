@@ -316,6 +316,26 @@ impl TestDb<'_> {
     pub fn conninfo(&self, user: &str) -> String {
         self.cluster.conninfo(&self.name, user)
     }
+
+    /// The keys of a concord `type = "postgres"` system for `role` on this database,
+    /// without TLS; the password is written to `dir/<role>.password` and referenced as a
+    /// file secret (relative to `dir`, the configuration's directory).
+    pub fn system_toml(&self, role: &Role, dir: &Path) -> String {
+        let file = format!("{}.password", role.name);
+        std::fs::write(dir.join(&file), &role.password).expect("write password file");
+        format!(
+            "host = \"{}\"\nport = {}\ndatabase = \"{}\"\nuser = \"{}\"\npassword = {{ file = \"{file}\" }}\ntls = \"disable\"\n",
+            self.cluster.host(),
+            self.cluster.port(),
+            self.name,
+            role.name
+        )
+    }
+
+    /// A concord system configuration for `role` on this database; see [`Self::system_toml`].
+    pub fn system_config(&self, role: &Role, dir: &Path) -> concord::connector::postgres::PostgresSystemConfig {
+        toml::from_str(&self.system_toml(role, dir)).expect("system settings parse")
+    }
 }
 
 /// The server's message and SQLSTATE for a database error, the error itself otherwise.
@@ -467,7 +487,7 @@ fn reap_stale_clusters(base: &Path, bindir: &Path) {
         else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        if process_alive(pid) {
             continue;
         }
         if dir.join("data/postmaster.pid").exists() {
@@ -487,5 +507,17 @@ fn reap_stale_clusters(base: &Path, bindir: &Path) {
             let _ = cmd.status();
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Whether `pid` runs: it exists and is not a zombie waiting for its parent to reap it.
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }

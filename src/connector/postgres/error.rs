@@ -12,7 +12,7 @@
 //! | `55P03` lock not available, `25P02` in failed transaction | transient | contention, or a statement that ran after another failed |
 //! | `28` invalid authorization | fatal | wrong password or no `pg_hba.conf` entry: every call fails until fixed |
 //! | `42501` insufficient privilege | fatal | a missing grant: every call fails until fixed |
-//! | `3D000` unknown database, `3F000` unknown schema, `42P01` unknown table | fatal | the configuration names something that is not there |
+//! | `3D000` unknown database, `3F000` unknown schema, `42P01` unknown table, `42P10` no unique index on the id column | fatal | the configuration names something that is not there |
 //! | `22` data exception, `23` integrity violation, `42703` unknown column, `42804` datatype mismatch | permanent | this row will fail the same way again: dead-letter it |
 //! | anything else, and errors without a SQLSTATE (I/O, closed connection) | transient | unknown errors are retried |
 //!
@@ -53,10 +53,7 @@ pub const HINTS: &[(&str, &str)] = &[
         "22001",
         "a value is longer than the column allows: widen the column or shorten the value in the mapping",
     ),
-    (
-        "22003",
-        "a number is out of the column's range: widen the column type",
-    ),
+    ("22003", "a number is out of the column's range: widen the column type"),
     (
         "22P02",
         "a value does not parse as the column's type: check the field mapping and its transform",
@@ -65,18 +62,12 @@ pub const HINTS: &[(&str, &str)] = &[
         "22007",
         "a date or time value has the wrong format: check the mapping's date format",
     ),
-    (
-        "22008",
-        "a date or time value is out of range for the column",
-    ),
+    ("22008", "a date or time value is out of range for the column"),
     (
         "22P05",
         "a text value holds a character the database encoding cannot store",
     ),
-    (
-        "22",
-        "a value is not valid for its column: check the field mapping",
-    ),
+    ("22", "a value is not valid for its column: check the field mapping"),
     (
         "42703",
         "a mapped field names a column the table does not have: fix the link's field names or add the column",
@@ -98,7 +89,7 @@ pub fn classify_sqlstate(code: &str) -> (ErrorClass, &'static str) {
         (_, "57014" | "55P03" | "25P02") => (ErrorClass::Transient, "interrupted"),
         ("28", _) => (ErrorClass::Fatal, "auth"),
         (_, "42501") => (ErrorClass::Fatal, "privilege"),
-        (_, "3D000" | "3F000" | "42P01") => (ErrorClass::Fatal, "undefined_object"),
+        (_, "3D000" | "3F000" | "42P01" | "42P10") => (ErrorClass::Fatal, "undefined_object"),
         ("22", _) => (ErrorClass::Permanent, "data"),
         ("23", _) => (ErrorClass::Permanent, "integrity"),
         (_, "42703" | "42804") => (ErrorClass::Permanent, "schema"),
@@ -142,9 +133,14 @@ pub fn classify_db(doing: &str, db: &DbError) -> ConnectorError {
     }
     let hint = match (class, code) {
         (ErrorClass::Permanent, _) => hint(code),
-        (_, "42501") => Some("grant the role the table rights listed in the README (GRANT SELECT, INSERT, UPDATE, DELETE ON … TO …)"),
+        (_, "42501") => Some(
+            "grant the role the table rights listed in the README (GRANT SELECT, INSERT, UPDATE, DELETE ON … TO …)",
+        ),
         (ErrorClass::Fatal, "42P01" | "3F000") => Some("the link's object names a table that does not exist"),
         (ErrorClass::Fatal, "3D000") => Some("the system's database does not exist"),
+        (ErrorClass::Fatal, "42P10") => {
+            Some("the link's id_field needs a primary key or unique constraint on that column alone")
+        }
         (ErrorClass::Fatal, _) => Some("check the system's user and password and the server's pg_hba.conf"),
         _ => None,
     };
@@ -201,7 +197,11 @@ mod tests {
         assert_ne!(hint("23505"), hint("23"));
         assert_eq!(hint("40001"), None);
         for (code, _) in HINTS {
-            assert_eq!(classify_sqlstate(code).0, ErrorClass::Permanent, "hint for non-permanent {code}");
+            assert_eq!(
+                classify_sqlstate(code).0,
+                ErrorClass::Permanent,
+                "hint for non-permanent {code}"
+            );
         }
     }
 }

@@ -11,14 +11,20 @@
 //! - [`source`]: slot and publication setup, the initial snapshot inside the slot's
 //!   exported snapshot, then streaming, with the flush position confirmed only once
 //!   redb has committed it.
+//! - [`sink`]: batched upserts, updates and deletes in one transaction per batch.
+//! - [`preflight`]: the setup checks `concord check` runs against the server.
+//! - [`error`]: SQLSTATE classification and operator hints.
 //! - [`tls`]: the rustls client configuration both connection kinds use.
 //!
 //! Everything that is not the replication stream (setup, snapshot, slot metrics) uses
 //! tokio-postgres over the same TLS configuration, through [`connect`].
 
 pub mod config;
+pub mod error;
 pub mod pgoutput;
+pub mod preflight;
 pub mod replication;
+pub mod sink;
 pub mod source;
 pub mod tls;
 pub mod values;
