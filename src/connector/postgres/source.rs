@@ -61,7 +61,7 @@ use serde_json::Value;
 use super::config::{TableName, quote_ident};
 use super::pgoutput::{Lsn, Message, OldKind, PG_EPOCH_OFFSET_MICROS, Relation, StreamMessage, TupleValue};
 use super::pgoutput::{format_lsn, parse_lsn};
-use super::replication::{ReplicationConnection, ReplicationError, sqlstate_class};
+use super::replication::{ReplicationConnection, ReplicationError};
 use super::values::{Kind, kind_of, to_json};
 use super::{PostgresSystemConfig, connect};
 use crate::config::LinkConfig;
@@ -1207,27 +1207,11 @@ fn column_kind(oid: u32, category: &str, element: u32) -> Kind {
     }
 }
 
-/// A tokio-postgres error, classified by SQLSTATE.
+/// A tokio-postgres error, classified by SQLSTATE ([`super::error`]); a server error's
+/// reason names objects, never the server's message (which can quote a value).
 fn pg_error(what: &str, error: &tokio_postgres::Error) -> ConnectorError {
     match error.as_db_error() {
-        Some(db) => {
-            let code = db.code().code();
-            let class = sqlstate_class(code);
-            let reason = format!("{what}: {} ({code})", db.message());
-            let kind = if code.starts_with("28") {
-                "auth"
-            } else if code == "42501" {
-                "privilege"
-            } else {
-                "server"
-            };
-            ConnectorError {
-                class,
-                kind,
-                reason,
-                retry_after: None,
-            }
-        }
+        Some(db) => super::error::classify_db(what, db),
         None => {
             let mut reason = format!("{what}: {error}");
             let mut source = std::error::Error::source(error);
