@@ -1037,3 +1037,44 @@ async fn capture_over_tls_with_a_verified_certificate() {
         error.reason
     );
 }
+
+/// With no change of the captured table, the slot still advances over WAL written by
+/// other tables (heartbeat), so the server does not retain it.
+#[tokio::test]
+async fn an_idle_link_still_advances_its_slot() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute("CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int PRIMARY KEY, pad text);")
+        .await;
+    let s = setup(&db, "quiet", &[], 100);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, 100, |c| {
+        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+    })
+    .await;
+    let slot = source.slot_name().to_string();
+    db.execute("INSERT INTO busy SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
+        .await;
+    let target: String = db
+        .admin()
+        .await
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("wal position")
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed = slot_confirmed(&db, &slot).await.expect("slot exists");
+        if !lsn_before(&db, &confirmed, &target).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stayed at {confirmed}, before {target}"
+        );
+        if let Some(batch) = source.next_batch(100).await.expect("next batch") {
+            assert!(batch.records.is_empty(), "nothing of the captured table changed");
+            source.committed(&batch.checkpoint).await.expect("committed");
+        }
+    }
+}

@@ -944,7 +944,9 @@ impl PostgresSource {
                 stream.newest_commit_us = commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS);
             }
             Message::Relation(relation) => {
-                if relation.namespace == self.table.schema && relation.name == self.table.table {
+                if stream.table_relid == Some(relation.id)
+                    || (relation.namespace == self.table.schema && relation.name == self.table.table)
+                {
                     for name in &self.mapped {
                         let Some(column) = relation.columns.iter().find(|c| &c.name == name) else {
                             return Err(ConnectorError::fatal(
