@@ -1078,3 +1078,78 @@ async fn an_idle_link_still_advances_its_slot() {
         }
     }
 }
+
+/// The replication connection authenticates with each method the server may ask for:
+/// SCRAM-SHA-256 (every other test), md5 and cleartext password; a wrong password is a
+/// fatal error.
+#[tokio::test]
+async fn replication_connection_speaks_md5_and_cleartext_auth() {
+    use concord::connector::postgres::replication::ReplicationConnection;
+
+    let cluster = PgCluster::start(support::pg::ClusterOptions::default());
+    let db = cluster.fresh_db().await;
+    let admin = db.admin().await;
+    admin
+        .batch_execute(
+            "SET password_encryption = 'md5';
+             CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'md5-pass';
+             CREATE ROLE clearuser LOGIN REPLICATION PASSWORD 'clear-pass';",
+        )
+        .await
+        .expect("roles");
+    let hba_file: String = admin.query_one("SHOW hba_file", &[]).await.expect("hba").get(0);
+    let hba = "local all all trust\n\
+               host all md5user 127.0.0.1/32 md5\n\
+               host all clearuser 127.0.0.1/32 password\n\
+               host all all 127.0.0.1/32 scram-sha-256\n";
+    let oid: u32 = admin
+        .query_one("SELECT lo_from_bytea(0, convert_to($1, 'UTF8'))", &[&hba])
+        .await
+        .expect("store hba")
+        .get(0);
+    admin
+        .query_one("SELECT lo_export($1, $2)", &[&oid, &hba_file])
+        .await
+        .expect("write hba");
+    admin.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while admin
+        .query_one(
+            "SELECT count(*) FROM pg_hba_file_rules WHERE 'md5user' = ANY(user_name)",
+            &[],
+        )
+        .await
+        .expect("hba rules")
+        .get::<_, i64>(0)
+        == 0
+    {
+        assert!(Instant::now() < deadline, "pg_hba.conf was not reloaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for (user, password, method) in [
+        ("md5user", "md5-pass", "md5"),
+        ("clearuser", "clear-pass", "password"),
+        (SUPERUSER, SUPERUSER_PASSWORD, "scram-sha-256"),
+    ] {
+        let mut s = setup(&db, "t", &[], 100);
+        std::fs::write(s.dir.path().join("pgpass"), password).expect("password file");
+        s.system.user = user.to_string();
+        let mut conn = ReplicationConnection::connect(&s.system, s.dir.path())
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e}"));
+        let identity = conn.identify_system().await.unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert!(identity.xlog_pos > 0, "{method}");
+        // The session runs with the settings values are parsed under.
+        let rows = conn.simple_query("SHOW IntervalStyle").await.expect("show");
+        assert_eq!(rows, vec![vec![Some("iso_8601".to_string())]], "{method}");
+
+        std::fs::write(s.dir.path().join("pgpass"), "wrong").expect("password file");
+        let error = match ReplicationConnection::connect(&s.system, s.dir.path()).await {
+            Ok(_) => panic!("{method}: a wrong password is refused"),
+            Err(error) => error,
+        };
+        assert_eq!(error.code(), Some("28P01"), "{method}: {error}");
+        assert_eq!(error.class(), ErrorClass::Fatal, "{method}");
+    }
+}
