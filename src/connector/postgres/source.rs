@@ -1140,7 +1140,8 @@ impl PostgresSource {
     pub async fn committed(&mut self, checkpoint: &Checkpoint) -> Result<(), ConnectorError> {
         let parsed: PgCheckpoint = serde_json::from_value(checkpoint.clone())
             .map_err(|_| ConnectorError::fatal("checkpoint", "checkpoint is not a postgres source checkpoint"))?;
-        let flush = parse_lsn(&parsed.lsn).unwrap_or(0);
+        let flush = parse_lsn(&parsed.lsn)
+            .ok_or_else(|| ConnectorError::fatal("checkpoint", "checkpoint holds no valid lsn"))?;
         self.committed = Some(parsed);
         if let Phase::Streaming(stream) = &mut self.phase
             && flush > stream.confirmed
