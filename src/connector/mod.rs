@@ -77,6 +77,19 @@ impl ConnectorError {
     }
 }
 
+/// An error and its causes as one line, `outer: inner: …`, the form a
+/// [`ConnectorError::reason`] takes.
+pub(crate) fn reason_chain(error: &dyn std::error::Error) -> String {
+    let mut reason = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        reason.push_str(": ");
+        reason.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    reason
+}
+
 /// An opaque source position (file and byte offset, cursor, LSN), stored in the state
 /// store in the same transaction as the batch's effects.
 pub type Checkpoint = serde_json::Value;

@@ -96,13 +96,7 @@ pub fn io_class(kind: io::ErrorKind) -> ErrorClass {
 
 impl From<FileError> for ConnectorError {
     fn from(error: FileError) -> Self {
-        let mut reason = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            reason.push_str(": ");
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
+        let reason = crate::connector::reason_chain(&error);
         ConnectorError {
             class: error.class(),
             kind: error.kind(),

@@ -120,13 +120,7 @@ impl RestError {
 
 impl From<RestError> for ConnectorError {
     fn from(error: RestError) -> Self {
-        let mut reason = error.to_string();
-        let mut source = std::error::Error::source(&error);
-        while let Some(cause) = source {
-            reason.push_str(": ");
-            reason.push_str(&cause.to_string());
-            source = cause.source();
-        }
+        let reason = crate::connector::reason_chain(&error);
         ConnectorError {
             class: error.class(),
             kind: error.kind(),
