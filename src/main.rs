@@ -32,10 +32,14 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Check a configuration: syntax, references, schemas. Exit 0 when valid, 2 when not.
+    /// Check a configuration: syntax, references, schemas, and the setup of every
+    /// PostgreSQL system it connects to. Exit 0 when valid, 2 when not.
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Check the configuration only; connect to no system.
+        #[arg(long)]
+        offline: bool,
     },
     /// Print the system inventory and the data-flow map.
     Plan {
@@ -105,8 +109,11 @@ fn main() -> ExitCode {
         "info"
     });
     match cli.command {
-        Command::Check { config } => match load_valid(&config) {
-            Ok(_) => {
+        Command::Check { config, offline } => match load_valid(&config) {
+            Ok(cfg) => {
+                if !offline && let Err(code) = preflight(cfg) {
+                    return code;
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }
@@ -217,4 +224,40 @@ fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result<()> {
             config_path,
             concord::daemon::Hooks::default(),
         ))
+}
+
+/// Connects to every PostgreSQL system and checks its setup; prints every finding, and
+/// returns exit code 2 when any is an error.
+fn preflight(cfg: Config) -> Result<(), ExitCode> {
+    use concord::connector::postgres::preflight::{Severity, check_all};
+    let any_postgres = cfg
+        .systems
+        .values()
+        .any(|s| matches!(s.connector, config::ConnectorConfig::Postgres(_)));
+    if !any_postgres {
+        return Ok(());
+    }
+    let rt = match concord::engine::runtime::Runtime::compile(cfg) {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("{error}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let findings = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(tokio) => tokio.block_on(check_all(&rt)),
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    for finding in &findings {
+        eprintln!("{finding}");
+    }
+    let errors = findings.iter().filter(|f| f.severity == Severity::Error).count();
+    if errors > 0 {
+        eprintln!("{errors} problem(s) found by connecting to the systems");
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
 }

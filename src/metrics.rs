@@ -57,6 +57,12 @@ pub const LINK_UP: &str = "concord_link_up";
 pub const RECORDS: &str = "concord_records";
 /// Admin API requests, by outcome (status class).
 pub const ADMIN_REQUESTS: &str = "concord_admin_requests_total";
+/// WAL the server keeps for a link's replication slot (current WAL position minus the
+/// slot's restart_lsn), by system and link.
+pub const PG_SLOT_RETAINED_WAL: &str = "concord_postgres_slot_retained_wal_bytes";
+/// How far a slot's confirmed flush position trails the server's current WAL position,
+/// by system and link.
+pub const PG_SLOT_CONFIRMED_LAG: &str = "concord_postgres_slot_confirmed_lag_bytes";
 
 /// HTTP requests to REST systems, by system, method and status class (2xx, 4xx, 5xx,
 /// error for no answer). Never the URL.
@@ -91,6 +97,8 @@ pub const ALL: &[&str] = &[
     HTTP_REQUESTS,
     HTTP_REQUEST_DURATION,
     RATE_LIMIT_HEADROOM,
+    PG_SLOT_RETAINED_WAL,
+    PG_SLOT_CONFIRMED_LAG,
 ];
 
 /// Buckets for latency histograms, in seconds: 1 ms to 5 minutes.
@@ -105,6 +113,16 @@ pub const HISTOGRAMS: &[&str] = &[END_TO_END_LATENCY, STATE_COMMIT_DURATION, HTT
 /// Registers help text and units with the recorder. Call once after installing it.
 pub fn describe() {
     describe_gauge!(BUILD_INFO, "Build information; the value is always 1.");
+    describe_gauge!(
+        PG_SLOT_RETAINED_WAL,
+        Unit::Bytes,
+        "WAL the PostgreSQL server retains for the link's replication slot."
+    );
+    describe_gauge!(
+        PG_SLOT_CONFIRMED_LAG,
+        Unit::Bytes,
+        "Bytes of WAL between the server's position and the slot's confirmed flush position."
+    );
     describe_counter!(CHANGES_CAPTURED, Unit::Count, "Records captured from a source.");
     describe_counter!(CHANGES_MERGED, Unit::Count, "Changes merged, by outcome.");
     describe_counter!(

@@ -314,6 +314,7 @@ fn capture_summary(system: &SystemConfig, flows: &[&Flow]) -> String {
     let how = match &system.connector {
         ConnectorConfig::File(_) => "file inbox",
         ConnectorConfig::Rest(_) => "rest poll",
+        ConnectorConfig::Postgres(_) => "logical replication",
     };
     format!("{how}, every {}", every.join("/"))
 }

@@ -225,6 +225,9 @@ pub enum ConnectorConfig {
     /// A JSON REST API: polled with an updated-since cursor, written with
     /// create/update/upsert/delete requests.
     Rest(crate::connector::rest::RestSystemConfig),
+    /// A PostgreSQL database: changes captured through logical replication (`pgoutput`),
+    /// merged records written back.
+    Postgres(crate::connector::postgres::PostgresSystemConfig),
 }
 
 impl ConnectorConfig {
@@ -233,6 +236,7 @@ impl ConnectorConfig {
         match self {
             ConnectorConfig::File(_) => "file",
             ConnectorConfig::Rest(_) => "rest",
+            ConnectorConfig::Postgres(_) => "postgres",
         }
     }
 }

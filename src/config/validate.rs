@@ -20,6 +20,10 @@ use super::{
     OneOrMany, SystemConfig, Transform, WriteMode,
 };
 
+/// Longest pause between polls of a postgres link: well inside the server's default
+/// `wal_sender_timeout` of 60 s.
+const MAX_POSTGRES_CAPTURE_INTERVAL_SECS: u64 = 10;
+
 /// One problem, with the key path it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -238,6 +242,7 @@ impl<'a> Checker<'a> {
                 }
             }
             ConnectorConfig::Rest(rest) => self.rest(name, &path, system.direction, rest),
+            ConnectorConfig::Postgres(pg) => self.postgres(&path, name, system, pg),
         }
     }
 
@@ -371,6 +376,78 @@ impl<'a> Checker<'a> {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    fn postgres(
+        &mut self,
+        path: &str,
+        name: &str,
+        system: &SystemConfig,
+        pg: &crate::connector::postgres::PostgresSystemConfig,
+    ) {
+        use crate::connector::postgres::{TableName, TlsMode};
+        self.not_empty(format!("{path}.host"), &pg.host);
+        self.not_empty(format!("{path}.database"), &pg.database);
+        self.not_empty(format!("{path}.user"), &pg.user);
+        if pg.port == 0 {
+            self.report(format!("{path}.port"), "must be > 0");
+        }
+        if let Some(password) = &pg.password {
+            self.secret(&format!("{path}.password"), password);
+        }
+        if system.auth.is_some() {
+            self.report(
+                format!("{path}.auth"),
+                "a postgres system takes its password from `password = { ... }`, not `auth`",
+            );
+        }
+        if pg.tls_ca_file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            self.report(format!("{path}.tls_ca_file"), "must not be empty");
+        }
+        if pg.tls_ca_file.is_some() && pg.tls == TlsMode::Disable {
+            self.report(format!("{path}.tls_ca_file"), "is set but tls is \"disable\"");
+        }
+        for (key, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
+            if value.is_empty() {
+                self.report(format!("{path}.{key}"), "must not be empty");
+            } else if value.len() > 40 {
+                self.report(format!("{path}.{key}"), "must be at most 40 bytes");
+            }
+        }
+        if !pg
+            .slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            self.report(format!("{path}.slot"), "must be lowercase letters, digits or '_'");
+        }
+        if pg.snapshot_chunk_rows == 0 {
+            self.report(format!("{path}.snapshot_chunk_rows"), "must be > 0");
+        }
+        if pg.status_interval_secs == 0 {
+            self.report(format!("{path}.status_interval_secs"), "must be > 0");
+        }
+        for (index, link) in self.config.links.iter().enumerate() {
+            if link.system != name {
+                continue;
+            }
+            if TableName::parse(&link.object).is_none() {
+                self.problems.push(Problem {
+                    path: format!("links[{index}].object"),
+                    message: "must be \"schema.table\" or \"table\"".into(),
+                });
+            }
+            // The replication connection is read only while the link polls; the server
+            // drops a client silent for wal_sender_timeout (60 s by default).
+            if let Some(capture) = &link.capture
+                && capture.interval_secs > MAX_POSTGRES_CAPTURE_INTERVAL_SECS
+            {
+                self.problems.push(Problem {
+                    path: format!("links[{index}].capture.interval_secs"),
+                    message: format!("must be <= {MAX_POSTGRES_CAPTURE_INTERVAL_SECS} for a postgres system"),
+                });
             }
         }
     }
@@ -1095,6 +1172,51 @@ mod tests {
             "missing: {missing:#?}\nunexpected: {unexpected:#?}"
         );
         assert_eq!(found, expected, "problems come sorted by path");
+    }
+
+    #[test]
+    fn postgres_systems_are_checked() {
+        let toml = r#"
+            [state]
+            dir = "state"
+            [systems.app]
+            type = "postgres"
+            host = ""
+            port = 0
+            database = "app"
+            user = "concord"
+            password = { env = "" }
+            tls = "disable"
+            tls_ca_file = "ca.pem"
+            slot = "Bad-Slot"
+            snapshot_chunk_rows = 0
+            status_interval_secs = 0
+            auth = { method = "bearer", token = { env = "T" } }
+            [entities.contact]
+            schema = "contact.schema.json"
+            [[links]]
+            system = "app"
+            entity = "contact"
+            object = "a.b.c"
+            id_field = "id"
+            capture = { interval_secs = 60 }
+        "#;
+        let (_dir, config) = config_with(toml, &[("contact.schema.json", CONTACT_SCHEMA)]);
+        assert_eq!(
+            problems(&config),
+            vec![
+                "links[0].capture.interval_secs: must be <= 10 for a postgres system",
+                r#"links[0].object: must be "schema.table" or "table""#,
+                "systems.app.auth: a postgres system takes its password from `password = { ... }`, not `auth`",
+                "systems.app.host: must not be empty",
+                "systems.app.password.env: must not be empty",
+                "systems.app.port: must be > 0",
+                "systems.app.slot: must be lowercase letters, digits or '_'",
+                "systems.app.snapshot_chunk_rows: must be > 0",
+                "systems.app.status_interval_secs: must be > 0",
+                r#"systems.app.tls_ca_file: is set but tls is "disable""#,
+            ]
+        );
     }
 
     #[test]

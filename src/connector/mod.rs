@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod memory;
+pub mod postgres;
 pub mod rest;
 
 use std::time::Duration;
@@ -150,6 +151,7 @@ pub enum AnySource {
     Memory(memory::MemorySource),
     /// Boxed: its state is far larger than the other variants'.
     Rest(Box<rest::RestSource>),
+    Postgres(Box<postgres::PostgresSource>),
 }
 
 impl AnySource {
@@ -158,6 +160,7 @@ impl AnySource {
             AnySource::File(s) => s.next_batch(max).await,
             AnySource::Memory(s) => s.next_batch(max).await,
             AnySource::Rest(s) => s.next_batch(max).await,
+            AnySource::Postgres(s) => s.next_batch(max).await,
         }
     }
     pub async fn committed(&mut self, checkpoint: &Checkpoint) -> Result<(), ConnectorError> {
@@ -165,6 +168,7 @@ impl AnySource {
             AnySource::File(s) => s.committed(checkpoint).await,
             AnySource::Memory(s) => s.committed(checkpoint).await,
             AnySource::Rest(s) => s.committed(checkpoint).await,
+            AnySource::Postgres(s) => s.committed(checkpoint).await,
         }
     }
     pub fn lag_seconds(&self) -> f64 {
@@ -172,6 +176,7 @@ impl AnySource {
             AnySource::File(s) => s.lag_seconds(),
             AnySource::Memory(s) => s.lag_seconds(),
             AnySource::Rest(s) => s.lag_seconds(),
+            AnySource::Postgres(s) => s.lag_seconds(),
         }
     }
 }
@@ -181,6 +186,8 @@ pub enum AnySink {
     File(file::FileSink),
     Memory(memory::MemorySink),
     Rest(rest::RestSink),
+    /// Boxed: it holds a connection, statement cache and catalog, far larger than the others.
+    Postgres(Box<postgres::sink::PostgresSink>),
 }
 
 impl AnySink {
@@ -189,6 +196,7 @@ impl AnySink {
             AnySink::File(s) => s.apply(writes).await,
             AnySink::Memory(s) => s.apply(writes).await,
             AnySink::Rest(s) => s.apply(writes).await,
+            AnySink::Postgres(s) => s.apply(writes).await,
         }
     }
 
@@ -198,7 +206,7 @@ impl AnySink {
     pub fn take_rereads(&mut self) -> Vec<rest::Reread> {
         match self {
             AnySink::Rest(s) => s.take_rereads(),
-            AnySink::File(_) | AnySink::Memory(_) => Vec::new(),
+            AnySink::File(_) | AnySink::Memory(_) | AnySink::Postgres(_) => Vec::new(),
         }
     }
 }
@@ -247,6 +255,13 @@ pub fn open_all(
                     })?;
                 AnySource::Rest(Box::new(source))
             }
+            ConnectorConfig::Postgres(cfg) => AnySource::Postgres(Box::new(
+                postgres::PostgresSource::open(&link.config.system, cfg, &link.config, base_dir, checkpoint.as_ref())
+                    .map_err(|source| OpenError::Connector {
+                    what: link.name.clone(),
+                    source,
+                })?,
+            )),
         };
         connectors.sources.push((link.index, source));
     }
@@ -276,6 +291,26 @@ pub fn open_all(
                         }
                     })?,
                 )
+            }
+            ConnectorConfig::Postgres(cfg) => {
+                let tables = rt
+                    .links
+                    .iter()
+                    .filter(|l| l.writes && l.config.system == system_name)
+                    .map(|l| postgres::sink::SinkTable {
+                        object: l.config.object.clone(),
+                        id_field: l.config.id_field.clone(),
+                        version_field: l.config.version_field.clone(),
+                    })
+                    .collect();
+                AnySink::Postgres(Box::new(
+                    postgres::sink::PostgresSink::open(&system_name, cfg, base_dir, tables).map_err(|source| {
+                        OpenError::Connector {
+                            what: system_name.clone(),
+                            source,
+                        }
+                    })?,
+                ))
             }
         };
         connectors.sinks.insert(system_name, sink);
@@ -314,6 +349,8 @@ pub enum OpenError {
         #[source]
         source: ConnectorError,
     },
+    #[error("{what}: this build of concord has no postgres {capability}")]
+    Unsupported { what: String, capability: &'static str },
     #[error("cannot read checkpoints")]
     State(#[from] crate::state::StateError),
 }

@@ -155,3 +155,4 @@ pub fn example_synced(port: u16) -> Option<serde_json::Value> {
     let outbox = status["systems"]["directory"]["outbox_depth"].as_u64();
     (all_idle && outbox == Some(0) && status["records"].as_u64() == Some(6)).then_some(status)
 }
+pub mod pg;

@@ -1,0 +1,745 @@
+//! The PostgreSQL sink: each call to [`PostgresSink::apply`] writes a batch of upserts
+//! and deletes in one transaction.
+//!
+//! Statements, one per write, all parameterised, every identifier quoted:
+//! - create: `INSERT INTO "s"."t" AS t ("id", "a", …) VALUES ($1::text::<type>, …)
+//!   ON CONFLICT ("id") DO UPDATE SET "a" = EXCLUDED."a", … RETURNING "id"::text`, keyed
+//!   by the id column's value in the write's fields, so a create repeated after a lost
+//!   confirmation changes nothing. A create without that value lets the table generate
+//!   the key (`INSERT … RETURNING`, no `ON CONFLICT`); such a repeat adds a second row,
+//!   so map the key column when creates must be idempotent.
+//! - update: `UPDATE "s"."t" AS t SET "a" = $2::text::<type>, … WHERE t."id" = $1::…
+//!   RETURNING "id"::text`, keyed by the local id the write carries. An update holds only
+//!   the changed fields, so it cannot be an `INSERT … ON CONFLICT`: PostgreSQL checks
+//!   `NOT NULL` on the proposed row before it looks for the conflict. An update of a row
+//!   that is gone fails permanently (`not_found`) rather than recreating a row someone
+//!   deleted.
+//! - delete: `DELETE FROM "s"."t" AS t WHERE t."id" = $1::… RETURNING "id"::text`;
+//!   deleting a row that is already gone succeeds.
+//!
+//! Values travel as text and are cast to the column's type (`$n::text::numeric`), the
+//! types being read once per table from the catalog: the text is what
+//! [`values::to_pg_text`] makes of the canonical value, the inverse of what capture
+//! reads, so numeric, timestamptz, uuid, bytea, json and arrays round-trip exactly.
+//! The cast names the type without its modifier (`numeric`, not `numeric(10,2)`), so
+//! the column's own assignment rules apply: a too long `varchar` value is refused
+//! rather than cut (explicit casts cut, assignment does not).
+//!
+//! Optimistic concurrency: when the link has a `version_field` and the write carries
+//! the version concord last saw, the update and the delete add `AND t."ver" =
+//! $n::text::<type>` (compared as the column's type, so any text form of the same
+//! timestamp matches). A stale version changes nothing and the write fails with
+//! kind `version_conflict`, transient: the row's newer change is on its way through
+//! capture, and the retry is planned against the shadow it updates. An integer version
+//! column that the write does not set is incremented by every update concord makes, so
+//! other optimistic writers see concord's writes too; other version types (a timestamp
+//! set by a trigger) are left to the table. The acknowledgement carries the new version.
+//!
+//! Failures of single rows do not lose the batch: all statements are pipelined in one
+//! transaction; when a row fails with a permanent error (a data or integrity error,
+//! SQLSTATE classes 22 and 23, or an unknown column), the transaction is rolled back,
+//! that row gets its
+//! error, and the remaining rows run again in a new transaction with a savepoint around
+//! each, so further failing rows are rolled back alone. Savepoints are not the first
+//! choice because each written row under one takes a subtransaction id, and more than
+//! 64 of them in one transaction slow every snapshot on the server. Any other error
+//! (connection lost, serialization failure, missing privilege) fails the whole batch
+//! with its class; see [`super::error`]. A batch that takes longer than
+//! [`BATCH_TIMEOUT`] drops its connection (the server rolls the transaction back) and
+//! fails transiently; the next batch connects again.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement, Transaction};
+
+use super::config::{PostgresSystemConfig, TableName, quote_ident};
+use super::error::classify;
+use super::values::{self, Kind};
+use super::{ConnectError, connect};
+use crate::connector::{ConnectorError, ErrorClass};
+use crate::model::{Write, WriteAck, WriteOp};
+
+/// Prepared statements kept per connection; past this the cache starts over, so a
+/// stream of ever-new column sets cannot grow it without bound.
+const MAX_STATEMENTS: usize = 512;
+/// Longest a batch may take before the connection is dropped (the server then rolls the
+/// transaction back) and the batch is retried: far above any healthy batch, short enough
+/// that a half-open connection does not stall the applier for the TCP keepalive's hours.
+pub const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Savepoint name used around each row once a row of the batch has failed.
+const SAVEPOINT: &str = "concord_row";
+
+/// The table a link writes: its `object`, key column and optional version column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkTable {
+    pub object: String,
+    pub id_field: String,
+    pub version_field: Option<String>,
+}
+
+/// Writes batches to one PostgreSQL system; see the module doc.
+pub struct PostgresSink {
+    system: String,
+    config: PostgresSystemConfig,
+    /// Directory secret file paths are relative to.
+    base_dir: PathBuf,
+    /// Link tables by `object`.
+    links: HashMap<String, SinkTable>,
+    /// Connected on first use and again after the connection was lost.
+    client: Option<Client>,
+    /// Column types by `object`, read once from the catalog; cleared when a statement
+    /// fails in a way a schema change explains.
+    tables: HashMap<String, Arc<Table>>,
+    /// Prepared statements by SQL text, valid on `client` only.
+    statements: HashMap<String, Statement>,
+}
+
+/// A table as the catalog describes it.
+#[derive(Debug)]
+struct Table {
+    /// `schema.table` as configured, for messages.
+    label: String,
+    /// `"schema"."table"`.
+    quoted: String,
+    id: String,
+    version: Option<String>,
+    columns: HashMap<String, Column>,
+}
+
+#[derive(Debug)]
+struct Column {
+    /// The type to cast the text to: `format_type` with modifier -1, which names the
+    /// unconstrained type (`bpchar` and `"bit"`, where the bare `character` and `bit`
+    /// would mean length 1).
+    cast: String,
+    /// How canonical values map to this column's text.
+    kind: Kind,
+}
+
+/// One write turned into a statement.
+struct Planned {
+    /// The statement text, also its cache key.
+    sql: String,
+    params: Vec<Option<String>>,
+    table: Arc<Table>,
+    op: WriteOp,
+    /// What the statement does, for error reasons: `upsert into public.people`.
+    doing: String,
+    /// For an update or delete guarded by a version: a statement telling whether the
+    /// row exists, run when the guarded statement touched nothing (present → conflict).
+    exists_sql: Option<String>,
+    local_id: Option<String>,
+}
+
+/// How one row's statement ended inside the transaction.
+enum RowDone {
+    Written(Option<Row>),
+    Failed(ConnectorError),
+}
+
+impl PostgresSink {
+    /// A sink for `system` writing the given link tables; connects on first use.
+    pub fn open(
+        system: &str,
+        config: &PostgresSystemConfig,
+        base_dir: &Path,
+        tables: Vec<SinkTable>,
+    ) -> Result<PostgresSink, ConnectorError> {
+        let mut links = HashMap::new();
+        for table in tables {
+            if TableName::parse(&table.object).is_none() {
+                return Err(ConnectorError::fatal(
+                    "config",
+                    format!("object {:?} is not \"schema.table\" or \"table\"", table.object),
+                ));
+            }
+            links.insert(table.object.clone(), table);
+        }
+        Ok(PostgresSink {
+            system: system.to_string(),
+            config: config.clone(),
+            base_dir: base_dir.to_path_buf(),
+            links,
+            client: None,
+            tables: HashMap::new(),
+            statements: HashMap::new(),
+        })
+    }
+
+    /// Writes `writes` in one transaction; one result per write, in order.
+    pub async fn apply(&mut self, writes: Vec<Write>) -> Vec<Result<WriteAck, ConnectorError>> {
+        if writes.is_empty() {
+            return Vec::new();
+        }
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, self.ensure_connected()).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectorError::transient(
+                "timeout",
+                format!("connect: no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+            )),
+        };
+        if let Err(error) = connected {
+            tracing::warn!(system = %self.system, error = %error, class = error.class.as_str(), "cannot connect");
+            return writes.iter().map(|_| Err(error.clone())).collect();
+        }
+        let mut results: Vec<Option<Result<WriteAck, ConnectorError>>> = Vec::with_capacity(writes.len());
+        let mut planned = Vec::new();
+        let mut slots = Vec::new();
+        for write in &writes {
+            match self.plan(write).await {
+                Ok(p) => {
+                    slots.push(results.len());
+                    results.push(None);
+                    planned.push(p);
+                }
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        if !planned.is_empty() {
+            let outcome = match tokio::time::timeout(BATCH_TIMEOUT, self.run(&planned)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(ConnectorError::transient(
+                    "connection",
+                    format!(
+                        "batch not done within {} s; the connection is dropped",
+                        BATCH_TIMEOUT.as_secs()
+                    ),
+                )),
+            };
+            let outcome = match outcome {
+                Ok(rows) => rows,
+                Err(error) => {
+                    tracing::warn!(system = %self.system, error = %error, class = error.class.as_str(), "batch not written");
+                    self.forget_after(&error);
+                    planned.iter().map(|_| Err(error.clone())).collect()
+                }
+            };
+            for (slot, result) in slots.into_iter().zip(outcome) {
+                if let Err(error) = &result {
+                    self.forget_after(error);
+                }
+                results[slot] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every write has a result: planned or refused"))
+            .collect()
+    }
+
+    async fn ensure_connected(&mut self) -> Result<(), ConnectorError> {
+        if self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(());
+        }
+        self.client = None;
+        self.statements.clear();
+        let client = connect(&self.config, &self.base_dir).await.map_err(|e| match e {
+            ConnectError::Secret(_) => ConnectorError::fatal("secret", "cannot read the database password"),
+            ConnectError::Tls(reason) => ConnectorError::fatal("tls", format!("tls setup: {reason}")),
+            ConnectError::Postgres(e) => classify("connect", &e),
+        })?;
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// Drops what an error makes doubtful: the connection after a connection error, the
+    /// catalog and statements after an error a schema change explains.
+    fn forget_after(&mut self, error: &ConnectorError) {
+        match error.kind {
+            // After 57P01 the server closes the session; the client may not have seen
+            // the close yet.
+            "connection" | "shutdown" => {
+                self.client = None;
+                self.statements.clear();
+            }
+            "schema" | "undefined_object" | "postgres" => {
+                self.tables.clear();
+                self.statements.clear();
+            }
+            _ => {}
+        }
+    }
+
+    /// The catalog description of a link's table, read once.
+    async fn table(&mut self, object: &str) -> Result<Arc<Table>, ConnectorError> {
+        if let Some(table) = self.tables.get(object) {
+            return Ok(table.clone());
+        }
+        let link = self
+            .links
+            .get(object)
+            .ok_or_else(|| ConnectorError::fatal("config", format!("no link of this system writes {object:?}")))?;
+        let name = TableName::parse(object)
+            .ok_or_else(|| ConnectorError::fatal("config", format!("object {object:?} is not a table name")))?;
+        let client = self.client.as_ref().expect("connected before planning");
+        let rows = client
+            .query(COLUMNS_SQL, &[&name.schema, &name.table])
+            .await
+            .map_err(|e| classify(&format!("read the columns of {name}"), &e))?;
+        if rows.is_empty() {
+            return Err(ConnectorError::fatal(
+                "undefined_object",
+                format!("table {name} does not exist or the role cannot see it"),
+            ));
+        }
+        let mut columns = HashMap::new();
+        for row in rows {
+            let column: String = row.get(0);
+            let cast: String = row.get(1);
+            let base_oid: u32 = row.get(2);
+            let category: i8 = row.get(3);
+            let element_oid: u32 = row.get(4);
+            let mut kind = values::kind_of(base_oid);
+            if kind == Kind::Text && category == b'A' as i8 {
+                kind = Kind::Array(Box::new(values::kind_of(element_oid)));
+            }
+            columns.insert(column, Column { cast, kind });
+        }
+        for (what, column) in [
+            ("id_field", Some(&link.id_field)),
+            ("version_field", link.version_field.as_ref()),
+        ] {
+            if let Some(column) = column
+                && !columns.contains_key(column)
+            {
+                return Err(ConnectorError::fatal(
+                    "undefined_object",
+                    format!("{what} {column:?} is not a column of {name}"),
+                ));
+            }
+        }
+        let table = Arc::new(Table {
+            label: name.to_string(),
+            quoted: name.quoted(),
+            id: link.id_field.clone(),
+            version: link.version_field.clone(),
+            columns,
+        });
+        self.tables.insert(object.to_string(), table.clone());
+        Ok(table)
+    }
+
+    /// Turns a write into its statement; errors here concern this write alone.
+    async fn plan(&mut self, write: &Write) -> Result<Planned, ConnectorError> {
+        let table = self.table(&write.object).await?;
+        let mut params: Vec<Option<String>> = Vec::new();
+        let param = |column: &Column, value: &Value, params: &mut Vec<Option<String>>| {
+            params.push(values::to_pg_text(&column.kind, value));
+            format!("${}::text::{}", params.len(), column.cast)
+        };
+        let id_column = &table.columns[&table.id];
+        let id = quote_ident(&table.id);
+        let returning = match &table.version {
+            Some(column) => format!(" RETURNING {id}::text, {}::text", quote_ident(column)),
+            None => format!(" RETURNING {id}::text"),
+        };
+        let guard = match (&table.version, &write.expected_version) {
+            (Some(column), Some(expected)) => Some((column, expected)),
+            _ => None,
+        };
+        // The key is always the first parameter of an update or delete, so the
+        // existence check of a guarded one can reuse it.
+        let exists_sql = guard.map(|_| {
+            format!(
+                "SELECT 1 FROM {} WHERE {id} = $1::text::{}",
+                table.quoted, id_column.cast
+            )
+        });
+        let fields: Vec<(&String, &Value, &Column)> = write
+            .fields
+            .iter()
+            .filter(|(name, _)| write.op != WriteOp::Update || **name != table.id)
+            .map(|(name, value)| match table.columns.get(name) {
+                Some(column) => Ok((name, value, column)),
+                None => Err(ConnectorError::permanent(
+                    "schema",
+                    format!(
+                        "field {name:?} is not a column of {}: fix the link's field names or add the column",
+                        table.label
+                    ),
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        // An integer version column the write does not set counts concord's updates.
+        let bump = table
+            .version
+            .as_ref()
+            .filter(|column| table.columns[*column].kind == Kind::Int && !write.fields.contains_key(column.as_str()));
+        let local_id = || {
+            write.local_id.clone().ok_or_else(|| {
+                ConnectorError::permanent("missing_id", format!("{} without a local id", write.op.as_str()))
+            })
+        };
+        let (sql, doing, exists_sql) = match write.op {
+            WriteOp::Create => {
+                let names: Vec<String> = fields.iter().map(|(name, _, _)| quote_ident(name)).collect();
+                let exprs: Vec<String> = fields
+                    .iter()
+                    .map(|(_, value, column)| param(column, value, &mut params))
+                    .collect();
+                let mut sql = if fields.is_empty() {
+                    format!("INSERT INTO {} AS t DEFAULT VALUES", table.quoted)
+                } else {
+                    format!(
+                        "INSERT INTO {} AS t ({}) VALUES ({})",
+                        table.quoted,
+                        names.join(", "),
+                        exprs.join(", ")
+                    )
+                };
+                if write.fields.contains_key(&table.id) {
+                    let mut sets: Vec<String> = fields
+                        .iter()
+                        .filter(|(name, _, _)| **name != table.id)
+                        .map(|(name, _, _)| format!("{0} = EXCLUDED.{0}", quote_ident(name)))
+                        .collect();
+                    if let Some(column) = bump {
+                        let v = quote_ident(column);
+                        sets.push(format!("{v} = COALESCE(t.{v}, 0) + 1"));
+                    }
+                    if sets.is_empty() {
+                        sets.push(format!("{id} = EXCLUDED.{id}"));
+                    }
+                    sql.push_str(&format!(" ON CONFLICT ({id}) DO UPDATE SET {}", sets.join(", ")));
+                }
+                (sql, format!("upsert into {}", table.label), None)
+            }
+            WriteOp::Update => {
+                let key = param(id_column, &Value::String(local_id()?), &mut params);
+                let mut sets: Vec<String> = fields
+                    .iter()
+                    .map(|(name, value, column)| {
+                        format!("{} = {}", quote_ident(name), param(column, value, &mut params))
+                    })
+                    .collect();
+                if let Some(column) = bump {
+                    let v = quote_ident(column);
+                    sets.push(format!("{v} = COALESCE(t.{v}, 0) + 1"));
+                }
+                if sets.is_empty() {
+                    sets.push(format!("{id} = t.{id}"));
+                }
+                let mut sql = format!(
+                    "UPDATE {} AS t SET {} WHERE t.{id} = {key}",
+                    table.quoted,
+                    sets.join(", ")
+                );
+                if let Some((column, expected)) = guard {
+                    let check = param(&table.columns[column], &Value::String(expected.clone()), &mut params);
+                    sql.push_str(&format!(" AND t.{} = {check}", quote_ident(column)));
+                }
+                (sql, format!("update of {}", table.label), exists_sql)
+            }
+            WriteOp::Delete => {
+                let key = param(id_column, &Value::String(local_id()?), &mut params);
+                let mut sql = format!("DELETE FROM {} AS t WHERE t.{id} = {key}", table.quoted);
+                if let Some((column, expected)) = guard {
+                    let check = param(&table.columns[column], &Value::String(expected.clone()), &mut params);
+                    sql.push_str(&format!(" AND t.{} = {check}", quote_ident(column)));
+                }
+                (sql, format!("delete from {}", table.label), exists_sql)
+            }
+        };
+        Ok(Planned {
+            sql: sql + &returning,
+            params,
+            doing,
+            table,
+            op: write.op,
+            exists_sql,
+            local_id: write.local_id.clone(),
+        })
+    }
+
+    /// Runs the planned statements in one transaction (two when a row fails); `Err`
+    /// fails every row.
+    async fn run(&mut self, planned: &[Planned]) -> Result<Vec<Result<WriteAck, ConnectorError>>, ConnectorError> {
+        if self.statements.len() > MAX_STATEMENTS {
+            self.statements.clear();
+        }
+        let client = self.client.as_mut().expect("connected before running");
+        // New statements are prepared together, pipelined like the rows.
+        let mut missing: Vec<(&str, &str)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in planned {
+            for sql in std::iter::once(&p.sql).chain(p.exists_sql.as_ref()) {
+                if !self.statements.contains_key(sql) && seen.insert(sql.as_str()) {
+                    missing.push((sql, &p.doing));
+                }
+            }
+        }
+        let client_ref = &*client;
+        let prepared = futures_util::future::join_all(missing.iter().map(|(sql, _)| client_ref.prepare(sql))).await;
+        for ((sql, doing), statement) in missing.into_iter().zip(prepared) {
+            let statement = statement.map_err(|e| classify(doing, &e))?;
+            self.statements.insert(sql.to_string(), statement);
+        }
+        let statements = &self.statements;
+        let mut failed: Vec<Option<ConnectorError>> = planned.iter().map(|_| None).collect();
+        let mut savepoints = false;
+        let written = loop {
+            let pending: Vec<usize> = (0..planned.len()).filter(|i| failed[*i].is_none()).collect();
+            let txn = client
+                .transaction()
+                .await
+                .map_err(|e| classify("begin a transaction", &e))?;
+            let done = if savepoints {
+                run_with_savepoints(&txn, statements, planned, &pending).await?
+            } else {
+                run_plain(&txn, statements, planned, &pending).await?
+            };
+            if let Some((index, error)) = done.iter().zip(&pending).find_map(|(d, i)| match d {
+                RowDone::Failed(error) if !savepoints => Some((*i, error.clone())),
+                _ => None,
+            }) {
+                let _ = txn.rollback().await;
+                failed[index] = Some(error);
+                savepoints = true;
+                continue;
+            }
+            let mut outcome: Vec<(usize, Result<WriteAck, ConnectorError>)> = Vec::with_capacity(pending.len());
+            for (done, index) in done.into_iter().zip(pending) {
+                let p = &planned[index];
+                let result = match done {
+                    RowDone::Failed(error) => Err(error),
+                    RowDone::Written(row) => settle(&txn, statements, p, row).await?,
+                };
+                outcome.push((index, result));
+            }
+            txn.commit().await.map_err(|e| classify("commit", &e))?;
+            break outcome;
+        };
+        let mut results: Vec<Option<Result<WriteAck, ConnectorError>>> =
+            failed.into_iter().map(|f| f.map(Err)).collect();
+        for (index, result) in written {
+            results[index] = Some(result);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every row either failed alone or ran in the committed transaction"))
+            .collect())
+    }
+}
+
+impl crate::connector::Sink for PostgresSink {
+    fn apply(&mut self, writes: Vec<Write>) -> impl Future<Output = Vec<Result<WriteAck, ConnectorError>>> + Send {
+        PostgresSink::apply(self, writes)
+    }
+}
+
+/// Columns of a table with the cast type, the base type (through domains), its
+/// category and its element type (for arrays).
+const COLUMNS_SQL: &str = "
+SELECT a.attname::text,
+       format_type(a.atttypid, -1),
+       b.oid,
+       b.typcategory,
+       b.typelem
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+JOIN pg_catalog.pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum";
+
+type RowFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send + 'a>>;
+
+fn params_of(p: &Planned) -> Vec<&(dyn ToSql + Sync)> {
+    p.params.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
+}
+
+/// Whether an error concerns the row alone (the rest of the batch can still commit).
+fn row_error(error: &ConnectorError) -> bool {
+    error.class == ErrorClass::Permanent
+}
+
+/// All rows pipelined, no savepoints; stops at the first failure (every later
+/// statement then fails as part of an aborted transaction).
+async fn run_plain(
+    txn: &Transaction<'_>,
+    statements: &HashMap<String, Statement>,
+    planned: &[Planned],
+    pending: &[usize],
+) -> Result<Vec<RowDone>, ConnectorError> {
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = pending.iter().map(|i| params_of(&planned[*i])).collect();
+    // Each future sends its request when first polled, and join_all polls them in
+    // order: the statements reach the server in batch order, one round trip in all.
+    let futures: Vec<RowFuture<'_>> = pending
+        .iter()
+        .zip(&params)
+        .map(|(i, params)| {
+            let statement = &statements[&planned[*i].sql];
+            Box::pin(txn.query_opt(statement, params)) as RowFuture<'_>
+        })
+        .collect();
+    let mut done = Vec::with_capacity(pending.len());
+    for (result, index) in futures_util::future::join_all(futures).await.into_iter().zip(pending) {
+        match result {
+            Ok(row) => done.push(RowDone::Written(row)),
+            Err(e) => {
+                let error = classify(&planned[*index].doing, &e);
+                if !row_error(&error) {
+                    return Err(error);
+                }
+                done.push(RowDone::Failed(error));
+                break;
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Rows pipelined with a savepoint around each; a failing row is rolled back to its
+/// savepoint and the rows after it are sent again.
+async fn run_with_savepoints(
+    txn: &Transaction<'_>,
+    statements: &HashMap<String, Statement>,
+    planned: &[Planned],
+    pending: &[usize],
+) -> Result<Vec<RowDone>, ConnectorError> {
+    let mut done: Vec<RowDone> = Vec::with_capacity(pending.len());
+    while done.len() < pending.len() {
+        let rest = &pending[done.len()..];
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = rest.iter().map(|i| params_of(&planned[*i])).collect();
+        let mut futures: Vec<RowFuture<'_>> = Vec::with_capacity(rest.len() * 3);
+        for (i, params) in rest.iter().zip(&params) {
+            let statement = &statements[&planned[*i].sql];
+            futures.push(Box::pin(async move {
+                txn.batch_execute(&format!("SAVEPOINT {SAVEPOINT}")).await.map(|_| None)
+            }));
+            futures.push(Box::pin(txn.query_opt(statement, params)));
+            futures.push(Box::pin(async move {
+                txn.batch_execute(&format!("RELEASE SAVEPOINT {SAVEPOINT}"))
+                    .await
+                    .map(|_| None)
+            }));
+        }
+        let mut results = futures_util::future::join_all(futures).await.into_iter();
+        for index in rest {
+            let doing = &planned[*index].doing;
+            let (Some(savepoint), Some(statement), Some(release)) = (results.next(), results.next(), results.next())
+            else {
+                return Err(ConnectorError::transient(
+                    "postgres",
+                    format!("{doing}: missing statement result"),
+                ));
+            };
+            if let Err(e) = savepoint {
+                return Err(classify(doing, &e));
+            }
+            match statement {
+                Ok(row) => {
+                    if let Err(e) = release {
+                        return Err(classify(doing, &e));
+                    }
+                    done.push(RowDone::Written(row));
+                }
+                Err(e) => {
+                    let error = classify(doing, &e);
+                    if !row_error(&error) {
+                        return Err(error);
+                    }
+                    txn.batch_execute(&format!(
+                        "ROLLBACK TO SAVEPOINT {SAVEPOINT}; RELEASE SAVEPOINT {SAVEPOINT}"
+                    ))
+                    .await
+                    .map_err(|e| classify("roll back to a savepoint", &e))?;
+                    done.push(RowDone::Failed(error));
+                    // Every later statement of this round failed with the aborted
+                    // transaction: send them again.
+                    break;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// The acknowledgement of a row that ran: its id and new version, or a version conflict.
+async fn settle(
+    txn: &Transaction<'_>,
+    statements: &HashMap<String, Statement>,
+    p: &Planned,
+    row: Option<Row>,
+) -> Result<Result<WriteAck, ConnectorError>, ConnectorError> {
+    let conflict = || {
+        ConnectorError::transient(
+            "version_conflict",
+            format!(
+                "{}: the row's version changed since concord last read it; the write waits for that change",
+                p.doing
+            ),
+        )
+    };
+    let Some(row) = row else {
+        let present = match &p.exists_sql {
+            Some(exists_sql) => {
+                let params: Vec<&(dyn ToSql + Sync)> = vec![&p.params[0]];
+                txn.query_opt(&statements[exists_sql], &params)
+                    .await
+                    .map_err(|e| classify(&p.doing, &e))?
+                    .is_some()
+            }
+            None => false,
+        };
+        return Ok(match (p.op, present) {
+            (_, true) => Err(conflict()),
+            (WriteOp::Delete, false) => Ok(WriteAck {
+                local_id: p.local_id.clone().expect("a delete has a local id"),
+                version: None,
+            }),
+            (WriteOp::Update, false) => Err(ConnectorError::permanent(
+                "not_found",
+                format!(
+                    "{}: the row is not in the table (deleted outside concord?); an update does not recreate it",
+                    p.doing
+                ),
+            )),
+            (WriteOp::Create, false) => Err(ConnectorError::transient(
+                "no_row",
+                format!("{}: the statement returned no row", p.doing),
+            )),
+        });
+    };
+    let text = |index: usize, column: &str| -> Option<String> {
+        let text: Option<String> = row.try_get(index).ok().flatten();
+        let kind = &p.table.columns[column].kind;
+        text.map(|t| match values::to_json(kind, &t) {
+            Value::String(s) => s,
+            other => other.to_string(),
+        })
+    };
+    let Some(local_id) = text(0, &p.table.id) else {
+        return Ok(Err(ConnectorError::permanent(
+            "no_id",
+            format!("{}: the row's id column is null", p.doing),
+        )));
+    };
+    let version = match (&p.table.version, p.op) {
+        (Some(column), WriteOp::Create | WriteOp::Update) => text(1, column),
+        _ => None,
+    };
+    Ok(Ok(WriteAck { local_id, version }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine drives sinks from spawned tasks; this fails to compile otherwise.
+    #[allow(dead_code)]
+    fn apply_is_send(sink: &mut PostgresSink) {
+        fn send<T: Send>(_: T) {}
+        send(sink.apply(Vec::new()));
+    }
+}

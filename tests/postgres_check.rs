@@ -1,0 +1,319 @@
+//! `concord check` against real PostgreSQL clusters: every setup problem of a postgres
+//! system is reported with its path and the SQL that fixes it, and exits 2; a correct
+//! setup exits 0; `--offline` connects to nothing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use support::pg::{ClusterOptions, PgCluster, Role, TestDb};
+
+/// Writes a configuration with one postgres system `app` (both directions) and one link
+/// of entity `contact` on `public.contacts`, with `extra` lines added to the system.
+fn write_config(dir: &Path, db: &TestDb<'_>, role: &Role, extra: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = format!(
+        r#"
+[state]
+dir = "state"
+
+[systems.app]
+type = "postgres"
+{system}slot = "{slot}"
+{extra}
+
+[entities.contact]
+schema = "{schema}"
+match_keys = ["email"]
+
+[[links]]
+system = "app"
+entity = "contact"
+object = "contacts"
+id_field = "id"
+capture = {{ interval_secs = 1 }}
+map = [
+  {{ canonical = "email", system = "email" }},
+  {{ canonical = "first_name", system = "first_name" }},
+]
+"#,
+        system = db.system_toml(role, dir),
+        // Slots are cluster-wide: one name per database.
+        slot = db.name,
+        schema = root.join("schemas/contact.schema.json").display(),
+    );
+    let path = dir.join("concord.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn check(config: &Path, offline: bool) -> Output {
+    let mut cmd = support::concord(&["check", "--config"]);
+    cmd.arg(config);
+    if offline {
+        cmd.arg("--offline");
+    }
+    cmd.output().expect("concord check runs")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+const TABLE: &str = "CREATE TABLE contacts (id int PRIMARY KEY, email text NOT NULL, first_name text);";
+
+/// A role with REPLICATION and exactly the grants a capturing and writing link needs.
+async fn good_role(db: &TestDb<'_>) -> Role {
+    let role = db.create_role("concord", "REPLICATION").await;
+    db.execute(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON contacts TO {}",
+        role.name
+    ))
+    .await;
+    role
+}
+
+#[tokio::test]
+async fn a_correct_setup_passes() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+    let role = good_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "", "no findings, not even warnings");
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
+}
+
+#[tokio::test]
+async fn wal_level_replica_is_refused_with_the_fix() {
+    let cluster = PgCluster::start(ClusterOptions {
+        wal_level: "replica",
+        ..ClusterOptions::default()
+    });
+    let db = cluster.fresh_db().await;
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+    let role = good_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.lines().any(|l| l
+            == "systems.app: wal_level is \"replica\", logical replication needs \"logical\": ALTER SYSTEM SET \
+                wal_level = logical; and restart the server"),
+        "{err}"
+    );
+    // Offline, the same configuration is valid.
+    let out = check(&config, true);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn missing_rights_are_listed_with_their_grants() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(TABLE).await;
+    let role = db.create_role("weak", "").await;
+    db.execute(&format!("GRANT SELECT, TRUNCATE ON contacts TO {}", role.name))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &db,
+        &role,
+        "create_publication = false\ncreate_slot = false",
+    );
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    let r = &role.name;
+    let slot = &db.name;
+    for expected in [
+        format!(
+            "systems.app: role \"{r}\" lacks REPLICATION, which capture needs: ALTER ROLE \"{r}\" WITH REPLICATION;"
+        ),
+        format!(
+            "links[0].object: role \"{r}\" lacks INSERT, UPDATE, DELETE on public.contacts: GRANT INSERT, UPDATE, \
+             DELETE ON \"public\".\"contacts\" TO \"{r}\";"
+        ),
+        format!(
+            "warning: links[0].object: role \"{r}\" holds TRUNCATE on public.contacts, which concord does not need: \
+             REVOKE TRUNCATE ON \"public\".\"contacts\" FROM \"{r}\";"
+        ),
+        "systems.app.publication: publication \"concord\" does not exist and create_publication is false: CREATE \
+         PUBLICATION \"concord\" FOR TABLE \"public\".\"contacts\" WITH (publish_via_partition_root = true);"
+            .to_string(),
+        format!(
+            "systems.app.slot: replication slot \"{slot}_contact\" does not exist and create_slot is false: set \
+             create_slot = true (concord creates it with the snapshot it copies), or SELECT \
+             pg_create_logical_replication_slot('{slot}_contact', 'pgoutput');"
+        ),
+    ] {
+        assert!(
+            err.lines().any(|l| l == expected),
+            "missing line:\n{expected}\nin:\n{err}"
+        );
+    }
+
+    // With the default create_publication, a role that owns nothing cannot create it.
+    let config_path = config_with_defaults(dir.path(), &db, &role);
+    let err = stderr(&check(&config_path, false));
+    assert!(
+        err.contains("systems.app.publication: publication \"concord\" does not exist and role")
+            && err.contains("may not create it"),
+        "{err}"
+    );
+}
+
+fn config_with_defaults(dir: &Path, db: &TestDb<'_>, role: &Role) -> PathBuf {
+    write_config(dir, db, role, "")
+}
+
+#[tokio::test]
+async fn unsuitable_replica_identities_are_refused() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(&format!(
+        "{TABLE} ALTER TABLE contacts REPLICA IDENTITY NOTHING; CREATE PUBLICATION concord FOR TABLE contacts;"
+    ))
+    .await;
+    let role = good_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let expected = "links[0].object: table public.contacts: replica identity is NOTHING, so updates and deletes are \
+                    not captured: ALTER TABLE \"public\".\"contacts\" REPLICA IDENTITY FULL; (or add a primary key, \
+                    or REPLICA IDENTITY USING INDEX <a unique index on NOT NULL columns>)";
+    assert!(stderr(&out).lines().any(|l| l == expected), "{}", stderr(&out));
+
+    // The fix it names works.
+    db.execute("ALTER TABLE contacts REPLICA IDENTITY FULL").await;
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // A partitioned table is checked partition by partition.
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id int, email text NOT NULL, first_name text) PARTITION BY RANGE (id);
+         CREATE TABLE contacts_low PARTITION OF contacts FOR VALUES FROM (0) TO (100);
+         CREATE TABLE contacts_high PARTITION OF contacts FOR VALUES FROM (100) TO (200);
+         CREATE UNIQUE INDEX ON contacts_low (id);
+         CREATE UNIQUE INDEX ON contacts_high (id);
+         CREATE PUBLICATION concord FOR TABLE contacts;",
+    )
+    .await;
+    let role = db.create_role("concord", "REPLICATION").await;
+    db.execute(&format!("GRANT SELECT ON contacts TO {}", role.name)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "direction = \"read\"");
+    let err = stderr(&check(&config, false));
+    assert!(
+        err.lines().any(|l| l
+            == "links[0].object: table public.contacts is partitioned and publication \"concord\" publishes its \
+                changes under the partitions' names: ALTER PUBLICATION \"concord\" SET (publish_via_partition_root \
+                = true);"),
+        "{err}"
+    );
+    for partition in ["contacts_low", "contacts_high"] {
+        assert!(
+            err.contains(&format!(
+                "links[0].object: partition {partition} of public.contacts: replica identity is DEFAULT but the \
+                 table has no primary key"
+            )),
+            "{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_written_table_needs_a_unique_key_and_a_wrong_password_is_reported() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id int, email text NOT NULL, first_name text);
+         ALTER TABLE contacts REPLICA IDENTITY FULL;
+         CREATE PUBLICATION concord FOR TABLE contacts;",
+    )
+    .await;
+    let role = good_role(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let err = stderr(&check(&config, false));
+    assert!(
+        err.lines().any(|l| l
+            == "links[0].object: id_field \"id\" of public.contacts has no primary key or unique index of its own, \
+                which the upsert needs: ALTER TABLE \"public\".\"contacts\" ADD PRIMARY KEY (\"id\");"),
+        "{err}"
+    );
+
+    std::fs::write(dir.path().join(format!("{}.password", role.name)), "wrong").unwrap();
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "systems.app: cannot connect as \"{}\": connect: auth error (sqlstate 28P01)",
+            role.name
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("wrong"), "the password is not echoed: {err}");
+}
+
+#[tokio::test]
+async fn a_superuser_works_with_a_warning() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+    let superuser = Role {
+        name: support::pg::SUPERUSER.into(),
+        password: support::pg::SUPERUSER_PASSWORD.into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &superuser, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with(&format!(
+            "warning: systems.app: role \"{}\" is a superuser; concord needs only REPLICATION",
+            support::pg::SUPERUSER
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[tokio::test]
+async fn an_existing_slot_must_be_a_pgoutput_slot_of_this_database() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+    let role = good_role(&db).await;
+    let slot = format!("{}_contact", db.name);
+    db.execute(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'test_decoding')"
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let expected = format!(
+        "systems.app.slot: replication slot \"{slot}\" is not a logical pgoutput slot (logical, test_decoding): drop \
+         it (SELECT pg_drop_replication_slot('{slot}');) or choose another slot name"
+    );
+    assert!(stderr(&out).lines().any(|l| l == expected), "{}", stderr(&out));
+
+    db.execute(&format!(
+        "SELECT pg_drop_replication_slot('{slot}'); SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+    ))
+    .await;
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    db.execute(&format!("SELECT pg_drop_replication_slot('{slot}')")).await;
+}
