@@ -229,7 +229,7 @@ async fn every_common_type_round_trips_exactly() {
             by bytea, j json, jb jsonb, tx text, vc varchar(20), ch char(3), e mood,
             ip inet, cidr_ cidr, mac macaddr, bits bit(4), vbits varbit,
             ia int4[], ta text[], na numeric[], tsa timestamptz[], ja jsonb[], ea mood[],
-            grid int8[]
+            grid int8[], jl json[]
          );",
     )
     .await;
@@ -269,9 +269,10 @@ async fn every_common_type_round_trips_exactly() {
         "ta": ["a b", "c\"d", "e\\f", "NULL", null, "", "{x}", "comma,here"],
         "na": ["1.10", "NaN", "-0.000001"],
         "tsa": ["2026-01-02T03:04:05+00:00"],
-        "ja": [{"a": 1}, "s", 7, null],
+        "ja": [{"a": 1}, "s", 7, null, [1, [2, "x,y"]], [], {"q": "\"{}\""}],
         "ea": ["sad", "ok"],
         "grid": [[1, 2], [3, 4]],
+        "jl": [[1, 2], {"k": "v,w"}, "NULL"],
     });
     let results = f.sink.apply(vec![create(1, "typed", record.clone())]).await;
     assert_eq!(ok(&results[0]).local_id, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
