@@ -201,12 +201,14 @@ impl AnySink {
     }
 
     /// Records read again after writes the system refused because the record changed
-    /// there (HTTP 412), since the last call. The applier merges each as a change from
+    /// there (HTTP 412) or, for a create, already exists (a unique key taken), since the
+    /// last call. The applier merges each as a change from
     /// the system and plans the refused write again from the result.
     pub fn take_rereads(&mut self) -> Vec<rest::Reread> {
         match self {
             AnySink::Rest(s) => s.take_rereads(),
-            AnySink::File(_) | AnySink::Memory(_) | AnySink::Postgres(_) => Vec::new(),
+            AnySink::Postgres(s) => s.take_rereads(),
+            AnySink::File(_) | AnySink::Memory(_) => Vec::new(),
         }
     }
 }

@@ -7,7 +7,11 @@
 //!   by the id column's value in the write's fields, so a create repeated after a lost
 //!   confirmation changes nothing. A create without that value lets the table generate
 //!   the key (`INSERT … RETURNING`, no `ON CONFLICT`); such a repeat adds a second row,
-//!   so map the key column when creates must be idempotent.
+//!   so map the key column when creates must be idempotent. When such a create runs into
+//!   a row holding the same value of another unique key (the person was created outside
+//!   concord, or captured from this table after the create was planned), the sink reads
+//!   that row and hands it to the engine ([`PostgresSink::take_rereads`]), which merges
+//!   it under field authority rather than dead-lettering the create.
 //! - update: `UPDATE "s"."t" AS t SET "a" = $2::text::<type>, … WHERE t."id" = $1::…
 //!   RETURNING "id"::text`, keyed by the local id the write carries. An update holds only
 //!   the changed fields, so it cannot be an `INSERT … ON CONFLICT`: PostgreSQL checks
@@ -63,8 +67,9 @@ use super::config::{PostgresSystemConfig, TableName, quote_ident};
 use super::error::classify;
 use super::values::{self, Kind};
 use super::{ConnectError, connect};
+use crate::connector::rest::Reread;
 use crate::connector::{ConnectorError, ErrorClass};
-use crate::model::{Write, WriteAck, WriteOp};
+use crate::model::{ChangeKind, SourceRecord, Write, WriteAck, WriteOp};
 
 /// Prepared statements kept per connection; past this the cache starts over, so a
 /// stream of ever-new column sets cannot grow it without bound.
@@ -101,6 +106,9 @@ pub struct PostgresSink {
     tables: HashMap<String, Arc<Table>>,
     /// Prepared statements by SQL text, valid on `client` only.
     statements: HashMap<String, Statement>,
+    /// Rows read again after creates refused because the row already exists, for the
+    /// engine to merge before it plans the write again; see [`PostgresSink::take_rereads`].
+    rereads: Vec<Reread>,
 }
 
 /// A table as the catalog describes it.
@@ -172,6 +180,7 @@ impl PostgresSink {
             client: None,
             tables: HashMap::new(),
             statements: HashMap::new(),
+            rereads: Vec::new(),
         })
     }
 
@@ -230,10 +239,123 @@ impl PostgresSink {
                 results[slot] = Some(result);
             }
         }
-        results
+        let results: Vec<Result<WriteAck, ConnectorError>> = results
             .into_iter()
             .map(|r| r.expect("every write has a result: planned or refused"))
-            .collect()
+            .collect();
+        for (write, result) in writes.iter().zip(&results) {
+            // Only a create without a key: one that carries its key is an upsert on it,
+            // and a conflict on another unique key is with a different row.
+            if write.op == WriteOp::Create
+                && self
+                    .links
+                    .get(&write.object)
+                    .is_some_and(|l| !write.fields.contains_key(&l.id_field))
+                && let Err(error) = result
+                && error.kind == "integrity"
+            {
+                match self.reread(write).await {
+                    Ok(Some(record)) => self.rereads.push(Reread {
+                        seq: write.seq,
+                        entity: write.entity.clone(),
+                        record,
+                    }),
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(system = %self.system, error = %error, "cannot read the row a create ran into");
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Rows read again since the last call: each belongs to a create without a key that
+    /// the table refused because a row with the same unique key is already there (created outside concord,
+    /// or captured from this system after the create was planned, as when two systems
+    /// first meet and both hold the person). The engine merges the row as a change from
+    /// this system, under field authority, instead of dead-lettering the create, and
+    /// plans from that merge whatever update the row still needs.
+    pub fn take_rereads(&mut self) -> Vec<Reread> {
+        std::mem::take(&mut self.rereads)
+    }
+
+    /// The row a refused create ran into: the first row matching, on every column of a
+    /// unique index of the table (without predicate or expressions), the values the
+    /// create carries. `None` when the create carries no complete unique key or no row
+    /// matches (the refusal had another cause).
+    async fn reread(&mut self, write: &Write) -> Result<Option<SourceRecord>, ConnectorError> {
+        let table = self.table(&write.object).await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| ConnectorError::transient("connection", "the connection was lost before reading the row"))?;
+        let keys = client
+            .query(UNIQUE_KEYS_SQL, &[&table.quoted])
+            .await
+            .map_err(|e| classify(&format!("read the unique keys of {}", table.label), &e))?;
+        let names: Vec<&String> = table.columns.keys().collect();
+        let select: Vec<String> = names.iter().map(|n| format!("{}::text", quote_ident(n))).collect();
+        for key in keys {
+            let columns: Vec<String> = key.get(0);
+            let Some(values) = columns
+                .iter()
+                .map(|c| Some((c, table.columns.get(c)?, write.fields.get(c).filter(|v| !v.is_null())?)))
+                .collect::<Option<Vec<_>>>()
+            else {
+                continue;
+            };
+            let mut params: Vec<Option<String>> = Vec::new();
+            let mut conditions = Vec::new();
+            for (name, column, value) in values {
+                params.push(values::to_pg_text(&column.kind, value));
+                conditions.push(format!(
+                    "t.{} = ${}::text::{}",
+                    quote_ident(name),
+                    params.len(),
+                    column.cast
+                ));
+            }
+            let sql = format!(
+                "SELECT {} FROM {} AS t WHERE {} LIMIT 1",
+                select.join(", "),
+                table.quoted,
+                conditions.join(" AND ")
+            );
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            let row = client
+                .query_opt(&sql, &refs)
+                .await
+                .map_err(|e| classify(&format!("read a row of {}", table.label), &e))?;
+            let Some(row) = row else { continue };
+            let mut fields = serde_json::Map::new();
+            for (i, name) in names.iter().enumerate() {
+                let text: Option<&str> = row.get(i);
+                let value = text.map_or(Value::Null, |t| values::to_json(&table.columns[*name].kind, t));
+                fields.insert((*name).clone(), value);
+            }
+            let as_id = |value: &Value| match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let Some(local_id) = fields.get(&table.id).filter(|v| !v.is_null()).map(as_id) else {
+                continue;
+            };
+            let version = table
+                .version
+                .as_ref()
+                .and_then(|v| fields.get(v))
+                .filter(|v| !v.is_null())
+                .map(as_id);
+            return Ok(Some(SourceRecord {
+                local_id,
+                kind: ChangeKind::Upsert,
+                fields,
+                version,
+                source_time_ms: None,
+            }));
+        }
+        Ok(None)
     }
 
     async fn ensure_connected(&mut self) -> Result<(), ConnectorError> {
@@ -535,6 +657,14 @@ impl crate::connector::Sink for PostgresSink {
         PostgresSink::apply(self, writes)
     }
 }
+
+/// The column lists of a table's unique indexes that hold plain columns and no
+/// predicate, primary key first.
+const UNIQUE_KEYS_SQL: &str = "SELECT array_agg(a.attname::text ORDER BY k.ord) \
+     FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) \
+     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+     WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
+     GROUP BY i.indexrelid, i.indisprimary ORDER BY i.indisprimary DESC, i.indexrelid";
 
 /// Columns of a table with the cast type, the base type (through domains), its
 /// category and its element type (for arrays).

@@ -687,10 +687,7 @@ impl PostgresSource {
             .map_err(|e| pg_error("reading the id column's type", &e))?
             .get(0);
         let limit = max.min(self.cfg.snapshot_chunk_rows as usize) as i64;
-        let select: Vec<String> = columns
-            .iter()
-            .map(|c| format!("{}::text", quote_ident(&c.name)))
-            .collect();
+        let select: Vec<String> = columns.iter().map(|c| snapshot_text(&c.name, c.type_oid)).collect();
         let id = quote_ident(&self.id_field);
         let after = self.checkpoint.snapshot.as_ref().and_then(|s| s.after.clone());
         let rows = match &after {
@@ -1194,6 +1191,26 @@ fn delete(local_id: String, source_time_ms: Option<i64>) -> SourceRecord {
 }
 
 /// The text of an id or version value: a string as it is, anything else as JSON.
+/// The snapshot's select expression for a column: the text the type's output
+/// function makes, which is what pgoutput sends, so snapshot and stream give the same
+/// canonical value. A cast to `text` is that text for most built-in types, and the
+/// cheapest; not for `char(n)` (the cast strips the padding) nor `inet` (the cast adds
+/// the `/32` the output leaves out), nor for a domain over either, so those (and every
+/// type created in the database) go through `format('%s', …)`, which calls the output
+/// function, with NULL kept as NULL.
+fn snapshot_text(column: &str, type_oid: u32) -> String {
+    /// `bpchar` and `inet`.
+    const OUTPUT_DIFFERS: [u32; 2] = [1042, 869];
+    /// Object ids below this are the system's own (`FirstNormalObjectId`).
+    const FIRST_USER_OID: u32 = 16384;
+    let column = quote_ident(column);
+    if OUTPUT_DIFFERS.contains(&type_oid) || type_oid >= FIRST_USER_OID {
+        format!("CASE WHEN t.{column} IS NULL THEN NULL ELSE format('%s', t.{column}) END")
+    } else {
+        format!("t.{column}::text")
+    }
+}
+
 fn id_string(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),

@@ -221,7 +221,10 @@ pub fn to_pg_text(kind: &Kind, value: &Value) -> Option<String> {
                     out.push(',');
                 }
                 match item {
-                    Value::Array(_) => out.push_str(&to_pg_text(kind, item).unwrap_or_default()),
+                    // A JSON array inside a json[] is one element, not a dimension.
+                    Value::Array(_) if **element != Kind::Json => {
+                        out.push_str(&to_pg_text(kind, item).unwrap_or_default())
+                    }
                     _ => match to_pg_text(element, item) {
                         None => out.push_str("NULL"),
                         Some(text) => {
@@ -329,6 +332,18 @@ mod tests {
         let text = to_pg_text(&array, &json!(["a \"b\"", null, "c\\d"])).expect("array text");
         assert_eq!(text, r#"{"a \"b\"",NULL,"c\\d"}"#);
         assert_eq!(to_json(&array, &text), json!(["a \"b\"", null, "c\\d"]));
+        // json[] and jsonb[]: each element is one JSON document, quoted as an array
+        // element, whether it is an object, an array, a string or a number.
+        for oid in [199, 3807] {
+            let kind = kind_of(oid);
+            let value = json!([[1, [2]], {"a": [1, "x,y"]}, "s \"q\"", 7, [], {}]);
+            let text = to_pg_text(&kind, &value).expect("array text");
+            assert_eq!(
+                text,
+                r#"{"[1,[2]]","{\"a\":[1,\"x,y\"]}","\"s \\\"q\\\"\"","7","[]","{}"}"#
+            );
+            assert_eq!(to_json(&kind, &text), value, "oid {oid}");
+        }
         let nested = kind_of(1007);
         assert_eq!(
             to_pg_text(&nested, &json!([[1, 2], [3, 4]])).as_deref(),
