@@ -1157,3 +1157,130 @@ async fn replication_connection_speaks_md5_and_cleartext_auth() {
         assert_eq!(error.class(), ErrorClass::Fatal, "{method}");
     }
 }
+
+/// A streaming link does not wait out its capture interval between calls: a change
+/// committed in PostgreSQL reaches the sink (another PostgreSQL table) in a fraction of
+/// the interval, because the source waits on the replication stream itself.
+#[tokio::test]
+async fn a_streamed_change_reaches_the_sink_well_within_the_capture_interval() {
+    use concord::engine::runtime::Runtime;
+    use concord::engine::{Engine, RunMode};
+    use concord::state::StateStore;
+    use std::sync::Arc;
+
+    const INTERVAL_SECS: u64 = 10;
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id int PRIMARY KEY, email text, first_name text);
+         CREATE TABLE copies (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, email text UNIQUE, first_name text);
+         INSERT INTO contacts VALUES (1, 'a@example.com', 'Ann');",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"),
+        dir.path().join("contact.schema.json"),
+    )
+    .expect("schema");
+    let map =
+        r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
+    let system = format!(
+        "host = \"127.0.0.1\"\nport = {port}\ndatabase = \"{db}\"\nuser = \"{SUPERUSER}\"\npassword = {{ file = \"pgpass\" }}\ntls = \"disable\"",
+        port = db.cluster.port(),
+        db = db.name,
+    );
+    let toml = format!(
+        r#"
+[state]
+dir = "state"
+
+[systems.app]
+type = "postgres"
+direction = "read"
+{system}
+slot = "{db}"
+publication = "pub_{db}"
+
+[systems.copy]
+type = "postgres"
+direction = "write"
+{system}
+
+[entities.contact]
+schema = "contact.schema.json"
+match_keys = ["email"]
+
+[[links]]
+system = "app"
+entity = "contact"
+object = "contacts"
+id_field = "id"
+capture = {{ interval_secs = {INTERVAL_SECS} }}
+{map}
+
+[[links]]
+system = "copy"
+entity = "contact"
+object = "copies"
+id_field = "id"
+{map}
+"#,
+        db = db.name,
+    );
+    let mut config = concord::config::parse(&toml).expect("config parses");
+    config.base_dir = dir.path().to_path_buf();
+    let problems = concord::config::validate(&config);
+    assert!(problems.is_empty(), "{problems:?}");
+    let store = StateStore::open(&config.base_dir.join(&config.state.dir), config.state.cache_mb).expect("store");
+    let rt = Arc::new(Runtime::compile(config).expect("compiles"));
+    let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
+    let engine = Arc::new(Engine::new(rt, store));
+    let running = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(connectors, RunMode::Forever).await })
+    };
+    let admin = db.admin().await;
+    let copied = |email: &'static str| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_opt("SELECT first_name FROM copies WHERE email = $1", &[&email])
+                .await
+                .expect("read copies")
+                .and_then(|row| row.get::<_, Option<String>>(0))
+        }
+    };
+    // The snapshot row arrives first: the link is streaming from then on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while copied("a@example.com").await.is_none() {
+        assert!(Instant::now() < deadline, "the snapshot never reached the sink");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the source settle into waiting for the stream (it reports an empty batch).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let limit = Duration::from_secs(3);
+    for (id, email, name) in [(2, "b@example.com", "Bo"), (3, "c@example.com", "Cy")] {
+        db.execute(&format!("INSERT INTO contacts VALUES ({id}, '{email}', '{name}')"))
+            .await;
+        let committed = Instant::now();
+        loop {
+            if copied(email).await.as_deref() == Some(name) {
+                break;
+            }
+            assert!(
+                committed.elapsed() < limit,
+                "a change took more than {limit:?} to reach the sink; the capture interval is {INTERVAL_SECS} s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Wait past the empty poll again before the next change.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    engine.shutdown_token().cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the engine stops on shutdown")
+        .expect("engine task");
+}

@@ -171,6 +171,15 @@ impl AnySource {
             AnySource::Postgres(s) => s.committed(checkpoint).await,
         }
     }
+    /// Whether `next_batch` itself waits (boundedly) for new data, as a replication stream
+    /// does: the engine then calls again at once after an empty batch instead of sleeping
+    /// the link's capture interval, which would only add latency.
+    pub fn waits_for_data(&self) -> bool {
+        match self {
+            AnySource::Postgres(s) => s.waits_for_data(),
+            AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => false,
+        }
+    }
     pub fn lag_seconds(&self) -> f64 {
         match self {
             AnySource::File(s) => s.lag_seconds(),

@@ -376,6 +376,10 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                 metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.clone()).set(now_ms() as f64 / 1000.0);
                 idle.store(true, Ordering::SeqCst);
                 shared.status.link(&name, |s| s.state = "idle".into());
+                if source.waits_for_data() {
+                    // The source has just waited on its stream; calling again is the wait.
+                    continue;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = shared.shutdown.cancelled() => {}

@@ -273,6 +273,14 @@ impl PostgresSource {
         })
     }
 
+    /// True while the link streams: [`PostgresSource::next_batch`] then waits up to
+    /// `POLL_WAIT` on the replication stream and returns as soon as changes arrive, so
+    /// the caller need not sleep between calls. Status updates and heartbeats are sent
+    /// from inside the call, so they keep their pace either way.
+    pub fn waits_for_data(&self) -> bool {
+        matches!(self.phase, Phase::Streaming(_))
+    }
+
     /// The slot this link reads.
     pub fn slot_name(&self) -> &str {
         &self.slot
