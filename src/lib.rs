@@ -11,6 +11,7 @@
 //!   over HTTP, or a panic.
 
 pub mod bench;
+pub mod bench_rest;
 pub mod config;
 pub mod connector;
 pub mod daemon;

@@ -68,6 +68,27 @@ enum Command {
         #[arg(long)]
         encrypt: bool,
     },
+    /// Measure the REST connector against the in-process simulators over loopback.
+    BenchRest {
+        /// Contacts in the CRM backlog that is captured.
+        #[arg(long, default_value_t = 50_000)]
+        records: usize,
+        /// Creates applied to the LMS.
+        #[arg(long, default_value_t = 20_000)]
+        writes: usize,
+        /// Writes in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Request budget (per second) of the budget run, as the LMS's limit and concord's.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        /// Seconds of backlog the budget run is sized for.
+        #[arg(long, default_value_t = 10)]
+        rate_seconds: u32,
+        /// Repetitions; medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Start a simulated CRM, LMS and HR export and keep them in agreement, live.
     Demo {
         /// Directory for the demo's state, HR inbox and credentials; new or empty
@@ -155,6 +176,24 @@ fn main() -> ExitCode {
             concord::bench::run(records, changes, batch_size, dir, encrypt).map(|r| {
                 println!("{r}");
             }),
+        ),
+        Command::BenchRest {
+            records,
+            writes,
+            concurrency,
+            rate,
+            rate_seconds,
+            runs,
+        } => report(
+            concord::bench_rest::run(concord::bench_rest::RestBenchOptions {
+                records,
+                writes,
+                concurrency,
+                rate,
+                rate_seconds,
+                runs,
+            })
+            .map(|r| println!("{r}")),
         ),
         Command::State { command } => report(concord::state_cli::run(command)),
         Command::Demo {

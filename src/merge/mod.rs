@@ -11,7 +11,10 @@
 //! 1. `C.f == H.f`: S did not change it; not a proposal (rule `unchanged`). A field S
 //!    never reported counts as null, as a field with no agreed value does.
 //! 2. `C.f == B.f`: S now holds the agreed value (typically the echo of our own
-//!    write); not a proposal (rule `already_agreed`).
+//!    write); not a proposal (rule `already_agreed`). When S owns `f` and the agreed
+//!    value was set by a non-owner (or an owner of lower precedence), S takes the
+//!    value's provenance: the owner now vouches for it, so a later change by a
+//!    non-owner is decided against the owner instead of by the default policy.
 //! 3. Otherwise a proposal, decided by authority:
 //!    - S owns `f`: accepted, unless the agreed value was set by an owner of higher
 //!      precedence (or, with `owners_equal`, by an owner at a later source time).
@@ -349,6 +352,17 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
                         shadow.diverged.remove(field);
                     } else if decision.rule == Rule::AlreadyAgreed {
                         shadow.diverged.remove(field);
+                        if owner_takes_provenance(&input, &state, field) {
+                            if let Some(agreed) = state.base.fields.get_mut(field) {
+                                agreed.from = Provenance {
+                                    system: change.system.clone(),
+                                    version: change.version.clone(),
+                                    source_time_ms: change.source_time_ms,
+                                    rule: Rule::AlreadyAgreed,
+                                    decision: input.decision_id,
+                                };
+                            }
+                        }
                     } else if matches!(decision.policy, Some(NonOwnerPolicy::Ignore | NonOwnerPolicy::Flag)) {
                         shadow.diverged.insert(field.clone());
                         flagged |= decision.policy == Some(NonOwnerPolicy::Flag);
@@ -433,6 +447,24 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
 }
 
 /// Decides one field of an upsert; `None` when the system did not change it.
+/// Whether the changing system, reporting the agreed value of `field`, should take its
+/// provenance: it owns the field and ranks above whoever set the value (a non-owner,
+/// or, unless owners are equal, an owner of lower precedence).
+fn owner_takes_provenance(input: &MergeInput<'_>, state: &RecordState, field: &str) -> bool {
+    let Some(agreed) = state.base.fields.get(field) else {
+        return false;
+    };
+    let Some(policy) = input.policy.fields.get(field) else {
+        return false;
+    };
+    let rank = |system: &str| policy.owners.iter().position(|o| o == system);
+    match (rank(&input.change.system), rank(&agreed.from.system)) {
+        (Some(_), None) => true,
+        (Some(mine), Some(theirs)) => !policy.owners_equal && mine < theirs,
+        (None, _) => false,
+    }
+}
+
 fn decide_field(
     input: &MergeInput<'_>,
     state: &RecordState,

@@ -492,6 +492,88 @@ fn non_owner_may_set_a_field_no_owner_has_set() {
 }
 
 #[test]
+fn owner_reporting_the_agreed_value_takes_its_provenance() {
+    check(
+        r#"
+        field email owners=crm non_owner=revert
+        target crm
+        target lms
+        agreed email="a" by lms @5
+        shadow lms email="a"
+        change crm @10 email="a"
+        "#,
+        r#"
+        email: already_agreed
+        outcome: noop
+        agreed email="a" by crm @10
+        "#,
+    );
+}
+
+#[test]
+fn non_owner_edit_after_the_owner_confirmed_the_value_is_reverted() {
+    check(
+        r#"
+        field email owners=crm non_owner=revert
+        target crm
+        target lms
+        agreed email="a" by lms @5
+        shadow lms email="a"
+        change crm @10 email="a"
+        change lms @20 email="x"
+        "#,
+        r#"
+        email: non_owner revert
+        outcome: noop
+        agreed email="a" by crm @10
+        write lms send: upsert email="a"
+        shadow lms: pending email="a"
+        "#,
+    );
+}
+
+#[test]
+fn higher_owner_reporting_the_agreed_value_takes_it_from_a_lower_owner() {
+    check(
+        r#"
+        field email owners=hr,crm
+        target crm
+        target hr
+        agreed email="a" by crm @5
+        shadow crm email="a"
+        change hr @10 email="a"
+        change crm @20 email="b"
+        "#,
+        r#"
+        email: lower_precedence revert
+        outcome: noop
+        agreed email="a" by hr @10
+        write crm send: upsert email="a"
+        shadow crm: pending email="a"
+        "#,
+    );
+}
+
+#[test]
+fn non_owner_reporting_the_agreed_value_leaves_its_provenance() {
+    check(
+        r#"
+        field email owners=crm
+        target crm
+        target lms
+        agreed email="a" by crm @5
+        shadow crm email="a"
+        change lms @10 email="a"
+        "#,
+        r#"
+        email: already_agreed
+        outcome: noop
+        agreed email="a" by crm @5
+        "#,
+    );
+}
+
+#[test]
 fn change_over_a_value_the_system_had_not_seen_is_a_recorded_conflict() {
     // crm set "c" after lms last reported "a"; the write of "c" to lms is still in
     // flight when lms proposes "l". lms wins on time, and because the write of "c"

@@ -25,4 +25,4 @@ pub use config::{
 pub use error::RestError;
 pub use record::{format_time, parse_time_text};
 pub use sink::{KIND_CONFLICT, Reread, RestSink};
-pub use source::{RestCheckpoint, RestSource};
+pub use source::{RestCheckpoint, RestSource, SeenEntry};

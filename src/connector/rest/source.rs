@@ -4,10 +4,14 @@
 //! be ordered by the cursor field, ascending (every incremental API offers this: SOQL
 //! `ORDER BY LastModifiedDate`, `?sort=updated_at`). Records are yielded in batches;
 //! each batch's checkpoint holds the cursor (the largest modification time yielded)
-//! and the `(id, modification time)` of every record yielded within the look-back
-//! window of the cursor, so a record read again by the overlapping next poll is
-//! dropped instead of yielded twice, while a record committed late, with a time
-//! inside the window, is still yielded. Many records sharing one timestamp, across any
+//! and the `(id, modification time, content hash)` of every record yielded within the
+//! look-back window of the cursor, so a record read again by the overlapping next poll
+//! is dropped instead of yielded twice, while a record committed late, with a time
+//! inside the window, is still yielded. The hash matters when the system's times have
+//! coarse precision (whole seconds): a second edit within the second of the first one
+//! keeps the modification time but changes the content, and is yielded; a true repeat
+//! (the overlap, or the echo of concord's own write) has the same hash and is dropped,
+//! and one that slips through merges to a no-op against the shadow. Many records sharing one timestamp, across any
 //! number of pages, are all yielded and the cursor still advances: the cursor is only
 //! a lower bound of the next request, never a filter on what is yielded.
 //!
@@ -40,8 +44,10 @@ use crate::config::LinkConfig;
 use crate::connector::{Checkpoint, ConnectorError, SourceBatch};
 use crate::model::{ChangeKind, SourceRecord, SourceReject, TimeMs, now_ms};
 
-/// Layout version of [`RestCheckpoint`].
-pub const CHECKPOINT_VERSION: u32 = 1;
+/// Layout version of [`RestCheckpoint`]. Version 1 held `[id, time]` boundary entries
+/// without a content hash; they are still read (a hashless entry never matches, so
+/// the record is yielded once more and merges to a no-op).
+pub const CHECKPOINT_VERSION: u32 = 2;
 /// Most boundary entries kept in a checkpoint. Past it the oldest are dropped: a record
 /// yielded again merges to a no-op, so the cap trades a little repeated work for a
 /// bounded checkpoint when a bulk update touched more records than this within the
@@ -55,7 +61,7 @@ const MAX_PAGES_PER_WALK: u32 = 100_000;
 ///
 /// ```json
 /// {"v": 1, "cursor_ms": 1795889385000,
-///  "seen": [["003000000000001AAA", 1795889385000]],
+///  "seen": [["003000000000001AAA", 1795889385000, "9f2c4e1b07a3d5e8"]],
 ///  "tombstones_ms": 1795889380000}
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,12 +73,58 @@ pub struct RestCheckpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor_ms: Option<TimeMs>,
     /// Records yielded with a modification time within the look-back window of the
-    /// cursor, and that time.
+    /// cursor, that time, and the hash of the content yielded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub seen: Vec<(String, TimeMs)>,
+    pub seen: Vec<SeenEntry>,
     /// End of the window of the last tombstone poll.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tombstones_ms: Option<TimeMs>,
+}
+
+/// One boundary entry of a [`RestCheckpoint`]: a record yielded near the cursor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SeenEntry {
+    /// Id, modification time, and [`content_hash`] as 16 hex digits (a string, so no
+    /// JSON reader rounds it).
+    Hashed(String, TimeMs, String),
+    /// A version 1 entry: id and modification time.
+    Bare(String, TimeMs),
+}
+
+/// What the source remembers of a record it yielded near the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    mtime_ms: TimeMs,
+    /// `None` for an entry read from a version 1 checkpoint.
+    hash: Option<u64>,
+}
+
+impl Seen {
+    /// Whether a record read with `mtime_ms` and `hash` was already yielded: it is
+    /// older than what was yielded, or it is the same time and the same content.
+    fn covers(&self, mtime_ms: TimeMs, hash: u64) -> bool {
+        self.mtime_ms > mtime_ms || (self.mtime_ms == mtime_ms && self.hash == Some(hash))
+    }
+}
+
+/// A stable 64-bit digest of what a record says: its kind, version and fields
+/// (serde_json maps are ordered, so equal records serialise equally). Stable across
+/// builds, since it is kept in checkpoints.
+fn content_hash(record: &SourceRecord) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(match record.kind {
+        ChangeKind::Upsert => b"u",
+        ChangeKind::Delete => b"d",
+    });
+    if let Some(v) = &record.version {
+        h.update(v.as_bytes());
+    }
+    h.update([0u8]);
+    h.update(serde_json::to_vec(&record.fields).expect("a json map serialises"));
+    let digest = h.finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("a sha-256 digest has 8 bytes"))
 }
 
 /// The walk in progress.
@@ -93,7 +145,7 @@ pub struct RestSource {
     reader: RecordReader,
     entity: String,
     cursor_ms: Option<TimeMs>,
-    seen: BTreeMap<String, TimeMs>,
+    seen: BTreeMap<String, Seen>,
     tombstones_ms: Option<TimeMs>,
     lookback_ms: TimeMs,
     walk: Option<Walk>,
@@ -148,7 +200,20 @@ impl RestSource {
             client,
             entity: link.entity.clone(),
             cursor_ms: checkpoint.cursor_ms.or(start_ms.map(|s| s + lookback_ms)),
-            seen: checkpoint.seen.into_iter().collect(),
+            seen: checkpoint
+                .seen
+                .into_iter()
+                .map(|e| match e {
+                    SeenEntry::Hashed(id, mtime_ms, hash) => (
+                        id,
+                        Seen {
+                            mtime_ms,
+                            hash: u64::from_str_radix(&hash, 16).ok(),
+                        },
+                    ),
+                    SeenEntry::Bare(id, mtime_ms) => (id, Seen { mtime_ms, hash: None }),
+                })
+                .collect(),
             tombstones_ms: checkpoint.tombstones_ms,
             lookback_ms,
             walk: None,
@@ -227,7 +292,11 @@ impl RestSource {
             }
             if let (Some(t), true) = (record.source_time_ms, self.object.cursor.is_some()) {
                 if record.kind == ChangeKind::Upsert || self.is_flag_delete() {
-                    self.seen.insert(record.local_id.clone(), t);
+                    let seen = Seen {
+                        mtime_ms: t,
+                        hash: Some(content_hash(record)),
+                    };
+                    self.seen.insert(record.local_id.clone(), seen);
                     self.cursor_ms = Some(self.cursor_ms.map_or(t, |c| c.max(t)));
                 }
             }
@@ -248,19 +317,26 @@ impl RestSource {
     fn prune_seen(&mut self) {
         if let Some(cursor) = self.cursor_ms {
             let floor = cursor - self.lookback_ms - 1000;
-            self.seen.retain(|_, t| *t >= floor);
+            self.seen.retain(|_, s| s.mtime_ms >= floor);
         }
         if self.seen.len() > MAX_SEEN {
-            let mut times: Vec<TimeMs> = self.seen.values().copied().collect();
+            let mut times: Vec<TimeMs> = self.seen.values().map(|s| s.mtime_ms).collect();
             times.sort_unstable();
             let cut = times[self.seen.len() - MAX_SEEN];
-            self.seen.retain(|_, t| *t >= cut);
+            self.seen.retain(|_, s| s.mtime_ms >= cut);
         }
     }
 
     fn checkpoint(&self) -> Checkpoint {
-        let mut seen: Vec<(String, TimeMs)> = self.seen.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        seen.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        let mut seen: Vec<(&String, &Seen)> = self.seen.iter().collect();
+        seen.sort_by(|a, b| a.1.mtime_ms.cmp(&b.1.mtime_ms).then_with(|| a.0.cmp(b.0)));
+        let seen = seen
+            .into_iter()
+            .map(|(id, s)| match s.hash {
+                Some(h) => SeenEntry::Hashed(id.clone(), s.mtime_ms, format!("{h:016x}")),
+                None => SeenEntry::Bare(id.clone(), s.mtime_ms),
+            })
+            .collect();
         serde_json::to_value(RestCheckpoint {
             v: CHECKPOINT_VERSION,
             cursor_ms: self.cursor_ms,
@@ -403,7 +479,10 @@ impl RestSource {
                         continue;
                     }
                     let already = match read.mtime_ms {
-                        Some(t) => self.seen.get(&read.record.local_id).is_some_and(|s| *s >= t),
+                        Some(t) => self
+                            .seen
+                            .get(&read.record.local_id)
+                            .is_some_and(|s| s.covers(t, content_hash(&read.record))),
                         None => false,
                     };
                     // The buffer is empty here (it is drained before the next page is
@@ -651,6 +730,61 @@ mod tests {
         );
         assert_eq!(next_link(r#"<http://h/a?page=1>; rel="prev""#), None);
         assert_eq!(next_link("garbage"), None);
+    }
+
+    #[test]
+    fn boundary_entries_keep_their_hash_and_old_entries_still_read() {
+        let v1 = r#"{"v": 1, "cursor_ms": 5000, "seen": [["a", 5000]]}"#;
+        let old: RestCheckpoint = serde_json::from_str(v1).expect("a version 1 checkpoint reads");
+        assert_eq!(old.seen, vec![SeenEntry::Bare("a".into(), 5000)]);
+        let v2 = r#"{"v": 2, "cursor_ms": 5000, "seen": [["a", 5000, "00000000000000ff"]]}"#;
+        let new: RestCheckpoint = serde_json::from_str(v2).expect("a version 2 checkpoint reads");
+        assert_eq!(
+            new.seen,
+            vec![SeenEntry::Hashed("a".into(), 5000, "00000000000000ff".into())]
+        );
+    }
+
+    #[test]
+    fn a_same_time_record_is_new_only_when_its_content_differs() {
+        let record = |name: &str| SourceRecord {
+            local_id: "a".into(),
+            kind: ChangeKind::Upsert,
+            fields: serde_json::json!({"FirstName": name, "LastModifiedDate": "2026-01-01T00:00:00Z"})
+                .as_object()
+                .expect("an object")
+                .clone(),
+            version: None,
+            source_time_ms: Some(5000),
+        };
+        let ours = content_hash(&record("Ada"));
+        assert_eq!(
+            ours,
+            content_hash(&record("Ada")),
+            "the hash is a function of the content"
+        );
+        let seen = Seen {
+            mtime_ms: 5000,
+            hash: Some(ours),
+        };
+        assert!(seen.covers(5000, ours), "the echo of what was yielded is dropped");
+        assert!(
+            !seen.covers(5000, content_hash(&record("Grace"))),
+            "an edit within the same second is new"
+        );
+        assert!(
+            seen.covers(4000, content_hash(&record("Grace"))),
+            "an older version is dropped"
+        );
+        assert!(!seen.covers(6000, ours), "a later time is new");
+        let hashless = Seen {
+            mtime_ms: 5000,
+            hash: None,
+        };
+        assert!(
+            !hashless.covers(5000, ours),
+            "an entry without a hash is yielded once more"
+        );
     }
 
     #[test]
