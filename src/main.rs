@@ -108,6 +108,15 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Ask a PostgreSQL link to read its table again: now if the daemon runs, at its next
+    /// start otherwise. The request travels in the database's WAL.
+    Resnapshot {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The link, as `<system>.<entity>` (e.g. `app.contact`).
+        #[arg(long)]
+        link: String,
+    },
     /// Offline operations on the state file (run while the daemon is stopped).
     State {
         #[command(subcommand)]
@@ -195,6 +204,10 @@ fn main() -> ExitCode {
             })
             .map(|r| println!("{r}")),
         ),
+        Command::Resnapshot { config, link } => match load_valid(&config) {
+            Ok(cfg) => report(resnapshot(&cfg, &link)),
+            Err(code) => code,
+        },
         Command::State { command } => report(concord::state_cli::run(command)),
         Command::Demo {
             dir,
@@ -263,6 +276,19 @@ fn run(cfg: Config, mode: RunMode, config_path: PathBuf) -> anyhow::Result<()> {
             config_path,
             concord::daemon::Hooks::default(),
         ))
+}
+
+/// `concord resnapshot`: writes the request and says where it is.
+fn resnapshot(cfg: &Config, link: &str) -> anyhow::Result<()> {
+    let requested = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(concord::connector::postgres::resnapshot::request(cfg, link))?;
+    println!(
+        "re-snapshot of {} requested at {}: link {link} reads the table again when its stream reaches it",
+        requested.table, requested.lsn
+    );
+    Ok(())
 }
 
 /// Connects to every PostgreSQL system and checks its setup; prints every finding, and

@@ -1284,3 +1284,139 @@ id_field = "id"
         .expect("the engine stops on shutdown")
         .expect("engine task");
 }
+
+/// `concord resnapshot` asks a running link to read its table again, and one whose
+/// daemon is stopped to do so at its next start; a link that is not there is refused
+/// with the names that are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resnapshot_command_rereads_the_table_now_or_at_the_next_start() {
+    use concord::engine::runtime::Runtime;
+    use concord::engine::{Engine, RunMode};
+    use concord::state::StateStore;
+    use std::sync::Arc;
+
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id int PRIMARY KEY, email text);
+         INSERT INTO contacts SELECT g, 'p' || g || '@example.com' FROM generate_series(1, 5) g;",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json");
+    let toml = format!(
+        r#"
+[state]
+dir = "state"
+
+[systems.app]
+type = "postgres"
+direction = "read"
+host = "{host}"
+port = {port}
+database = "{db}"
+user = "{SUPERUSER}"
+password = {{ file = "pgpass" }}
+tls = "disable"
+slot = "{db}"
+publication = "pub_{db}"
+
+[entities.contact]
+schema = "{schema}"
+match_keys = ["email"]
+
+[[links]]
+system = "app"
+entity = "contact"
+object = "contacts"
+id_field = "id"
+capture = {{ interval_secs = 1 }}
+map = [{{ canonical = "email", system = "email" }}]
+"#,
+        host = db.cluster.host(),
+        port = db.cluster.port(),
+        db = db.name,
+        schema = schema.display(),
+    );
+    let config_path = dir.path().join("concord.toml");
+    std::fs::write(&config_path, &toml).expect("config file");
+    let resnapshot = |link: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_concord"))
+            .args(["resnapshot", "--link", link, "--config"])
+            .arg(&config_path)
+            .output()
+            .expect("concord runs")
+    };
+    let config = concord::config::load(&config_path).expect("config loads");
+    let store = StateStore::open(&dir.path().join("state"), config.state.cache_mb).expect("store");
+    let rt = Arc::new(Runtime::compile(config).expect("compiles"));
+    let captured = |engine: &Engine| {
+        engine
+            .status()
+            .snapshot()
+            .links
+            .get("app.contact")
+            .map_or(0, |l| l.captured)
+    };
+    let until = |engine: Engine, n: u64, what: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while captured(&engine) < n {
+            assert!(Instant::now() < deadline, "{what}: {} captured", captured(&engine));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+
+    // A running daemon: the initial snapshot, then the table once more on request.
+    let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
+    let engine = Engine::new(rt.clone(), store.clone());
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(connectors, RunMode::Forever).await }
+    });
+    until(engine.clone(), 5, "the initial snapshot").await;
+    let out = resnapshot("app.contact");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("re-snapshot of public.contacts requested at "),
+        "{stdout}"
+    );
+    until(engine.clone(), 10, "the re-snapshot of a running link").await;
+    engine.shutdown_token().cancel();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the engine stops")
+        .expect("no panic");
+
+    // A stopped daemon: the request waits in the slot; the next start reads the table
+    // again although no row changed, and a change made after the request follows it.
+    let out = resnapshot("app.contact");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    db.execute("UPDATE contacts SET email = 'p1b@example.com' WHERE id = 1")
+        .await;
+    let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
+    let engine = Engine::new(rt.clone(), store.clone());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        engine.clone().run(connectors, RunMode::UntilIdle),
+    )
+    .await
+    .expect("the engine becomes idle");
+    assert_eq!(captured(&engine), 6, "five rows read again, then the update");
+    let view = store.read().expect("read view");
+    let gid = view.identity("contact", "app", "1").expect("identity").expect("known");
+    let record = view.record("contact", gid).expect("record").expect("exists");
+    assert_eq!(record.base.value("email"), Some(&json!("p1b@example.com")));
+
+    let out = resnapshot("app.nobody");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no link named \"app.nobody\"") && stderr.contains("app.contact"),
+        "{stderr}"
+    );
+}

@@ -317,3 +317,80 @@ async fn an_existing_slot_must_be_a_pgoutput_slot_of_this_database() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     db.execute(&format!("SELECT pg_drop_replication_slot('{slot}')")).await;
 }
+
+/// A slot the server invalidated (`max_slot_wal_keep_size` exceeded while concord was
+/// away) is an error whose fix is a re-snapshot; with `resnapshot_on_slot_loss` on, the
+/// link will do that itself, and the finding is a warning.
+#[tokio::test]
+async fn an_invalidated_slot_is_reported_with_the_resnapshot_fix() {
+    let cluster = PgCluster::start(ClusterOptions {
+        extra_conf: vec!["max_slot_wal_keep_size = 1MB".into(), "wal_keep_size = 0".into()],
+        ..ClusterOptions::default()
+    });
+    let db = cluster.fresh_db().await;
+    db.execute(&format!(
+        "{TABLE} CREATE PUBLICATION concord FOR TABLE contacts; CREATE TABLE filler (pad text);"
+    ))
+    .await;
+    let role = good_role(&db).await;
+    let slot = format!("{}_contact", db.name);
+    let admin = db.admin().await;
+    // A slot that reserves WAL from now on, as one concord created and then left.
+    admin
+        .batch_execute(&format!(
+            "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+        ))
+        .await
+        .expect("slot created");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let lost: bool = admin
+            .query_one(
+                "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("slot state")
+            .get(0);
+        if lost {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the slot was not invalidated");
+        admin
+            .batch_execute(
+                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
+                 SELECT pg_switch_wal(); CHECKPOINT;",
+            )
+            .await
+            .expect("generate wal");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let expected = format!(
+        "systems.app.slot: replication slot \"{slot}\" was invalidated (the server removed WAL it needed, see \
+         max_slot_wal_keep_size): the changes since concord's checkpoint are lost: re-snapshot the link: set \
+         resnapshot_on_slot_loss = true on systems.app and start concord (it drops the slot, creates a new one and \
+         reads the table again; rows deleted in the gap stay in concord), or, for a link that never ran, drop it \
+         (SELECT pg_drop_replication_slot('{slot}');)"
+    );
+    assert!(stderr(&out).lines().any(|l| l == expected), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).lines().filter(|l| !l.starts_with("warning")).count(),
+        2,
+        "one problem and the count: {}",
+        stderr(&out)
+    );
+
+    let config = write_config(dir.path(), &db, &role, "resnapshot_on_slot_loss = true");
+    let out = check(&config, false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let warning = format!(
+        "warning: systems.app.slot: replication slot \"{slot}\" was invalidated (the server removed WAL it needed, \
+         see max_slot_wal_keep_size): the changes since concord's checkpoint are lost; resnapshot_on_slot_loss is \
+         on, so the link drops it, creates a new slot and reads the table again at its start"
+    );
+    assert_eq!(stderr(&out).trim_end(), warning);
+}

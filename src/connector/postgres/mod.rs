@@ -13,6 +13,7 @@
 //!   redb has committed it.
 //! - [`sink`]: batched upserts, updates and deletes in one transaction per batch.
 //! - [`preflight`]: the setup checks `concord check` runs against the server.
+//! - [`resnapshot`]: `concord resnapshot`, an operator's request to read a table again.
 //! - [`error`]: SQLSTATE classification and operator hints.
 //! - [`tls`]: the rustls client configuration both connection kinds use.
 //!
@@ -24,6 +25,7 @@ pub mod error;
 pub mod pgoutput;
 pub mod preflight;
 pub mod replication;
+pub mod resnapshot;
 pub mod sink;
 pub mod source;
 pub mod tls;

@@ -676,13 +676,31 @@ async fn check_slots(
                 format!("replication slot {slot:?} belongs to another database: choose another slot name"),
             );
         } else if wal_status.as_deref() == Some("lost") {
-            report.error(
-                &path,
-                format!(
-                    "replication slot {slot:?} was invalidated (the server removed WAL it needed, see \
-                     max_slot_wal_keep_size): drop it ({drop}) and let concord take a new snapshot"
-                ),
+            // Dropping the slot alone does not help a link with a checkpoint: a missing
+            // slot stops it too. The re-snapshot is the fix either way.
+            let what = format!(
+                "replication slot {slot:?} was invalidated (the server removed WAL it needed, see \
+                 max_slot_wal_keep_size): the changes since concord's checkpoint are lost"
             );
+            if cfg.resnapshot_on_slot_loss {
+                report.warning(
+                    &path,
+                    format!(
+                        "{what}; resnapshot_on_slot_loss is on, so the link drops it, creates a new slot and \
+                         reads the table again at its start"
+                    ),
+                );
+            } else {
+                report.error(
+                    &path,
+                    format!(
+                        "{what}: re-snapshot the link: set resnapshot_on_slot_loss = true on {} and start concord \
+                         (it drops the slot, creates a new one and reads the table again; rows deleted in the gap \
+                         stay in concord), or, for a link that never ran, drop it ({drop})",
+                        report.path
+                    ),
+                );
+            }
         }
     }
     let free = server.max_replication_slots - server.used_replication_slots;

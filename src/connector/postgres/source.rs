@@ -40,9 +40,11 @@
 //! is missing or has another type stops the link.
 //!
 //! A re-snapshot of one table can be requested while the link streams (PostgreSQL 14
-//! and later, whose pgoutput passes logical messages on), from any session on the
-//! database: `SELECT pg_logical_emit_message(false, 'concord.resnapshot',
-//! 'schema.table')`. The message travels in the WAL, so the stream sees it in order; the
+//! and later, whose pgoutput passes logical messages on) with `concord resnapshot`, or
+//! from any session on the database: `SELECT pg_logical_emit_message(true,
+//! 'concord.resnapshot', 'schema.table')` (transactional: a non-transactional message is
+//! dropped by the server when it arrives while decoding is not yet consistent after a
+//! restart). The message travels in the WAL, so the stream sees it in order; the
 //! link pauses the stream (answering the server meanwhile), reads the table again in
 //! chunks as it is now, and goes on streaming from where it paused: changes made during
 //! the read are replayed over it and converge. Rows deleted before the request are not
@@ -73,7 +75,7 @@ use crate::model::{ChangeKind, SourceRecord, SourceReject};
 /// nothing is available.
 const POLL_WAIT: Duration = Duration::from_secs(1);
 /// Prefix of the logical message that asks a link to read its table again while it
-/// streams: `SELECT pg_logical_emit_message(false, 'concord.resnapshot', 'schema.table')`.
+/// streams: `SELECT pg_logical_emit_message(true, 'concord.resnapshot', 'schema.table')`.
 pub const RESNAPSHOT_PREFIX: &str = "concord.resnapshot";
 /// Layout version of [`PgCheckpoint`].
 const CHECKPOINT_VERSION: u32 = 1;
@@ -1049,10 +1051,22 @@ impl PostgresSource {
                     )));
                 }
             }
-            Message::Message { prefix, content, .. } if prefix == RESNAPSHOT_PREFIX => {
+            Message::Message {
+                prefix,
+                content,
+                transactional,
+                lsn,
+            } if prefix == RESNAPSHOT_PREFIX => {
                 if content.as_ref() == self.table.to_string().as_bytes() {
                     tracing::info!(system = %self.system, link = %self.link, "re-snapshot requested");
                     stream.resnapshot = true;
+                }
+                // A request outside a transaction moves no commit position: step past it
+                // so a restart does not stream it (and read the table) once more. The
+                // server sends a transaction whose commit is after the position whole,
+                // so no change written before the request is skipped.
+                if !transactional && stream.tx.is_none() {
+                    stream.position = stream.position.max(lsn.saturating_add(1));
                 }
             }
             Message::Origin { .. } | Message::Type { .. } | Message::Message { .. } => {}
