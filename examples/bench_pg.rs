@@ -278,10 +278,12 @@ async fn main() {
         ],
     });
     let admin = cluster.superuser("postgres").await;
-    admin
-        .batch_execute("CREATE DATABASE bench_src; CREATE DATABASE bench_dst;")
-        .await
-        .expect("create databases");
+    for db in ["bench_src", "bench_dst"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create database");
+    }
     let src = cluster.superuser("bench_src").await;
     let dst = cluster.superuser("bench_dst").await;
     let dir = tempfile::tempdir().expect("work dir");
