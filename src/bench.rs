@@ -240,14 +240,14 @@ pub fn run(
     })
 }
 
-/// Mean encoded size of the stored records and of the latest decisions.
+/// Mean stored size (unsealed) of the records and of the latest decisions.
 fn sample_sizes(store: &StateStore) -> anyhow::Result<(f64, f64)> {
     let view = store.read()?;
     let records = view.records("contact")?;
     let sample: Vec<usize> = records
         .iter()
         .take(1000)
-        .map(|(_, r)| serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0))
+        .map(|(_, r)| crate::state::encoding::encode_record(r).len())
         .collect();
     let decisions = view.decisions(&Default::default(), 1000)?;
     let dsample: Vec<usize> = decisions

@@ -9,6 +9,7 @@
 //! Calls block on disk I/O; async callers run them in `spawn_blocking`.
 
 pub mod crypto;
+pub mod encoding;
 mod maintenance;
 pub mod tables;
 #[cfg(test)]
@@ -78,6 +79,12 @@ pub enum StateError {
         table: &'static str,
         #[source]
         source: serde_json::Error,
+    },
+    #[error("state store value in table {table} cannot be decoded")]
+    Format {
+        table: &'static str,
+        #[source]
+        source: encoding::FormatError,
     },
 }
 
@@ -257,13 +264,16 @@ impl StateStore {
             let mut meta = txn.open_table(META)?;
             let found = meta.get("schema_version")?.map(|v| v.value());
             match found {
-                Some(v) if v != SCHEMA_VERSION => {
+                Some(SCHEMA_VERSION) => {}
+                Some(v) if UPGRADABLE_SCHEMA_VERSIONS.contains(&v) => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(v) => {
                     return Err(StateError::SchemaVersion {
                         found: v,
                         expected: SCHEMA_VERSION,
                     });
                 }
-                Some(_) => {}
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
@@ -327,6 +337,18 @@ fn seal<T: Serialize>(codec: &Codec, table: &'static str, key: &[u8], value: &T)
 fn unseal<T: DeserializeOwned>(codec: &Codec, table: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StateError> {
     let plain = codec.open(table, key, bytes)?;
     decode(table, &plain)
+}
+
+/// Decodes a stored record state: the binary layout, or the JSON of schema version 1.
+fn unseal_record(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<RecordState, StateError> {
+    let plain = codec.open("records", key, bytes)?;
+    if plain.first() == Some(&b'{') {
+        return decode("records", &plain);
+    }
+    encoding::decode_record(&plain).map_err(|source| StateError::Format {
+        table: "records",
+        source,
+    })
 }
 
 /// The redb encoding of a row key: the associated data that binds a sealed value to
@@ -409,9 +431,8 @@ impl<'txn> WriteTables<'txn> {
 
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
         match self.records.get((entity, id.as_u128()))? {
-            Some(v) => Ok(Some(unseal(
+            Some(v) => Ok(Some(unseal_record(
                 self.codec,
-                "records",
                 &record_key(entity, id.as_u128()),
                 v.value(),
             )?)),
@@ -420,7 +441,8 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn put_record(&mut self, entity: &str, id: GlobalId, state: &RecordState) -> Result<(), StateError> {
-        let sealed = seal(self.codec, "records", &record_key(entity, id.as_u128()), state);
+        let key = record_key(entity, id.as_u128());
+        let sealed = self.codec.seal("records", &key, encoding::encode_record(state));
         self.records.insert((entity, id.as_u128()), sealed.as_slice())?;
         Ok(())
     }
@@ -640,9 +662,8 @@ impl ReadView {
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
         let table = self.txn.open_table(RECORDS)?;
         match table.get((entity, id.as_u128()))? {
-            Some(v) => Ok(Some(unseal(
+            Some(v) => Ok(Some(unseal_record(
                 &self.codec,
-                "records",
                 &record_key(entity, id.as_u128()),
                 v.value(),
             )?)),
@@ -781,7 +802,7 @@ impl ReadView {
             let (_, id) = k.value();
             out.push((
                 GlobalId::from_u128(id),
-                unseal(&self.codec, "records", &record_key(entity, id), v.value())?,
+                unseal_record(&self.codec, &record_key(entity, id), v.value())?,
             ));
         }
         Ok(out)

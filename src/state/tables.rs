@@ -2,7 +2,8 @@
 //!
 //! Keys are redb tuples, compared element by element, so a range over a prefix
 //! (`(entity, ..)`, `(system, ..)`) lists one entity's or one system's rows in order.
-//! Values that are structs are JSON bytes, sealed in an encrypted store for the tables
+//! Values that are structs are JSON bytes (record states: the binary layout of
+//! `encoding`), sealed in an encrypted store for the tables
 //! in [`SEALED_TABLES`] (see `crypto`); counters and ids are native
 //! integers. Global ids are stored as `u128` (the UUID's big-endian value), so
 //! UUIDv7 ids sort by creation time.
@@ -11,7 +12,14 @@ use redb::TableDefinition;
 
 /// Version of the layout below. Bump it when a table's key or value changes meaning;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version 2 stores record states in the binary layout of `encoding`.
+pub const SCHEMA_VERSION: u64 = 2;
+
+/// Older versions this build still reads. Opening such a file marks it with
+/// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
+/// afterwards instead of misreading new rows. Version 1 stored record states as JSON,
+/// which `encoding` tells apart by the first byte.
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 1] = [1];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while
@@ -22,7 +30,7 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// `write_log`, `audit`).
 pub const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
 
-/// `(entity, global id) → RecordState`: the base with provenance, every system's
+/// `(entity, global id) → RecordState` (binary, see `encoding`): the base with provenance, every system's
 /// shadow, and the match-key values indexed for the record. One row per record because
 /// every merge reads and writes all of it together.
 pub const RECORDS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("records");

@@ -332,3 +332,73 @@ fn pruning_removes_the_oldest_beyond_count_and_age() {
         .collect();
     assert_eq!(left, vec![9000, 8000, 7000, 6000, 5000]);
 }
+
+#[test]
+fn a_version_1_file_with_json_records_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = GlobalId::new_v7();
+    let mut state = RecordState::default();
+    state.shadows.entry("hr".into()).or_default().local_id = Some("e1".into());
+    state
+        .shadows
+        .entry("hr".into())
+        .or_default()
+        .fields
+        .insert("title".into(), serde_json::json!("Engineer"));
+    state.created_ms = 7;
+    {
+        // What a version-1 build left: JSON record rows and schema version 1.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 1).unwrap();
+        txn.open_table(RECORDS)
+            .unwrap()
+            .insert(
+                ("contact", id.as_u128()),
+                serde_json::to_vec(&state).unwrap().as_slice(),
+            )
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    assert_eq!(
+        store.read().unwrap().record("contact", id).unwrap(),
+        Some(state.clone())
+    );
+    let version = |store: &StateStore| {
+        let txn = store.db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get("schema_version").unwrap().map(|v| v.value())
+    };
+    assert_eq!(version(&store), Some(SCHEMA_VERSION));
+
+    state.updated_ms = 9;
+    store.write(|t| t.put_record("contact", id, &state)).unwrap();
+    let txn = store.db.begin_read().unwrap();
+    let raw = txn
+        .open_table(RECORDS)
+        .unwrap()
+        .get(("contact", id.as_u128()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(raw.value()[0], encoding::RECORD_BINARY);
+    drop((raw, txn));
+    assert_eq!(store.read().unwrap().record("contact", id).unwrap(), Some(state));
+}
+
+#[test]
+fn a_damaged_record_row_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let id = GlobalId::new_v7();
+    let txn = store.db.begin_write().unwrap();
+    txn.open_table(RECORDS)
+        .unwrap()
+        .insert(("contact", id.as_u128()), [encoding::RECORD_BINARY, 0, 5].as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+    match store.read().unwrap().record("contact", id) {
+        Err(StateError::Format { table: "records", .. }) => {}
+        other => panic!("unexpected: {other:?}"),
+    }
+}

@@ -1,0 +1,505 @@
+//! The stored form of a record's state (`records` table): a compact binary layout.
+//!
+//! Every update reads one record row at a random place in the key space and rewrites
+//! it, so the row's size decides how many records share a page, how much of the table
+//! the page cache holds, and how many bytes a commit writes. JSON repeats every struct
+//! field name in every agreed value's provenance; this layout stores only the values.
+//!
+//! A value starts with a format byte. [`RECORD_BINARY`] is this layout; a row that
+//! starts with `{` is the JSON that schema version 1 wrote and is still read, so an
+//! existing state file needs no conversion (its rows take the new form when they are
+//! next written). Anything else is refused as malformed.
+//!
+//! Layout after the format byte (`uN`: LEB128 varint; `iN`: zigzag varint; `str`: `uN`
+//! length and UTF-8 bytes; `opt<T>`: byte 0 or 1 then `T`; `map<T>`: `uN` count then
+//! `str` key and `T` per entry, keys ascending):
+//!
+//! ```text
+//! base.deleted u8 | base.fields map<value, provenance>
+//! provenance  = system str | version opt<str> | source_time_ms iN | rule u8 | decision uN
+//! shadows     map<shadow>
+//! shadow      = local_id opt<str> | fields map<value> | version opt<str> | pending map<value>
+//!               | diverged uN count, str each | deleted u8
+//! match_keys  map<str> | created_ms iN | updated_ms iN
+//! value       = tag u8 (0 null, 1 false, 2 true, 3 i64 as iN, 4 u64 as uN, 5 f64 LE,
+//!               6 str, 7 array: uN count then values, 8 object: map<value>)
+//! ```
+//!
+//! Decoding uses checked reads only: a damaged row is an error, never a panic.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::merge::Rule;
+use crate::model::{AgreedField, Base, Fields, Provenance, RecordState, Shadow, Value};
+
+/// Format byte of the binary record layout. JSON rows start with `{` (0x7b).
+pub const RECORD_BINARY: u8 = 0x01;
+
+/// Why a stored value could not be decoded; names no value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("value ends early")]
+    Truncated,
+    #[error("unknown format byte {0:#04x}")]
+    UnknownFormat(u8),
+    #[error("unknown tag {0}")]
+    UnknownTag(u8),
+    #[error("varint is too long")]
+    VarintOverflow,
+    #[error("string is not UTF-8")]
+    Utf8,
+    #[error("bytes left after the value")]
+    Trailing,
+    #[error("nesting is too deep")]
+    TooDeep,
+}
+
+/// Nesting limit for decoded values, so a damaged row cannot exhaust the stack.
+const MAX_DEPTH: u32 = 128;
+
+/// Encodes a record's state in the binary layout.
+pub fn encode_record(state: &RecordState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.push(RECORD_BINARY);
+    out.push(state.base.deleted as u8);
+    put_uint(&mut out, state.base.fields.len() as u64);
+    for (name, field) in &state.base.fields {
+        put_str(&mut out, name);
+        put_value(&mut out, &field.value);
+        let from = &field.from;
+        put_str(&mut out, &from.system);
+        put_opt_str(&mut out, from.version.as_deref());
+        put_int(&mut out, from.source_time_ms);
+        out.push(rule_code(from.rule));
+        put_uint(&mut out, from.decision);
+    }
+    put_uint(&mut out, state.shadows.len() as u64);
+    for (system, shadow) in &state.shadows {
+        put_str(&mut out, system);
+        put_opt_str(&mut out, shadow.local_id.as_deref());
+        put_fields(&mut out, &shadow.fields);
+        put_opt_str(&mut out, shadow.version.as_deref());
+        put_fields(&mut out, &shadow.pending);
+        put_uint(&mut out, shadow.diverged.len() as u64);
+        for field in &shadow.diverged {
+            put_str(&mut out, field);
+        }
+        out.push(shadow.deleted as u8);
+    }
+    put_uint(&mut out, state.match_keys.len() as u64);
+    for (key, value) in &state.match_keys {
+        put_str(&mut out, key);
+        put_str(&mut out, value);
+    }
+    put_int(&mut out, state.created_ms);
+    put_int(&mut out, state.updated_ms);
+    out
+}
+
+/// Decodes the binary layout (starting with [`RECORD_BINARY`]).
+pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    match r.byte()? {
+        RECORD_BINARY => {}
+        other => return Err(FormatError::UnknownFormat(other)),
+    }
+    let deleted = r.bool()?;
+    let mut fields = BTreeMap::new();
+    for _ in 0..r.count()? {
+        let name = r.string()?;
+        let value = r.value(0)?;
+        let from = Provenance {
+            system: r.string()?,
+            version: r.opt_string()?,
+            source_time_ms: r.int()?,
+            rule: rule_from_code(r.byte()?)?,
+            decision: r.uint()?,
+        };
+        fields.insert(name, AgreedField { value, from });
+    }
+    let mut shadows = BTreeMap::new();
+    for _ in 0..r.count()? {
+        let system = r.string()?;
+        let local_id = r.opt_string()?;
+        let fields = r.fields()?;
+        let version = r.opt_string()?;
+        let pending = r.fields()?;
+        let mut diverged = BTreeSet::new();
+        for _ in 0..r.count()? {
+            diverged.insert(r.string()?);
+        }
+        let deleted = r.bool()?;
+        shadows.insert(
+            system,
+            Shadow {
+                local_id,
+                fields,
+                version,
+                pending,
+                diverged,
+                deleted,
+            },
+        );
+    }
+    let mut match_keys = BTreeMap::new();
+    for _ in 0..r.count()? {
+        let key = r.string()?;
+        match_keys.insert(key, r.string()?);
+    }
+    let state = RecordState {
+        base: Base { fields, deleted },
+        shadows,
+        match_keys,
+        created_ms: r.int()?,
+        updated_ms: r.int()?,
+    };
+    if r.at != bytes.len() {
+        return Err(FormatError::Trailing);
+    }
+    Ok(state)
+}
+
+/// Stable one-byte codes of the merge rules; a new rule takes the next free code.
+fn rule_code(rule: Rule) -> u8 {
+    match rule {
+        Rule::Unchanged => 0,
+        Rule::AlreadyAgreed => 1,
+        Rule::Owner => 2,
+        Rule::OwnerPrecedence => 3,
+        Rule::OwnerLatest => 4,
+        Rule::LastWriterWins => 5,
+        Rule::FirstWriterWins => 6,
+        Rule::NonOwner => 7,
+        Rule::LowerPrecedence => 8,
+        Rule::Stale => 9,
+        Rule::FirstWriterKept => 10,
+        Rule::Deleted => 11,
+        Rule::DeleteNotAllowed => 12,
+    }
+}
+
+fn rule_from_code(code: u8) -> Result<Rule, FormatError> {
+    Ok(match code {
+        0 => Rule::Unchanged,
+        1 => Rule::AlreadyAgreed,
+        2 => Rule::Owner,
+        3 => Rule::OwnerPrecedence,
+        4 => Rule::OwnerLatest,
+        5 => Rule::LastWriterWins,
+        6 => Rule::FirstWriterWins,
+        7 => Rule::NonOwner,
+        8 => Rule::LowerPrecedence,
+        9 => Rule::Stale,
+        10 => Rule::FirstWriterKept,
+        11 => Rule::Deleted,
+        12 => Rule::DeleteNotAllowed,
+        other => return Err(FormatError::UnknownTag(other)),
+    })
+}
+
+fn put_uint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_int(out: &mut Vec<u8>, v: i64) {
+    put_uint(out, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_uint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
+        }
+    }
+}
+
+fn put_fields(out: &mut Vec<u8>, fields: &Fields) {
+    put_uint(out, fields.len() as u64);
+    for (name, value) in fields {
+        put_str(out, name);
+        put_value(out, value);
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.push(0),
+        Value::Bool(false) => out.push(1),
+        Value::Bool(true) => out.push(2),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                out.push(3);
+                put_int(out, i);
+            } else if let Some(u) = n.as_u64() {
+                out.push(4);
+                put_uint(out, u);
+            } else {
+                out.push(5);
+                let f = n.as_f64().expect("a JSON number is an i64, a u64 or an f64");
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+        }
+        Value::String(s) => {
+            out.push(6);
+            put_str(out, s);
+        }
+        Value::Array(items) => {
+            out.push(7);
+            put_uint(out, items.len() as u64);
+            for item in items {
+                put_value(out, item);
+            }
+        }
+        Value::Object(map) => {
+            out.push(8);
+            put_uint(out, map.len() as u64);
+            for (k, v) in map {
+                put_str(out, k);
+                put_value(out, v);
+            }
+        }
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8, FormatError> {
+        let b = *self.bytes.get(self.at).ok_or(FormatError::Truncated)?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&[u8], FormatError> {
+        let end = self.at.checked_add(n).ok_or(FormatError::Truncated)?;
+        let slice = self.bytes.get(self.at..end).ok_or(FormatError::Truncated)?;
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn bool(&mut self) -> Result<bool, FormatError> {
+        match self.byte()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(FormatError::UnknownTag(other)),
+        }
+    }
+
+    fn uint(&mut self) -> Result<u64, FormatError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(FormatError::VarintOverflow)
+    }
+
+    fn int(&mut self) -> Result<i64, FormatError> {
+        let z = self.uint()?;
+        Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+    }
+
+    /// A count of following items; each takes at least one byte, so a count larger
+    /// than the bytes left is damage, refused before anything is allocated for it.
+    fn count(&mut self) -> Result<u64, FormatError> {
+        let n = self.uint()?;
+        if n > (self.bytes.len() - self.at) as u64 {
+            return Err(FormatError::Truncated);
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<String, FormatError> {
+        let n = usize::try_from(self.uint()?).map_err(|_| FormatError::Truncated)?;
+        let bytes = self.take(n)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|_| FormatError::Utf8)
+    }
+
+    fn opt_string(&mut self) -> Result<Option<String>, FormatError> {
+        match self.byte()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.string()?)),
+            other => Err(FormatError::UnknownTag(other)),
+        }
+    }
+
+    fn fields(&mut self) -> Result<Fields, FormatError> {
+        let mut fields = Fields::new();
+        for _ in 0..self.count()? {
+            let name = self.string()?;
+            fields.insert(name, self.value(0)?);
+        }
+        Ok(fields)
+    }
+
+    fn value(&mut self, depth: u32) -> Result<Value, FormatError> {
+        if depth > MAX_DEPTH {
+            return Err(FormatError::TooDeep);
+        }
+        Ok(match self.byte()? {
+            0 => Value::Null,
+            1 => Value::Bool(false),
+            2 => Value::Bool(true),
+            3 => Value::from(self.int()?),
+            4 => Value::from(self.uint()?),
+            5 => {
+                let raw: [u8; 8] = self.take(8)?.try_into().expect("took eight bytes");
+                // JSON has no NaN or infinity; a stored one is damage.
+                serde_json::Number::from_f64(f64::from_le_bytes(raw))
+                    .map(Value::Number)
+                    .ok_or(FormatError::UnknownTag(5))?
+            }
+            6 => Value::String(self.string()?),
+            7 => {
+                let n = self.count()?;
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(self.value(depth + 1)?);
+                }
+                Value::Array(items)
+            }
+            8 => {
+                let mut map = serde_json::Map::new();
+                for _ in 0..self.count()? {
+                    let key = self.string()?;
+                    map.insert(key, self.value(depth + 1)?);
+                }
+                Value::Object(map)
+            }
+            other => return Err(FormatError::UnknownTag(other)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> RecordState {
+        let prov = |system: &str, version: Option<&str>, rule, decision| Provenance {
+            system: system.into(),
+            version: version.map(str::to_owned),
+            source_time_ms: 1_700_000_000_123,
+            rule,
+            decision,
+        };
+        let mut base = BTreeMap::new();
+        base.insert(
+            "email".to_string(),
+            AgreedField {
+                value: json!("user1@example.com"),
+                from: prov("hr", None, Rule::Owner, 1),
+            },
+        );
+        base.insert(
+            "tags".to_string(),
+            AgreedField {
+                value: json!([1, -2, 18446744073709551615u64, 2.5, null, true, false, {"a": "b"}]),
+                from: prov("crm", Some("v9"), Rule::LastWriterWins, 300),
+            },
+        );
+        let mut shadows = BTreeMap::new();
+        shadows.insert(
+            "hr".to_string(),
+            Shadow {
+                local_id: Some("e1".into()),
+                fields: [("email".to_string(), json!("User1@Example.com"))].into(),
+                version: Some("7".into()),
+                pending: Fields::new(),
+                diverged: BTreeSet::new(),
+                deleted: false,
+            },
+        );
+        shadows.insert(
+            "crm".to_string(),
+            Shadow {
+                local_id: None,
+                fields: Fields::new(),
+                version: None,
+                pending: [("Email".to_string(), json!("user1@example.com"))].into(),
+                diverged: ["Title".to_string()].into(),
+                deleted: true,
+            },
+        );
+        RecordState {
+            base: Base {
+                fields: base,
+                deleted: false,
+            },
+            shadows,
+            match_keys: [("email".to_string(), "user1@example.com".to_string())].into(),
+            created_ms: -5,
+            updated_ms: 1_700_000_000_999,
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_and_is_smaller_than_json() {
+        let state = sample();
+        let bytes = encode_record(&state);
+        assert_eq!(bytes[0], RECORD_BINARY);
+        assert_eq!(decode_record(&bytes).unwrap(), state);
+        let json = serde_json::to_vec(&state).unwrap();
+        assert!(bytes.len() * 2 < json.len(), "{} vs {} bytes", bytes.len(), json.len());
+    }
+
+    #[test]
+    fn every_rule_code_round_trips() {
+        for code in 0..=u8::MAX {
+            if let Ok(rule) = rule_from_code(code) {
+                assert_eq!(rule_code(rule), code);
+            }
+        }
+        assert_eq!(rule_from_code(12), Ok(Rule::DeleteNotAllowed));
+        assert_eq!(rule_from_code(13), Err(FormatError::UnknownTag(13)));
+    }
+
+    #[test]
+    fn every_truncation_and_a_trailing_byte_are_errors_not_panics() {
+        let bytes = encode_record(&sample());
+        for len in 0..bytes.len() {
+            assert!(decode_record(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode_record(&longer), Err(FormatError::Trailing));
+    }
+
+    #[test]
+    fn damaged_bytes_never_panic() {
+        let bytes = encode_record(&sample());
+        for i in 1..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[i] ^= flip;
+                let _ = decode_record(&damaged);
+            }
+        }
+        assert_eq!(decode_record(b"{}"), Err(FormatError::UnknownFormat(b'{')));
+        let deep: Vec<u8> = [RECORD_BINARY, 0, 1, 1, b'x']
+            .into_iter()
+            .chain(std::iter::repeat_n(7u8, 1000).flat_map(|t| [t, 1]))
+            .collect();
+        assert_eq!(decode_record(&deep), Err(FormatError::TooDeep));
+    }
+}
