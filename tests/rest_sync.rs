@@ -35,6 +35,9 @@ struct Setup {
     crm_batch: usize,
     /// The CRM system's `rate_limit`, if any.
     crm_rate_limit: Option<&'static str>,
+    /// Both systems' objects have an upsert-by-email endpoint configured (without it a
+    /// create is a plain POST, which only the identity map keeps from duplicating).
+    upsert: bool,
 }
 
 impl Default for Setup {
@@ -44,6 +47,7 @@ impl Default for Setup {
             timeout_ms: 2000,
             crm_batch: 200,
             crm_rate_limit: None,
+            upsert: true,
         }
     }
 }
@@ -75,7 +79,7 @@ records = "/records"
 ignore_fields = ["attributes"]
 pagination = {{ style = "next_url", pointer = "/nextRecordsUrl" }}
 cursor = {{ field = "LastModifiedDate", param = "q", format = "rfc3339", lookback_secs = 2, template = "SELECT Id, FirstName, LastName, Email, Phone, Title, Certified__c, LastModifiedDate FROM Contact WHERE LastModifiedDate >= {{cursor}} ORDER BY LastModifiedDate, Id" }}
-write = {{ create_path = "/services/data/v60.0/sobjects/Contact", item_path = "/services/data/v60.0/sobjects/Contact/{{id}}", update_method = "patch", created_id = "/id", upsert = {{ path = "/services/data/v60.0/sobjects/Contact/Email/{{key}}", field = "Email" }} }}
+write = {{ create_path = "/services/data/v60.0/sobjects/Contact", item_path = "/services/data/v60.0/sobjects/Contact/{{id}}", update_method = "patch", created_id = "/id"{crm_upsert} }}
 concurrency = {{ mode = "etag", fetch_when_unknown = true }}
 deletes = {{ mode = "tombstone", path = "/services/data/v60.0/sobjects/Contact/deleted/", records = "/deletedRecords", id = "/id", time = "/deletedDate", start_param = "start", end_param = "end", interval_secs = 1 }}
 
@@ -90,7 +94,7 @@ list = {{ path = "/api/v1/learners", query = {{ per_page = "100", include_delete
 records = ""
 pagination = {{ style = "link_header" }}
 cursor = {{ field = "updated_at", param = "updated_since", format = "rfc3339_millis", lookback_secs = 2 }}
-write = {{ create_path = "/api/v1/learners", item_path = "/api/v1/learners/{{id}}", update_method = "patch", created_id = "/id", upsert = {{ path = "/api/v1/learners/by_email/{{key}}", field = "email" }} }}
+write = {{ create_path = "/api/v1/learners", item_path = "/api/v1/learners/{{id}}", update_method = "patch", created_id = "/id"{lms_upsert} }}
 concurrency = {{ mode = "etag", fetch_when_unknown = true }}
 deletes = {{ mode = "flag", field = "deleted_at" }}
 
@@ -145,6 +149,16 @@ map = [
         batch = setup.crm_batch,
         schema = schema.display(),
         on_delete = setup.lms_on_delete,
+        crm_upsert = if setup.upsert {
+            r#", upsert = { path = "/services/data/v60.0/sobjects/Contact/Email/{key}", field = "Email" }"#
+        } else {
+            ""
+        },
+        lms_upsert = if setup.upsert {
+            r#", upsert = { path = "/api/v1/learners/by_email/{key}", field = "email" }"#
+        } else {
+            ""
+        },
         crm_rate = setup
             .crm_rate_limit
             .map(|r| format!("rate_limit = {r}"))
@@ -707,5 +721,38 @@ async fn an_edit_in_the_same_second_as_our_write_is_captured() {
         }
     })
     .await;
+    sync.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_in_both_systems_at_start_are_matched_not_created_again() {
+    let crm = crm_sim(CrmOptions::default()).await;
+    let lms = lms_sim().await;
+    for n in 0..50 {
+        crm.create(contact(n));
+        lms.create(learner(n, n % 2 == 0));
+    }
+    // The CRM's first list page is slow: the LMS's records are read and merged well
+    // before the CRM's are, so a create toward the CRM planned from them would race
+    // the CRM's own first read. With plain POST creates (no upsert by email), only
+    // holding writes until that first read is over keeps the CRM free of duplicates.
+    crm.fail_next(1, Fault::StallBefore(Duration::from_millis(1500)), FaultScope::Reads);
+    let sync = Sync::start(
+        Setup {
+            upsert: false,
+            ..Setup::default()
+        },
+        crm,
+        lms,
+    )
+    .await;
+    sync.agreed().await;
+    sync.quiet(2).await;
+    assert_eq!(sync.crm.live().len(), 50, "no contact was created twice");
+    assert_eq!(sync.lms.live().len(), 50, "no learner was created twice");
+    let dead: u64 = sync.status().systems.values().map(|s| s.dlq_depth).sum();
+    assert_eq!(dead, 0, "no write was refused");
+    let c = contact_by_email(&sync.crm, "p2@example.com").expect("contact");
+    assert!(c.certified, "the LMS's certification reached the CRM's own record");
     sync.stop().await;
 }

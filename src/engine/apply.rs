@@ -5,6 +5,13 @@
 //! Writes of one record in one batch are coalesced into one write. An entry is removed
 //! only after the system confirmed it; a crash in between repeats the write, which the
 //! sink contract makes harmless.
+//!
+//! Nothing is sent to a system before every link that captures from it has finished
+//! its first capture since the engine started. Until then a record that exists in the
+//! system may not be in the identity map yet, and a create planned for it would make a
+//! duplicate there; once the system's records have been read (and matched by the
+//! entity's match keys), a held create finds the record's id in the system's shadow and
+//! is planned as an update instead. The hold ends once and does not come back.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -51,9 +58,30 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
     let mut backoff = Backoff::new(cfg.backoff_min_ms, cfg.backoff_max_ms);
     let wake = shared.waker(&system);
     shared.status.system(&system, |s| s.state = "idle".into());
+    let capturing: Vec<String> = shared
+        .rt
+        .links
+        .iter()
+        .filter(|l| l.captures && l.config.system == system)
+        .map(|l| l.name.clone())
+        .collect();
+    let mut first_captures_done = capturing.is_empty();
     loop {
         if shared.shutdown.is_cancelled() {
             break;
+        }
+        if !first_captures_done {
+            first_captures_done = shared.status.first_captures_done(capturing.iter().map(String::as_str));
+            if !first_captures_done {
+                shared
+                    .status
+                    .system(&system, |s| s.state = "awaiting_first_capture".into());
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shared.shutdown.cancelled() => break,
+                }
+                continue;
+            }
         }
         let plan = {
             let shared = shared.clone();

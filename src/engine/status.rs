@@ -21,12 +21,17 @@ pub struct LinkStatus {
     pub last_error_ms: Option<TimeMs>,
     pub captured: u64,
     pub dead_lettered: u64,
+    /// The link has been idle (caught up) or stopped at least once since the engine
+    /// started: its first capture is over. Writes toward its system wait for it.
+    pub first_capture_done: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SystemStatus {
     pub system: String,
-    /// `running`, `idle`, `backing_off`; `source_only` for systems concord never writes.
+    /// `running`, `idle`, `backing_off`; `awaiting_first_capture` until every link capturing
+    /// from the system has finished its first capture; `source_only` for systems concord
+    /// never writes.
     pub state: String,
     pub outbox_depth: u64,
     pub dlq_depth: u64,
@@ -72,7 +77,19 @@ impl SharedStatus {
     }
 
     pub fn link<T>(&self, link: &str, f: impl FnOnce(&mut LinkStatus) -> T) -> T {
-        self.update(|s| f(s.links.entry(link.to_string()).or_default()))
+        self.update(|s| {
+            let entry = s.links.entry(link.to_string()).or_default();
+            let out = f(entry);
+            if entry.state == "idle" || entry.state == "stopped" {
+                entry.first_capture_done = true;
+            }
+            out
+        })
+    }
+
+    /// Whether every link named in `links` has finished its first capture.
+    pub fn first_captures_done<'a>(&self, mut links: impl Iterator<Item = &'a str>) -> bool {
+        self.update(|s| links.all(|l| s.links.get(l).is_some_and(|l| l.first_capture_done)))
     }
 
     pub fn system<T>(&self, system: &str, f: impl FnOnce(&mut SystemStatus) -> T) -> T {
