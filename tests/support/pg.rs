@@ -332,6 +332,19 @@ impl TestDb<'_> {
         )
     }
 
+    /// The connection keys of a concord `type = "postgres"` system for the superuser on
+    /// this database, without TLS; the password is written to `dir/pgpass` and referenced
+    /// as a file secret (relative to `dir`, the configuration's directory).
+    pub fn superuser_system_toml(&self, dir: &Path) -> String {
+        std::fs::write(dir.join("pgpass"), SUPERUSER_PASSWORD).expect("write password file");
+        format!(
+            "host = \"{}\"\nport = {}\ndatabase = \"{}\"\nuser = \"{SUPERUSER}\"\npassword = {{ file = \"pgpass\" }}\ntls = \"disable\"\n",
+            self.cluster.host(),
+            self.cluster.port(),
+            self.name,
+        )
+    }
+
     /// A concord system configuration for `role` on this database; see [`Self::system_toml`].
     pub fn system_config(&self, role: &Role, dir: &Path) -> concord::connector::postgres::PostgresSystemConfig {
         toml::from_str(&self.system_toml(role, dir)).expect("system settings parse")
@@ -520,4 +533,38 @@ fn process_alive(pid: i32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// Parses, validates (no problem allowed) and compiles the configuration `toml` whose
+/// directory is `dir`, and opens its state store: what the daemon does before it runs.
+pub fn compile_config(
+    toml: &str,
+    dir: &Path,
+) -> (
+    std::sync::Arc<concord::engine::runtime::Runtime>,
+    concord::state::StateStore,
+) {
+    let mut config = concord::config::parse(toml).expect("configuration parses");
+    config.base_dir = dir.to_path_buf();
+    let problems = concord::config::validate(&config);
+    assert!(problems.is_empty(), "configuration problems: {problems:?}");
+    let store = concord::state::StateStore::open(&config.base_dir.join(&config.state.dir), config.state.cache_mb)
+        .expect("state store");
+    let rt = std::sync::Arc::new(concord::engine::runtime::Runtime::compile(config).expect("configuration compiles"));
+    (rt, store)
+}
+
+/// Opens the connectors of `rt` and runs an engine on them until it is shut down, in a
+/// task of its own.
+pub fn spawn_engine(
+    rt: &std::sync::Arc<concord::engine::runtime::Runtime>,
+    store: &concord::state::StateStore,
+) -> (concord::engine::Engine, tokio::task::JoinHandle<()>) {
+    let connectors = concord::connector::open_all(rt, store).expect("connectors open");
+    let engine = concord::engine::Engine::new(rt.clone(), store.clone());
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(connectors, concord::engine::RunMode::Forever).await }
+    });
+    (engine, run)
 }
