@@ -19,7 +19,7 @@ use concord::connector::postgres::{PostgresSource, PostgresSystemConfig};
 use concord::connector::{Checkpoint, ErrorClass};
 use concord::model::{ChangeKind, SourceRecord, SourceReject};
 use serde_json::{Value, json};
-use support::pg::{PgCluster, SUPERUSER, SUPERUSER_PASSWORD, TestDb, compile_config, spawn_engine};
+use support::pg::{PgCluster, SUPERUSER, SUPERUSER_PASSWORD, TestDb, compile_config, contact_link_toml, spawn_engine};
 
 /// Per-test wiring: a password file, the system and link settings.
 struct Setup {
@@ -647,23 +647,12 @@ export_dir = "out"
 schema = "contact.schema.json"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-{map}
-
-[[links]]
-system = "out"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-{map}
-"#,
+{app}
+{out}"#,
         connection = db.superuser_system_toml(dir.path()),
         db = db.name,
+        app = contact_link_toml("app", "contacts", Some(1), map),
+        out = contact_link_toml("out", "contacts", None, map),
     );
     let (rt, store) = compile_config(&toml, dir.path());
     let slot = format!("{}_contact", db.name);
@@ -1121,22 +1110,11 @@ direction = "write"
 schema = "contact.schema.json"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = {INTERVAL_SECS} }}
-{map}
-
-[[links]]
-system = "copy"
-entity = "contact"
-object = "copies"
-id_field = "id"
-{map}
-"#,
+{app}
+{copy}"#,
         db = db.name,
+        app = contact_link_toml("app", "contacts", Some(INTERVAL_SECS), map),
+        copy = contact_link_toml("copy", "copies", None, map),
     );
     let (rt, store) = compile_config(&toml, dir.path());
     let (engine, running) = spawn_engine(&rt, &store);
@@ -1218,17 +1196,16 @@ publication = "pub_{db}"
 schema = "{schema}"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-map = [{{ canonical = "email", system = "email" }}]
-"#,
+{link}"#,
         connection = db.superuser_system_toml(dir.path()),
         db = db.name,
         schema = schema.display(),
+        link = contact_link_toml(
+            "app",
+            "contacts",
+            Some(1),
+            r#"map = [{ canonical = "email", system = "email" }]"#
+        ),
     );
     let config_path = dir.path().join("concord.toml");
     std::fs::write(&config_path, &toml).expect("config file");

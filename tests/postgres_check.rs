@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use support::pg::{ClusterOptions, PgCluster, Role, TestDb};
+use support::pg::{ClusterOptions, PgCluster, Role, TestDb, contact_link_toml};
 
 /// Writes a configuration with one postgres system `app` (both directions) and one link
 /// of entity `contact` on `public.contacts`, with `extra` lines added to the system.
@@ -27,21 +27,20 @@ type = "postgres"
 schema = "{schema}"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-map = [
-  {{ canonical = "email", system = "email" }},
-  {{ canonical = "first_name", system = "first_name" }},
-]
-"#,
+{link}"#,
         system = db.system_toml(role, dir),
         // Slots are cluster-wide: one name per database.
         slot = db.name,
         schema = root.join("schemas/contact.schema.json").display(),
+        link = contact_link_toml(
+            "app",
+            "contacts",
+            Some(1),
+            r#"map = [
+  { canonical = "email", system = "email" },
+  { canonical = "first_name", system = "first_name" },
+]"#,
+        ),
     );
     let path = dir.join("concord.toml");
     std::fs::write(&path, text).unwrap();

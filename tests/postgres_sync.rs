@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use concord::engine::Engine;
 use concord::engine::status::Status;
 use concord::state::StateStore;
-use support::pg::{PgCluster, TestDb, compile_config, spawn_engine};
+use support::pg::{PgCluster, TestDb, compile_config, contact_link_toml, spawn_engine};
 
 /// Far longer than any convergence takes; a hang fails the test instead of the suite.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -94,24 +94,12 @@ non_owner = "revert"
 owners = ["app"]
 non_owner = "revert"
 
-[[links]]
-system = "hr"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-{map}
-
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-{map}
-"#,
+{hr_link}
+{app_link}"#,
         hr = system(hr, dir),
         app = system(app, dir),
+        hr_link = contact_link_toml("hr", "contacts", Some(1), map),
+        app_link = contact_link_toml("app", "contacts", Some(1), map),
         schema = schema.display(),
     )
 }

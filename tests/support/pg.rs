@@ -568,3 +568,14 @@ pub fn spawn_engine(
     });
     (engine, run)
 }
+
+/// A `[[links]]` table of entity `contact` on `object` (id field `id`) of `system`, with
+/// its `map = [...]` line(s) `map`; a capturing link when `capture_interval_secs` is set.
+pub fn contact_link_toml(system: &str, object: &str, capture_interval_secs: Option<u64>, map: &str) -> String {
+    let capture = capture_interval_secs.map_or(String::new(), |secs| {
+        format!("capture = {{ interval_secs = {secs} }}\n")
+    });
+    format!(
+        "[[links]]\nsystem = \"{system}\"\nentity = \"contact\"\nobject = \"{object}\"\nid_field = \"id\"\n{capture}{map}\n"
+    )
+}
