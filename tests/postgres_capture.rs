@@ -726,29 +726,13 @@ async fn an_invalidated_slot_is_a_fatal_error() {
     let (source, captured) = open_past_snapshot(&s, 100).await;
     let slot = source.slot_name().to_string();
     drop(source);
-    let admin = db.admin().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for round in 0.. {
-        let lost: bool = admin
-            .query_one(
-                "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .expect("slot state")
-            .get(0);
-        if lost {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slot was not invalidated");
-        admin
-            .batch_execute(&format!(
-                "INSERT INTO kept SELECT g + {round} * 1000, repeat('x', 1000) FROM generate_series(1, 1000) g;
-                 SELECT pg_switch_wal(); CHECKPOINT;"
-            ))
-            .await
-            .expect("generate wal");
-    }
+    db.write_wal_until_slot_lost(&slot, |round| {
+        format!(
+            "INSERT INTO kept SELECT g + {round} * 1000, repeat('x', 1000) FROM generate_series(1, 1000) g;
+             SELECT pg_switch_wal(); CHECKPOINT;"
+        )
+    })
+    .await;
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
     assert!(

@@ -342,28 +342,12 @@ async fn an_invalidated_slot_is_reported_with_the_resnapshot_fix() {
         ))
         .await
         .expect("slot created");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let lost: bool = admin
-            .query_one(
-                "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .expect("slot state")
-            .get(0);
-        if lost {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the slot was not invalidated");
-        admin
-            .batch_execute(
-                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
-                 SELECT pg_switch_wal(); CHECKPOINT;",
-            )
-            .await
-            .expect("generate wal");
-    }
+    db.write_wal_until_slot_lost(&slot, |_| {
+        "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
+         SELECT pg_switch_wal(); CHECKPOINT;"
+            .to_string()
+    })
+    .await;
 
     let (dir, _config, out) = write_and_check(&db, &role, "");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));

@@ -345,6 +345,29 @@ impl TestDb<'_> {
         )
     }
 
+    /// Writes WAL with the SQL `write_wal(round)` returns, round after round, until the
+    /// server invalidates replication slot `slot` (its `wal_status` is `lost`); fails after
+    /// a minute. The cluster needs a small `max_slot_wal_keep_size`.
+    pub async fn write_wal_until_slot_lost(&self, slot: &str, write_wal: impl Fn(u64) -> String) {
+        let admin = self.admin().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for round in 0.. {
+            let lost: bool = admin
+                .query_one(
+                    "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .expect("slot state")
+                .get(0);
+            if lost {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the slot was not invalidated");
+            admin.batch_execute(&write_wal(round)).await.expect("generate wal");
+        }
+    }
+
     /// A concord system configuration for `role` on this database; see [`Self::system_toml`].
     pub fn system_config(&self, role: &Role, dir: &Path) -> concord::connector::postgres::PostgresSystemConfig {
         toml::from_str(&self.system_toml(role, dir)).expect("system settings parse")
