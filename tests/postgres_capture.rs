@@ -187,6 +187,16 @@ fn lsn_of(checkpoint: &Checkpoint) -> String {
 const EMAIL_AND_FIRST_NAME: &str =
     r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
 
+/// The start of an engine configuration: the state directory and a system `app` that
+/// reads `db` as the superuser through its own slot and publication.
+fn state_and_reading_app(db: &TestDb<'_>, dir: &Path) -> String {
+    format!(
+        "[state]\ndir = \"state\"\n\n[systems.app]\ntype = \"postgres\"\ndirection = \"read\"\n{connection}slot = \"{db}\"\npublication = \"pub_{db}\"\n",
+        connection = db.superuser_system_toml(dir),
+        db = db.name,
+    )
+}
+
 /// Copies the contact entity's JSON Schema into `dir`, as `contact.schema.json`.
 fn copy_contact_schema(dir: &Path) {
     std::fs::copy(
@@ -627,16 +637,7 @@ async fn through_the_engine_the_slot_confirms_exactly_what_redb_committed() {
     copy_contact_schema(dir.path());
     let map = EMAIL_AND_FIRST_NAME;
     let toml = format!(
-        r#"
-[state]
-dir = "state"
-
-[systems.app]
-type = "postgres"
-direction = "read"
-{connection}slot = "{db}"
-publication = "pub_{db}"
-heartbeat_interval_secs = 60
+        r#"{app_system}heartbeat_interval_secs = 60
 
 [systems.out]
 type = "file"
@@ -649,8 +650,7 @@ match_keys = ["email"]
 
 {app}
 {out}"#,
-        connection = db.superuser_system_toml(dir.path()),
-        db = db.name,
+        app_system = state_and_reading_app(&db, dir.path()),
         app = contact_link_toml("app", "contacts", Some(1), map),
         out = contact_link_toml("out", "contacts", None, map),
     );
@@ -1075,16 +1075,7 @@ async fn a_streamed_change_reaches_the_sink_well_within_the_capture_interval() {
     let map = EMAIL_AND_FIRST_NAME;
     let system = db.superuser_system_toml(dir.path());
     let toml = format!(
-        r#"
-[state]
-dir = "state"
-
-[systems.app]
-type = "postgres"
-direction = "read"
-{system}slot = "{db}"
-publication = "pub_{db}"
-
+        r#"{app_system}
 [systems.copy]
 type = "postgres"
 direction = "write"
@@ -1096,7 +1087,7 @@ match_keys = ["email"]
 
 {app}
 {copy}"#,
-        db = db.name,
+        app_system = state_and_reading_app(&db, dir.path()),
         app = contact_link_toml("app", "contacts", Some(INTERVAL_SECS), map),
         copy = contact_link_toml("copy", "copies", None, map),
     );
@@ -1166,23 +1157,13 @@ async fn the_resnapshot_command_rereads_the_table_now_or_at_the_next_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json");
     let toml = format!(
-        r#"
-[state]
-dir = "state"
-
-[systems.app]
-type = "postgres"
-direction = "read"
-{connection}slot = "{db}"
-publication = "pub_{db}"
-
+        r#"{app_system}
 [entities.contact]
 schema = "{schema}"
 match_keys = ["email"]
 
 {link}"#,
-        connection = db.superuser_system_toml(dir.path()),
-        db = db.name,
+        app_system = state_and_reading_app(&db, dir.path()),
         schema = schema.display(),
         link = contact_link_toml(
             "app",
