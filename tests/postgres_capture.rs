@@ -19,7 +19,7 @@ use concord::connector::postgres::{PostgresSource, PostgresSystemConfig};
 use concord::connector::{Checkpoint, ErrorClass};
 use concord::model::{ChangeKind, SourceRecord, SourceReject};
 use serde_json::{Value, json};
-use support::pg::{PgCluster, SUPERUSER, SUPERUSER_PASSWORD, TestDb};
+use support::pg::{PgCluster, SUPERUSER, SUPERUSER_PASSWORD, TestDb, compile_config, contact_link_toml, spawn_engine};
 
 /// Per-test wiring: a password file, the system and link settings.
 struct Setup {
@@ -30,22 +30,15 @@ struct Setup {
 
 fn setup(db: &TestDb<'_>, table: &str, map: &[&str], chunk_rows: u32) -> Setup {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("write password file");
     let system: PostgresSystemConfig = toml::from_str(&format!(
-        r#"
-        host = "127.0.0.1"
-        port = {port}
-        database = "{db}"
-        user = "{SUPERUSER}"
-        password = {{ file = "pgpass" }}
-        tls = "disable"
+        r#"{connection}
         slot = "{db}"
         publication = "pub_{db}"
         snapshot_chunk_rows = {chunk_rows}
         status_interval_secs = 1
         heartbeat_interval_secs = 1
         "#,
-        port = db.cluster.port(),
+        connection = db.superuser_system_toml(dir.path()),
         db = db.name,
     ))
     .expect("system config parses");
@@ -133,6 +126,23 @@ async fn capture_until(
     }
 }
 
+/// Whether the initial snapshot is done: the last committed checkpoint is a stream position.
+fn snapshot_done(captured: &Captured) -> bool {
+    captured
+        .checkpoint
+        .as_ref()
+        .is_some_and(|cp| cp.get("snapshot").is_none())
+}
+
+/// Opens a new source and captures (`max` records a batch) until its initial snapshot
+/// is done.
+async fn open_past_snapshot(setup: &Setup, max: usize) -> (PostgresSource, Captured) {
+    let mut source = open(setup, None);
+    let mut captured = Captured::default();
+    capture_until(&mut source, &mut captured, max, snapshot_done).await;
+    (source, captured)
+}
+
 /// Polls until the source fails with a fatal error, returning its reason.
 async fn fatal_error(source: &mut PostgresSource) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -173,6 +183,29 @@ fn lsn_of(checkpoint: &Checkpoint) -> String {
     checkpoint["lsn"].as_str().expect("checkpoint has an lsn").to_string()
 }
 
+/// The map of a contacts link: email and first name, unchanged.
+const EMAIL_AND_FIRST_NAME: &str =
+    r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
+
+/// The start of an engine configuration: the state directory and a system `app` that
+/// reads `db` as the superuser through its own slot and publication.
+fn state_and_reading_app(db: &TestDb<'_>, dir: &Path) -> String {
+    format!(
+        "[state]\ndir = \"state\"\n\n[systems.app]\ntype = \"postgres\"\ndirection = \"read\"\n{connection}slot = \"{db}\"\npublication = \"pub_{db}\"\n",
+        connection = db.superuser_system_toml(dir),
+        db = db.name,
+    )
+}
+
+/// Copies the contact entity's JSON Schema into `dir`, as `contact.schema.json`.
+fn copy_contact_schema(dir: &Path) {
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"),
+        dir.join("contact.schema.json"),
+    )
+    .expect("schema");
+}
+
 #[tokio::test]
 async fn snapshot_in_chunks_then_inserts_updates_deletes() {
     let db = PgCluster::shared().fresh_db().await;
@@ -182,12 +215,7 @@ async fn snapshot_in_chunks_then_inserts_updates_deletes() {
     )
     .await;
     let s = setup(&db, "people", &["email", "score"], 10);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 500, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 500).await;
     assert_eq!(captured.records.len(), 25, "every row once");
     assert!(captured.batches >= 3, "chunks of 10 rows: {} batches", captured.batches);
     let rows = captured.upserts();
@@ -238,12 +266,7 @@ async fn every_replica_identity() {
         let mut s = setup(&db, table, &["v"], 100);
         s.system.slot = format!("{}_{table}", db.name);
         s.system.publication = format!("pub_{table}");
-        let mut source = open(&s, None);
-        let mut captured = Captured::default();
-        capture_until(&mut source, &mut captured, 100, |c| {
-            c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-        })
-        .await;
+        let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
         let insert = if table == "ri_index" {
             format!("INSERT INTO {table} VALUES (1, 'c', 'a'), (2, 'c', 'b')")
         } else {
@@ -307,12 +330,7 @@ async fn common_types_read_the_same_in_snapshot_and_stream() {
     };
     db.execute(&insert(1)).await;
     let s = setup(&db, "typed", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute(&insert(2)).await;
     capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 2).await;
     let expected = json!({
@@ -342,12 +360,7 @@ async fn unchanged_toast_values_are_left_out_and_truncate_is_a_dead_letter() {
     )
     .await;
     let s = setup(&db, "docs", &["title", "body"], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute(
         "INSERT INTO docs VALUES (1, 'first', repeat('x', 10000));
          UPDATE docs SET title = 'second' WHERE id = 1;
@@ -385,12 +398,7 @@ async fn a_large_transaction_is_cut_into_batches_and_confirmed_only_at_its_commi
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE big (id int PRIMARY KEY, v text)").await;
     let s = setup(&db, "big", &["v"], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, captured) = open_past_snapshot(&s, 100).await;
     let slot = source.slot_name().to_string();
     let before_lsn = lsn_of(captured.checkpoint.as_ref().expect("checkpoint"));
     db.execute("INSERT INTO big SELECT g, 'v' || g FROM generate_series(1, 3000) g")
@@ -441,12 +449,7 @@ async fn concurrent_transactions_from_many_connections() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE events (id int PRIMARY KEY, n int)").await;
     let s = setup(&db, "events", &["n"], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     let mut writers = Vec::new();
     for w in 0..8 {
         let client = db.admin().await;
@@ -480,12 +483,7 @@ async fn a_terminated_walsender_resumes_with_nothing_lost_or_repeated() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE items (id int PRIMARY KEY)").await;
     let s = setup(&db, "items", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute("INSERT INTO items SELECT generate_series(1, 50)").await;
     capture_until(&mut source, &mut captured, 20, |c| c.records.len() >= 20).await;
     let terminated: i64 = db
@@ -518,12 +516,7 @@ async fn a_dropped_slot_is_a_fatal_error_and_a_resnapshot_recovers() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE things (id int PRIMARY KEY)").await;
     let s = setup(&db, "things", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (source, captured) = open_past_snapshot(&s, 100).await;
     let slot = source.slot_name().to_string();
     drop(source);
     let admin = db.admin().await;
@@ -551,7 +544,7 @@ async fn a_dropped_slot_is_a_fatal_error_and_a_resnapshot_recovers() {
     let mut source = open(&s, captured.checkpoint.as_ref());
     let mut again = Captured::default();
     capture_until(&mut source, &mut again, 100, |c| {
-        c.records.len() >= 2 && c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+        c.records.len() >= 2 && snapshot_done(c)
     })
     .await;
     assert_eq!(
@@ -569,12 +562,7 @@ async fn a_dropped_mapped_column_stops_the_link_with_a_clear_error() {
     db.execute("CREATE TABLE contacts (id int PRIMARY KEY, email text, note text)")
         .await;
     let s = setup(&db, "contacts", &["email"], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute("INSERT INTO contacts VALUES (1, 'a@example.com', 'n')")
         .await;
     capture_until(&mut source, &mut captured, 100, |c| !c.records.is_empty()).await;
@@ -597,12 +585,7 @@ async fn the_flush_position_never_passes_an_uncommitted_batch() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE ledger (id int PRIMARY KEY)").await;
     let s = setup(&db, "ledger", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, captured) = open_past_snapshot(&s, 100).await;
     let slot = source.slot_name().to_string();
     let committed_lsn = lsn_of(captured.checkpoint.as_ref().expect("checkpoint"));
     db.execute("INSERT INTO ledger VALUES (1)").await;
@@ -651,31 +634,10 @@ async fn through_the_engine_the_slot_confirms_exactly_what_redb_committed() {
     )
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"),
-        dir.path().join("contact.schema.json"),
-    )
-    .expect("schema");
-    let map =
-        r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
+    copy_contact_schema(dir.path());
+    let map = EMAIL_AND_FIRST_NAME;
     let toml = format!(
-        r#"
-[state]
-dir = "state"
-
-[systems.app]
-type = "postgres"
-direction = "read"
-host = "127.0.0.1"
-port = {port}
-database = "{db}"
-user = "{SUPERUSER}"
-password = {{ file = "pgpass" }}
-tls = "disable"
-slot = "{db}"
-publication = "pub_{db}"
-heartbeat_interval_secs = 60
+        r#"{app_system}heartbeat_interval_secs = 60
 
 [systems.out]
 type = "file"
@@ -686,30 +648,13 @@ export_dir = "out"
 schema = "contact.schema.json"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-{map}
-
-[[links]]
-system = "out"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-{map}
-"#,
-        port = db.cluster.port(),
-        db = db.name,
+{app}
+{out}"#,
+        app_system = state_and_reading_app(&db, dir.path()),
+        app = contact_link_toml("app", "contacts", Some(1), map),
+        out = contact_link_toml("out", "contacts", None, map),
     );
-    let mut config = concord::config::parse(&toml).expect("config parses");
-    config.base_dir = dir.path().to_path_buf();
-    let problems = concord::config::validate(&config);
-    assert!(problems.is_empty(), "{problems:?}");
-    let store = StateStore::open(&config.base_dir.join(&config.state.dir), config.state.cache_mb).expect("store");
-    let rt = Arc::new(Runtime::compile(config).expect("compiles"));
+    let (rt, store) = compile_config(&toml, dir.path());
     let slot = format!("{}_contact", db.name);
 
     let run = |rt: Arc<Runtime>, store: StateStore| async move {
@@ -778,37 +723,16 @@ async fn an_invalidated_slot_is_a_fatal_error() {
     let db = cluster.fresh_db().await;
     db.execute("CREATE TABLE kept (id int PRIMARY KEY, pad text)").await;
     let s = setup(&db, "kept", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (source, captured) = open_past_snapshot(&s, 100).await;
     let slot = source.slot_name().to_string();
     drop(source);
-    let admin = db.admin().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for round in 0.. {
-        let lost: bool = admin
-            .query_one(
-                "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .expect("slot state")
-            .get(0);
-        if lost {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slot was not invalidated");
-        admin
-            .batch_execute(&format!(
-                "INSERT INTO kept SELECT g + {round} * 1000, repeat('x', 1000) FROM generate_series(1, 1000) g;
-                 SELECT pg_switch_wal(); CHECKPOINT;"
-            ))
-            .await
-            .expect("generate wal");
-    }
+    db.write_wal_until_slot_lost(&slot, |round| {
+        format!(
+            "INSERT INTO kept SELECT g + {round} * 1000, repeat('x', 1000) FROM generate_series(1, 1000) g;
+             SELECT pg_switch_wal(); CHECKPOINT;"
+        )
+    })
+    .await;
     let mut source = open(&s, captured.checkpoint.as_ref());
     let reason = fatal_error(&mut source).await;
     assert!(
@@ -824,12 +748,7 @@ async fn a_resnapshot_requested_while_streaming_reads_the_table_again() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE members (id int PRIMARY KEY, v text)").await;
     let s = setup(&db, "members", &["v"], 2);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute("INSERT INTO members VALUES (1, 'a'), (2, 'b'), (3, 'c')")
         .await;
     capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 3).await;
@@ -840,7 +759,7 @@ async fn a_resnapshot_requested_while_streaming_reads_the_table_again() {
     )
     .await;
     capture_until(&mut source, &mut captured, 100, |c| {
-        c.records.len() >= 7 && c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
+        c.records.len() >= 7 && snapshot_done(c)
     })
     .await;
     let tail: Vec<String> = captured.records[3..].iter().map(|r| r.local_id.clone()).collect();
@@ -869,12 +788,7 @@ async fn a_partitioned_table_is_captured_through_its_root() {
     )
     .await;
     let s = setup(&db, "orders", &["v"], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute(
         "INSERT INTO orders VALUES (2, 'c'), (160, 'd');
          UPDATE orders SET v = 'b2' WHERE id = 150;
@@ -914,12 +828,7 @@ async fn slot_metrics_are_exported() {
     let db = PgCluster::shared().fresh_db().await;
     db.execute("CREATE TABLE gauges (id int PRIMARY KEY)").await;
     let s = setup(&db, "gauges", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, _captured) = open_past_snapshot(&s, 100).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = handle.render();
@@ -1004,12 +913,7 @@ async fn capture_over_tls_with_a_verified_certificate() {
     std::fs::write(s.dir.path().join("ca.pem"), ca.pem()).expect("write ca");
     s.system.tls = concord::connector::postgres::TlsMode::VerifyFull;
     s.system.tls_ca_file = Some("ca.pem".into());
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
     db.execute("INSERT INTO secure VALUES (2)").await;
     capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= 2).await;
     assert_eq!(captured.ids()[1], ("2".to_string(), ChangeKind::Upsert));
@@ -1050,12 +954,7 @@ async fn an_idle_link_still_advances_its_slot() {
     db.execute("CREATE TABLE quiet (id int PRIMARY KEY); CREATE TABLE busy (id int PRIMARY KEY, pad text);")
         .await;
     let s = setup(&db, "quiet", &[], 100);
-    let mut source = open(&s, None);
-    let mut captured = Captured::default();
-    capture_until(&mut source, &mut captured, 100, |c| {
-        c.checkpoint.as_ref().is_some_and(|cp| cp.get("snapshot").is_none())
-    })
-    .await;
+    let (mut source, _captured) = open_past_snapshot(&s, 100).await;
     let slot = source.slot_name().to_string();
     db.execute("INSERT INTO busy SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
         .await;
@@ -1163,11 +1062,6 @@ async fn replication_connection_speaks_md5_and_cleartext_auth() {
 /// the interval, because the source waits on the replication stream itself.
 #[tokio::test]
 async fn a_streamed_change_reaches_the_sink_well_within_the_capture_interval() {
-    use concord::engine::runtime::Runtime;
-    use concord::engine::{Engine, RunMode};
-    use concord::state::StateStore;
-    use std::sync::Arc;
-
     const INTERVAL_SECS: u64 = 10;
     let db = PgCluster::shared().fresh_db().await;
     db.execute(
@@ -1177,31 +1071,11 @@ async fn a_streamed_change_reaches_the_sink_well_within_the_capture_interval() {
     )
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json"),
-        dir.path().join("contact.schema.json"),
-    )
-    .expect("schema");
-    let map =
-        r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
-    let system = format!(
-        "host = \"127.0.0.1\"\nport = {port}\ndatabase = \"{db}\"\nuser = \"{SUPERUSER}\"\npassword = {{ file = \"pgpass\" }}\ntls = \"disable\"",
-        port = db.cluster.port(),
-        db = db.name,
-    );
+    copy_contact_schema(dir.path());
+    let map = EMAIL_AND_FIRST_NAME;
+    let system = db.superuser_system_toml(dir.path());
     let toml = format!(
-        r#"
-[state]
-dir = "state"
-
-[systems.app]
-type = "postgres"
-direction = "read"
-{system}
-slot = "{db}"
-publication = "pub_{db}"
-
+        r#"{app_system}
 [systems.copy]
 type = "postgres"
 direction = "write"
@@ -1211,35 +1085,14 @@ direction = "write"
 schema = "contact.schema.json"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = {INTERVAL_SECS} }}
-{map}
-
-[[links]]
-system = "copy"
-entity = "contact"
-object = "copies"
-id_field = "id"
-{map}
-"#,
-        db = db.name,
+{app}
+{copy}"#,
+        app_system = state_and_reading_app(&db, dir.path()),
+        app = contact_link_toml("app", "contacts", Some(INTERVAL_SECS), map),
+        copy = contact_link_toml("copy", "copies", None, map),
     );
-    let mut config = concord::config::parse(&toml).expect("config parses");
-    config.base_dir = dir.path().to_path_buf();
-    let problems = concord::config::validate(&config);
-    assert!(problems.is_empty(), "{problems:?}");
-    let store = StateStore::open(&config.base_dir.join(&config.state.dir), config.state.cache_mb).expect("store");
-    let rt = Arc::new(Runtime::compile(config).expect("compiles"));
-    let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
-    let engine = Arc::new(Engine::new(rt, store));
-    let running = {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.run(connectors, RunMode::Forever).await })
-    };
+    let (rt, store) = compile_config(&toml, dir.path());
+    let (engine, running) = spawn_engine(&rt, &store);
     let admin = db.admin().await;
     let copied = |email: &'static str| {
         let admin = &admin;
@@ -1302,41 +1155,22 @@ async fn the_resnapshot_command_rereads_the_table_now_or_at_the_next_start() {
     )
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json");
     let toml = format!(
-        r#"
-[state]
-dir = "state"
-
-[systems.app]
-type = "postgres"
-direction = "read"
-host = "{host}"
-port = {port}
-database = "{db}"
-user = "{SUPERUSER}"
-password = {{ file = "pgpass" }}
-tls = "disable"
-slot = "{db}"
-publication = "pub_{db}"
-
+        r#"{app_system}
 [entities.contact]
 schema = "{schema}"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-map = [{{ canonical = "email", system = "email" }}]
-"#,
-        host = db.cluster.host(),
-        port = db.cluster.port(),
-        db = db.name,
+{link}"#,
+        app_system = state_and_reading_app(&db, dir.path()),
         schema = schema.display(),
+        link = contact_link_toml(
+            "app",
+            "contacts",
+            Some(1),
+            r#"map = [{ canonical = "email", system = "email" }]"#
+        ),
     );
     let config_path = dir.path().join("concord.toml");
     std::fs::write(&config_path, &toml).expect("config file");
@@ -1367,12 +1201,7 @@ map = [{{ canonical = "email", system = "email" }}]
     };
 
     // A running daemon: the initial snapshot, then the table once more on request.
-    let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
-    let engine = Engine::new(rt.clone(), store.clone());
-    let run = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.run(connectors, RunMode::Forever).await }
-    });
+    let (engine, run) = spawn_engine(&rt, &store);
     until(engine.clone(), 5, "the initial snapshot").await;
     let out = resnapshot("app.contact");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use support::pg::{ClusterOptions, PgCluster, Role, TestDb};
+use support::pg::{ClusterOptions, PgCluster, Role, TestDb, contact_link_toml};
 
 /// Writes a configuration with one postgres system `app` (both directions) and one link
 /// of entity `contact` on `public.contacts`, with `extra` lines added to the system.
@@ -27,21 +27,20 @@ type = "postgres"
 schema = "{schema}"
 match_keys = ["email"]
 
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-map = [
-  {{ canonical = "email", system = "email" }},
-  {{ canonical = "first_name", system = "first_name" }},
-]
-"#,
+{link}"#,
         system = db.system_toml(role, dir),
         // Slots are cluster-wide: one name per database.
         slot = db.name,
         schema = root.join("schemas/contact.schema.json").display(),
+        link = contact_link_toml(
+            "app",
+            "contacts",
+            Some(1),
+            r#"map = [
+  { canonical = "email", system = "email" },
+  { canonical = "first_name", system = "first_name" },
+]"#,
+        ),
     );
     let path = dir.join("concord.toml");
     std::fs::write(&path, text).unwrap();
@@ -63,6 +62,21 @@ fn stderr(out: &Output) -> String {
 
 const TABLE: &str = "CREATE TABLE contacts (id int PRIMARY KEY, email text NOT NULL, first_name text);";
 
+/// Creates the contacts table and the `concord` publication of it.
+async fn publish_table(db: &TestDb<'_>) {
+    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
+        .await;
+}
+
+/// Writes the configuration of [`write_config`] for `role` into a new directory and
+/// checks it online; returns the directory, the configuration's path and the outcome.
+fn write_and_check(db: &TestDb<'_>, role: &Role, extra: &str) -> (tempfile::TempDir, PathBuf, Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), db, role, extra);
+    let out = check(&config, false);
+    (dir, config, out)
+}
+
 /// A role with REPLICATION and exactly the grants a capturing and writing link needs.
 async fn good_role(db: &TestDb<'_>) -> Role {
     let role = db.create_role("concord", "REPLICATION").await;
@@ -77,12 +91,9 @@ async fn good_role(db: &TestDb<'_>) -> Role {
 #[tokio::test]
 async fn a_correct_setup_passes() {
     let db = PgCluster::shared().fresh_db().await;
-    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
-        .await;
+    publish_table(&db).await;
     let role = good_role(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &role, "");
-    let out = check(&config, false);
+    let (_dir, _config, out) = write_and_check(&db, &role, "");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stderr(&out), "", "no findings, not even warnings");
     assert!(String::from_utf8_lossy(&out.stdout).ends_with(": ok\n"));
@@ -95,12 +106,9 @@ async fn wal_level_replica_is_refused_with_the_fix() {
         ..ClusterOptions::default()
     });
     let db = cluster.fresh_db().await;
-    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
-        .await;
+    publish_table(&db).await;
     let role = good_role(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &role, "");
-    let out = check(&config, false);
+    let (_dir, config, out) = write_and_check(&db, &role, "");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -182,9 +190,7 @@ async fn unsuitable_replica_identities_are_refused() {
     ))
     .await;
     let role = good_role(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &role, "");
-    let out = check(&config, false);
+    let (_dir, config, out) = write_and_check(&db, &role, "");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let expected = "links[0].object: table public.contacts: replica identity is NOTHING, so updates and deletes are \
                     not captured: ALTER TABLE \"public\".\"contacts\" REPLICA IDENTITY FULL; (or add a primary key, \
@@ -267,15 +273,12 @@ async fn a_written_table_needs_a_unique_key_and_a_wrong_password_is_reported() {
 #[tokio::test]
 async fn a_superuser_works_with_a_warning() {
     let db = PgCluster::shared().fresh_db().await;
-    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
-        .await;
+    publish_table(&db).await;
     let superuser = Role {
         name: support::pg::SUPERUSER.into(),
         password: support::pg::SUPERUSER_PASSWORD.into(),
     };
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &superuser, "");
-    let out = check(&config, false);
+    let (_dir, _config, out) = write_and_check(&db, &superuser, "");
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
@@ -291,17 +294,14 @@ async fn a_superuser_works_with_a_warning() {
 #[tokio::test]
 async fn an_existing_slot_must_be_a_pgoutput_slot_of_this_database() {
     let db = PgCluster::shared().fresh_db().await;
-    db.execute(&format!("{TABLE} CREATE PUBLICATION concord FOR TABLE contacts;"))
-        .await;
+    publish_table(&db).await;
     let role = good_role(&db).await;
     let slot = format!("{}_contact", db.name);
     db.execute(&format!(
         "SELECT pg_create_logical_replication_slot('{slot}', 'test_decoding')"
     ))
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &role, "");
-    let out = check(&config, false);
+    let (_dir, config, out) = write_and_check(&db, &role, "");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let expected = format!(
         "systems.app.slot: replication slot \"{slot}\" is not a logical pgoutput slot (logical, test_decoding): drop \
@@ -342,32 +342,14 @@ async fn an_invalidated_slot_is_reported_with_the_resnapshot_fix() {
         ))
         .await
         .expect("slot created");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let lost: bool = admin
-            .query_one(
-                "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .expect("slot state")
-            .get(0);
-        if lost {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the slot was not invalidated");
-        admin
-            .batch_execute(
-                "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
-                 SELECT pg_switch_wal(); CHECKPOINT;",
-            )
-            .await
-            .expect("generate wal");
-    }
+    db.write_wal_until_slot_lost(&slot, |_| {
+        "INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000);
+         SELECT pg_switch_wal(); CHECKPOINT;"
+            .to_string()
+    })
+    .await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &db, &role, "");
-    let out = check(&config, false);
+    let (dir, _config, out) = write_and_check(&db, &role, "");
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let expected = format!(
         "systems.app.slot: replication slot \"{slot}\" was invalidated (the server removed WAL it needed, see \

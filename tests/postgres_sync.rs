@@ -13,14 +13,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use concord::engine::runtime::Runtime;
+use concord::engine::Engine;
 use concord::engine::status::Status;
-use concord::engine::{Engine, RunMode};
 use concord::state::StateStore;
-use support::pg::{PgCluster, SUPERUSER, SUPERUSER_PASSWORD, TestDb};
+use support::pg::{PgCluster, TestDb, compile_config, contact_link_toml, spawn_engine};
 
 /// Far longer than any convergence takes; a hang fails the test instead of the suite.
 const DEADLINE: Duration = Duration::from_secs(90);
@@ -49,27 +47,20 @@ CREATE FUNCTION count_row_write() RETURNS trigger LANGUAGE plpgsql AS
 CREATE TRIGGER count_row_write AFTER INSERT OR UPDATE OR DELETE ON contacts
   FOR EACH ROW EXECUTE FUNCTION count_row_write();";
 
-fn system(db: &TestDb<'_>) -> String {
+fn system(db: &TestDb<'_>, dir: &Path) -> String {
     format!(
         r#"type = "postgres"
-host = "{host}"
-port = {port}
-database = "{db}"
-user = "{SUPERUSER}"
-password = {{ file = "pgpass" }}
-tls = "disable"
-slot = "{db}"
+{connection}slot = "{db}"
 publication = "pub_{db}"
 heartbeat_interval_secs = 1
 status_interval_secs = 1
 "#,
-        host = db.cluster.host(),
-        port = db.cluster.port(),
+        connection = db.superuser_system_toml(dir),
         db = db.name,
     )
 }
 
-fn config_text(hr: &TestDb<'_>, app: &TestDb<'_>) -> String {
+fn config_text(hr: &TestDb<'_>, app: &TestDb<'_>, dir: &Path) -> String {
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json");
     let map = r#"map = [
   { canonical = "email", system = "email", transforms = ["trim", "lower"] },
@@ -103,24 +94,12 @@ non_owner = "revert"
 owners = ["app"]
 non_owner = "revert"
 
-[[links]]
-system = "hr"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-{map}
-
-[[links]]
-system = "app"
-entity = "contact"
-object = "contacts"
-id_field = "id"
-capture = {{ interval_secs = 1 }}
-{map}
-"#,
-        hr = system(hr),
-        app = system(app),
+{hr_link}
+{app_link}"#,
+        hr = system(hr, dir),
+        app = system(app, dir),
+        hr_link = contact_link_toml("hr", "contacts", Some(1), map),
+        app_link = contact_link_toml("app", "contacts", Some(1), map),
         schema = schema.display(),
     )
 }
@@ -144,19 +123,8 @@ impl<'a> Sync<'a> {
                 .try_init();
         }
         let dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(dir.path().join("pgpass"), SUPERUSER_PASSWORD).expect("password file");
-        let mut config = concord::config::parse(&config_text(&hr, &app)).expect("configuration parses");
-        config.base_dir = dir.path().to_path_buf();
-        let problems = concord::config::validate(&config);
-        assert!(problems.is_empty(), "configuration problems: {problems:?}");
-        let store = StateStore::open(&dir.path().join("state"), config.state.cache_mb).expect("state store");
-        let rt = Arc::new(Runtime::compile(config).expect("configuration compiles"));
-        let connectors = concord::connector::open_all(&rt, &store).expect("connectors open");
-        let engine = Engine::new(rt, store.clone());
-        let run = {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.run(connectors, RunMode::Forever).await })
-        };
+        let (rt, store) = compile_config(&config_text(&hr, &app, dir.path()), dir.path());
+        let (engine, run) = spawn_engine(&rt, &store);
         Sync {
             hr,
             app,

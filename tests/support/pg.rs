@@ -332,6 +332,42 @@ impl TestDb<'_> {
         )
     }
 
+    /// The connection keys of a concord `type = "postgres"` system for the superuser on
+    /// this database, without TLS; the password is written to `dir/pgpass` and referenced
+    /// as a file secret (relative to `dir`, the configuration's directory).
+    pub fn superuser_system_toml(&self, dir: &Path) -> String {
+        std::fs::write(dir.join("pgpass"), SUPERUSER_PASSWORD).expect("write password file");
+        format!(
+            "host = \"{}\"\nport = {}\ndatabase = \"{}\"\nuser = \"{SUPERUSER}\"\npassword = {{ file = \"pgpass\" }}\ntls = \"disable\"\n",
+            self.cluster.host(),
+            self.cluster.port(),
+            self.name,
+        )
+    }
+
+    /// Writes WAL with the SQL `write_wal(round)` returns, round after round, until the
+    /// server invalidates replication slot `slot` (its `wal_status` is `lost`); fails after
+    /// a minute. The cluster needs a small `max_slot_wal_keep_size`.
+    pub async fn write_wal_until_slot_lost(&self, slot: &str, write_wal: impl Fn(u64) -> String) {
+        let admin = self.admin().await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for round in 0.. {
+            let lost: bool = admin
+                .query_one(
+                    "SELECT coalesce(wal_status, '') = 'lost' FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .expect("slot state")
+                .get(0);
+            if lost {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the slot was not invalidated");
+            admin.batch_execute(&write_wal(round)).await.expect("generate wal");
+        }
+    }
+
     /// A concord system configuration for `role` on this database; see [`Self::system_toml`].
     pub fn system_config(&self, role: &Role, dir: &Path) -> concord::connector::postgres::PostgresSystemConfig {
         toml::from_str(&self.system_toml(role, dir)).expect("system settings parse")
@@ -520,4 +556,49 @@ fn process_alive(pid: i32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
+}
+
+/// Parses, validates (no problem allowed) and compiles the configuration `toml` whose
+/// directory is `dir`, and opens its state store: what the daemon does before it runs.
+pub fn compile_config(
+    toml: &str,
+    dir: &Path,
+) -> (
+    std::sync::Arc<concord::engine::runtime::Runtime>,
+    concord::state::StateStore,
+) {
+    let mut config = concord::config::parse(toml).expect("configuration parses");
+    config.base_dir = dir.to_path_buf();
+    let problems = concord::config::validate(&config);
+    assert!(problems.is_empty(), "configuration problems: {problems:?}");
+    let store = concord::state::StateStore::open(&config.base_dir.join(&config.state.dir), config.state.cache_mb)
+        .expect("state store");
+    let rt = std::sync::Arc::new(concord::engine::runtime::Runtime::compile(config).expect("configuration compiles"));
+    (rt, store)
+}
+
+/// Opens the connectors of `rt` and runs an engine on them until it is shut down, in a
+/// task of its own.
+pub fn spawn_engine(
+    rt: &std::sync::Arc<concord::engine::runtime::Runtime>,
+    store: &concord::state::StateStore,
+) -> (concord::engine::Engine, tokio::task::JoinHandle<()>) {
+    let connectors = concord::connector::open_all(rt, store).expect("connectors open");
+    let engine = concord::engine::Engine::new(rt.clone(), store.clone());
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.run(connectors, concord::engine::RunMode::Forever).await }
+    });
+    (engine, run)
+}
+
+/// A `[[links]]` table of entity `contact` on `object` (id field `id`) of `system`, with
+/// its `map = [...]` line(s) `map`; a capturing link when `capture_interval_secs` is set.
+pub fn contact_link_toml(system: &str, object: &str, capture_interval_secs: Option<u64>, map: &str) -> String {
+    let capture = capture_interval_secs.map_or(String::new(), |secs| {
+        format!("capture = {{ interval_secs = {secs} }}\n")
+    });
+    format!(
+        "[[links]]\nsystem = \"{system}\"\nentity = \"contact\"\nobject = \"{object}\"\nid_field = \"id\"\n{capture}{map}\n"
+    )
 }
