@@ -99,9 +99,13 @@ impl Auth {
 }
 
 /// The request budget of one system: GCRA (virtual scheduling), which is a token
-/// bucket of `burst` tokens refilled at `per_second`. Each caller reserves the next
-/// slot under a short lock and sleeps until it, so waiting costs no CPU and in any
-/// window of `w` seconds at most `burst + per_second * w` requests start.
+/// bucket of `burst` tokens refilled at `per_second`. A caller takes a slot under a
+/// short lock only when the slot is due at the moment it asks; otherwise it sleeps until
+/// the slot and asks again. Slots are never reserved ahead: a caller the timer wakes
+/// late would then send right before the next one, and the two would land closer than
+/// the budget allows (a system that counts per calendar second sees one request too
+/// many). So in any window of `w` seconds at most `burst + per_second * w` requests
+/// start, measured on the clock at which they really start.
 struct TokenBucket {
     /// Seconds between two requests at the sustained rate.
     interval: Duration,
@@ -124,21 +128,23 @@ impl TokenBucket {
         })
     }
 
-    /// Waits for this request's slot.
+    /// Waits for a slot and takes it.
     async fn acquire(&self) {
-        let wait = self.reserve(Instant::now());
-        if !wait.is_zero() {
+        while let Err(wait) = self.try_take(Instant::now()) {
             tokio::time::sleep(wait).await;
         }
     }
 
-    /// Reserves the next slot as of `now`; returns how long to wait for it.
-    fn reserve(&self, now: Instant) -> Duration {
+    /// Takes a slot if one is due at `now`; otherwise says how long until the next one.
+    fn try_take(&self, now: Instant) -> Result<(), Duration> {
         let mut tat = self.tat.lock().expect("token bucket lock is never poisoned");
         let at = (*tat).max(now);
-        let send_at = at.checked_sub(self.tolerance).unwrap_or(now).max(now);
+        let due = at.checked_sub(self.tolerance).unwrap_or(now);
+        if due > now {
+            return Err(due - now);
+        }
         *tat = at + self.interval;
-        send_at - now
+        Ok(())
     }
 
     /// The system asked for a pause: nothing is sent before `until`, and the burst
@@ -485,13 +491,30 @@ mod tests {
         })
         .expect("valid rate");
         let now = Instant::now();
-        let waits: Vec<Duration> = (0..5).map(|_| bucket.reserve(now)).collect();
-        let ms: Vec<u128> = waits.iter().map(|w| w.as_millis()).collect();
-        assert_eq!(ms, [0, 0, 0, 100, 200]);
+        let ms = |r: Result<(), Duration>| r.err().map_or(0, |w| w.as_millis());
+        let taken: Vec<u128> = (0..4).map(|_| ms(bucket.try_take(now))).collect();
+        assert_eq!(taken, [0, 0, 0, 100], "a burst of three, then one slot per 100 ms");
+        // A refused caller took nothing: asking again gives the same wait.
+        assert_eq!(ms(bucket.try_take(now)), 100);
+        // A caller that wakes late takes the slot then, and the next slot is counted
+        // from when it really went, not from when it was due.
+        let single = TokenBucket::new(&RateLimit {
+            per_second: 10.0,
+            burst: 1,
+        })
+        .expect("valid rate");
+        let start = Instant::now();
+        assert_eq!(ms(single.try_take(start)), 0);
+        assert_eq!(ms(single.try_take(start)), 100);
+        let late = start + Duration::from_millis(150);
+        assert_eq!(ms(single.try_take(late)), 0);
+        assert_eq!(ms(single.try_take(late)), 100);
         // After a pause, nothing is sent before it ends, and the burst is spent.
         bucket.pause_until(now + Duration::from_secs(5));
         let later = now + Duration::from_secs(1);
-        assert_eq!(bucket.reserve(later).as_millis(), 4000);
-        assert_eq!(bucket.reserve(later).as_millis(), 4100);
+        assert_eq!(ms(bucket.try_take(later)), 4000);
+        let at_end = now + Duration::from_secs(5);
+        assert_eq!(ms(bucket.try_take(at_end)), 0);
+        assert_eq!(ms(bucket.try_take(at_end)), 100);
     }
 }
