@@ -27,7 +27,9 @@
 //! A proposal where the agreed value was set by another system that S had not seen
 //! yet (`B.f != H.f`) is a conflict: decided by the same rules, and always recorded.
 //! Finally every target system gets one planned write with the fields where the new
-//! base differs from what that system holds or is about to hold.
+//! base differs from what that system holds or is about to hold. A rejected change of
+//! a field concord has a write pending for in the changing system is written back
+//! again: the system's change may have landed after that write.
 //!
 //! A delete from a system allowed to delete ends an agreed record (a tombstone) and is
 //! carried, by each link's `on_delete`, to every other system that holds the record and
@@ -311,6 +313,9 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
     let mut decisions = Vec::new();
     let mut flagged = false;
     let mut accepted: BTreeSet<String> = BTreeSet::new();
+    // Fields the changing system changed away from the agreed value while a write of
+    // that value to it was pending: see `plan_writes`.
+    let mut contested: BTreeSet<String> = BTreeSet::new();
 
     let seen_before = state.shadows.remove(&change.system);
     // The system shows a record it did not hold (it is new to it, or it deleted it):
@@ -366,6 +371,8 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
                     } else if matches!(decision.policy, Some(NonOwnerPolicy::Ignore | NonOwnerPolicy::Flag)) {
                         shadow.diverged.insert(field.clone());
                         flagged |= decision.policy == Some(NonOwnerPolicy::Flag);
+                    } else if shadow.pending.contains_key(field) {
+                        contested.insert(field.clone());
                     }
                     decisions.push(decision);
                 }
@@ -407,7 +414,7 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
     }
     state.shadows.insert(change.system.clone(), shadow);
 
-    let writes = plan_writes(&input, &mut state, &before, &accepted, outcome);
+    let writes = plan_writes(&input, &mut state, &before, &accepted, &contested, outcome);
     if outcome != Outcome::Noop {
         state.updated_ms = input.now_ms;
     }
@@ -554,6 +561,7 @@ fn plan_writes(
     state: &mut RecordState,
     before: &crate::model::Base,
     accepted: &BTreeSet<String>,
+    contested: &BTreeSet<String>,
     outcome: Outcome,
 ) -> Vec<PlannedWrite> {
     let mut writes = Vec::new();
@@ -614,7 +622,15 @@ fn plan_writes(
             // A field the system was never seen or written to hold counts as null, as
             // in `decide_field`: a create leaves empty fields out, and a later merge
             // must not then write them as if they had changed.
-            let differs = expected.unwrap_or(&Value::Null) != &agreed.value;
+            // The changing system reports a value of its own over a pending write of the
+            // agreed one. Whether that write landed before or after the system's change
+            // is unknown (the write may be in flight, its acknowledgement not yet
+            // recorded), and the acknowledgement will record the written value as held:
+            // without another write the system could keep its value while concord
+            // believes it reverted. The value is written again; when the pending write
+            // landed last, the repeat sets the same value and is harmless.
+            let contested_here = target.system == input.change.system && contested.contains(name);
+            let differs = contested_here || expected.unwrap_or(&Value::Null) != &agreed.value;
             if differs {
                 fields.insert(name.clone(), agreed.value.clone());
             }

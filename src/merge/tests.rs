@@ -749,6 +749,29 @@ fn dry_run_and_outside_rollout_writes_are_planned_but_not_pending() {
 }
 
 #[test]
+fn non_owner_change_over_a_pending_revert_is_reverted_again() {
+    // concord's write of the agreed value is in flight when the system's own change
+    // arrives; the write's acknowledgement, recorded afterwards, cannot tell which
+    // landed last, so the agreed value is written once more.
+    check(
+        r#"
+        field title owners=hr non_owner=revert
+        target crm
+        agreed title="Manager" by hr @10
+        shadow crm title="Sales" pending title="Manager"
+        change crm @20 title="Chief"
+        confirm crm title="Manager"
+        "#,
+        r#"
+        title: non_owner revert conflict
+        outcome: noop
+        agreed title="Manager" by hr @10
+        write crm send: upsert title="Manager"
+        "#,
+    );
+}
+
+#[test]
 fn pending_value_is_not_written_twice() {
     check(
         r#"
