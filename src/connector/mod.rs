@@ -360,8 +360,6 @@ pub enum OpenError {
         #[source]
         source: ConnectorError,
     },
-    #[error("{what}: this build of concord has no postgres {capability}")]
-    Unsupported { what: String, capability: &'static str },
     #[error("cannot read checkpoints")]
     State(#[from] crate::state::StateError),
 }
