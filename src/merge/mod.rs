@@ -123,6 +123,13 @@ pub struct FieldPolicy {
     pub non_owner: NonOwnerPolicy,
 }
 
+impl FieldPolicy {
+    /// The system's place among the owners (0 is the highest), or `None` for a non-owner.
+    pub fn rank(&self, system: &str) -> Option<usize> {
+        self.owners.iter().position(|o| o == system)
+    }
+}
+
 impl EntityPolicy {
     pub fn from_config(entity: &EntityConfig) -> Self {
         Self {
@@ -453,7 +460,6 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
     }
 }
 
-/// Decides one field of an upsert; `None` when the system did not change it.
 /// Whether the changing system, reporting the agreed value of `field`, should take its
 /// provenance: it owns the field and ranks above whoever set the value (a non-owner,
 /// or, unless owners are equal, an owner of lower precedence).
@@ -464,14 +470,14 @@ fn owner_takes_provenance(input: &MergeInput<'_>, state: &RecordState, field: &s
     let Some(policy) = input.policy.fields.get(field) else {
         return false;
     };
-    let rank = |system: &str| policy.owners.iter().position(|o| o == system);
-    match (rank(&input.change.system), rank(&agreed.from.system)) {
+    match (policy.rank(&input.change.system), policy.rank(&agreed.from.system)) {
         (Some(_), None) => true,
         (Some(mine), Some(theirs)) => !policy.owners_equal && mine < theirs,
         (None, _) => false,
     }
 }
 
+/// Decides one field of an upsert; `None` when the system did not change it.
 fn decide_field(
     input: &MergeInput<'_>,
     state: &RecordState,
@@ -503,8 +509,7 @@ fn decide_field(
     // Another system set the agreed value and this one had not seen it.
     let conflict = agreed.is_some_and(|a| a.from.system != change.system && seen != &a.value);
     let field_policy = input.policy.fields.get(field);
-    let owners = field_policy.map(|p| p.owners.as_slice()).unwrap_or(&[]);
-    let rank = |system: &str| owners.iter().position(|o| o == system);
+    let rank = |system: &str| field_policy.and_then(|p| p.rank(system));
     let agreed_by_owner = agreed.and_then(|a| rank(&a.from.system).map(|r| (r, a)));
 
     let (rule, policy) = match (rank(&change.system), agreed_by_owner) {
