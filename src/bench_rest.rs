@@ -38,21 +38,27 @@ const CRM_PAGE: usize = 2000;
 /// The LMS's page size in the budget run: small pages make many requests.
 const BUDGET_PAGE: usize = 10;
 
-/// What to measure.
-#[derive(Debug, Clone)]
+/// What to measure; also the arguments of `concord bench-rest`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct RestBenchOptions {
     /// Contacts in the CRM backlog the source captures.
+    #[arg(long, default_value_t = 50_000)]
     pub records: usize,
     /// Creates applied to the LMS.
+    #[arg(long, default_value_t = 20_000)]
     pub writes: usize,
     /// Writes in flight at once (`max_concurrency`).
+    #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
     /// Requests per second of the budget run (the LMS's limit and concord's
     /// `rate_limit.per_second`).
+    #[arg(long, default_value_t = 50)]
     pub rate: u32,
     /// Seconds of backlog the budget run is sized for.
+    #[arg(long, default_value_t = 10)]
     pub rate_seconds: u32,
     /// Times each measurement is repeated; medians are reported.
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
 }
 

@@ -69,26 +69,7 @@ enum Command {
         encrypt: bool,
     },
     /// Measure the REST connector against the in-process simulators over loopback.
-    BenchRest {
-        /// Contacts in the CRM backlog that is captured.
-        #[arg(long, default_value_t = 50_000)]
-        records: usize,
-        /// Creates applied to the LMS.
-        #[arg(long, default_value_t = 20_000)]
-        writes: usize,
-        /// Writes in flight at once.
-        #[arg(long, default_value_t = 16)]
-        concurrency: usize,
-        /// Request budget (per second) of the budget run, as the LMS's limit and concord's.
-        #[arg(long, default_value_t = 50)]
-        rate: u32,
-        /// Seconds of backlog the budget run is sized for.
-        #[arg(long, default_value_t = 10)]
-        rate_seconds: u32,
-        /// Repetitions; medians are reported.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-    },
+    BenchRest(concord::bench_rest::RestBenchOptions),
     /// Start a simulated CRM, LMS and HR export and keep them in agreement, live.
     Demo {
         /// Directory for the demo's state, HR inbox and credentials; new or empty
@@ -186,24 +167,7 @@ fn main() -> ExitCode {
                 println!("{r}");
             }),
         ),
-        Command::BenchRest {
-            records,
-            writes,
-            concurrency,
-            rate,
-            rate_seconds,
-            runs,
-        } => report(
-            concord::bench_rest::run(concord::bench_rest::RestBenchOptions {
-                records,
-                writes,
-                concurrency,
-                rate,
-                rate_seconds,
-                runs,
-            })
-            .map(|r| println!("{r}")),
-        ),
+        Command::BenchRest(options) => report(concord::bench_rest::run(options).map(|r| println!("{r}"))),
         Command::Resnapshot { config, link } => match load_valid(&config) {
             Ok(cfg) => report(resnapshot(&cfg, &link)),
             Err(code) => code,
