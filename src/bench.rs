@@ -69,6 +69,7 @@ pub struct BenchReport {
     pub records: u64,
     pub changes: u64,
     pub batch_size: usize,
+    pub durable_interval_ms: u64,
     /// Whether record values were sealed (AES-256-GCM).
     pub encrypted: bool,
     pub load_secs: f64,
@@ -86,6 +87,7 @@ pub struct BenchReport {
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "batch size                 {}", self.batch_size)?;
+        writeln!(f, "durable interval           {} ms", self.durable_interval_ms)?;
         writeln!(
             f,
             "encryption at rest         {}",
@@ -153,15 +155,42 @@ fn record(n: u64, title_round: u64) -> SourceRecord {
     }
 }
 
-/// Runs the benchmark; `dir` holds the state (a temporary directory when `None`).
-/// With `encrypt`, the state is sealed under a random in-memory key.
-pub fn run(
-    records: u64,
-    changes: u64,
-    batch_size: Option<usize>,
-    dir: Option<PathBuf>,
-    encrypt: bool,
-) -> anyhow::Result<BenchReport> {
+/// What to measure; also the arguments of `concord bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Records loaded into state first.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Updates merged against the loaded state, measured.
+    #[arg(long, default_value_t = 200_000)]
+    pub changes: u64,
+    /// Changes per transaction (default: the engine's default batch size).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Group commit interval in ms (default: the configuration's default); 0 makes every
+    /// batch durable on its own.
+    #[arg(long)]
+    pub durable_interval_ms: Option<u64>,
+    /// State directory (default: a new temporary directory, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Encrypt the state under a random in-memory key.
+    #[arg(long)]
+    pub encrypt: bool,
+}
+
+/// Runs the benchmark. Batches commit as a capture task commits them (group commit
+/// with the configured interval), and each phase ends with a durable commit, inside the
+/// measured time.
+pub fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
+    let BenchOptions {
+        records,
+        changes,
+        batch_size,
+        durable_interval_ms,
+        dir,
+        encrypt,
+    } = options;
     let temp;
     let dir = match dir {
         Some(d) => d,
@@ -180,18 +209,23 @@ pub fn run(
     if let Some(size) = batch_size {
         cfg.engine.batch_size = size;
     }
+    if let Some(ms) = durable_interval_ms {
+        cfg.state.durable_interval_ms = ms;
+    }
+    let durable_interval = std::time::Duration::from_millis(cfg.state.durable_interval_ms);
     let batch_size = cfg.engine.batch_size;
     let cache_mb = cfg.state.cache_mb;
     let rt = Runtime::compile(cfg).context("bench runtime")?;
     let kek = encrypt.then(crate::state::Kek::random);
     let store = StateStore::open_with(&dir.join("state"), cache_mb, kek.as_ref())?;
+    store.set_durable_interval(durable_interval);
     let link = rt.link("hr", "contact").context("bench link")?;
 
     let feed = |range: Vec<u64>, round: u64| -> anyhow::Result<f64> {
         let started = Instant::now();
         for chunk in range.chunks(batch_size) {
             let batch: Vec<SourceRecord> = chunk.iter().map(|&n| record(n, round)).collect();
-            store.write(|t| {
+            store.write_batch(true, |t| {
                 batch::process(
                     &rt,
                     t,
@@ -203,6 +237,7 @@ pub fn run(
                 )
             })?;
         }
+        store.make_durable()?;
         Ok(started.elapsed().as_secs_f64())
     };
 
@@ -227,6 +262,7 @@ pub fn run(
         records,
         changes,
         batch_size,
+        durable_interval_ms: durable_interval.as_millis() as u64,
         encrypted: encrypt,
         load_secs,
         load_tail_secs,

@@ -51,23 +51,7 @@ enum Command {
     /// Print the JSON Schema of the configuration file.
     ConfigSchema,
     /// Measure the merge path with generated records and an in-memory source.
-    Bench {
-        /// Records loaded into state first.
-        #[arg(long, default_value_t = 1_000_000)]
-        records: u64,
-        /// Updates merged against the loaded state, measured.
-        #[arg(long, default_value_t = 200_000)]
-        changes: u64,
-        /// Changes per transaction (default: the engine's default batch size).
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// State directory (default: a new temporary directory, removed afterwards).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Encrypt the state under a random in-memory key.
-        #[arg(long)]
-        encrypt: bool,
-    },
+    Bench(concord::bench::BenchOptions),
     /// Measure the REST connector against the in-process simulators over loopback.
     BenchRest(concord::bench_rest::RestBenchOptions),
     /// Start a simulated CRM, LMS and HR export and keep them in agreement, live.
@@ -156,17 +140,7 @@ fn main() -> ExitCode {
             let mode = if once { RunMode::UntilIdle } else { RunMode::Forever };
             report(run(cfg, mode, config))
         }
-        Command::Bench {
-            records,
-            changes,
-            batch_size,
-            dir,
-            encrypt,
-        } => report(
-            concord::bench::run(records, changes, batch_size, dir, encrypt).map(|r| {
-                println!("{r}");
-            }),
-        ),
+        Command::Bench(options) => report(concord::bench::run(options).map(|r| println!("{r}"))),
         Command::BenchRest(options) => report(concord::bench_rest::run(options).map(|r| println!("{r}"))),
         Command::Resnapshot { config, link } => match load_valid(&config) {
             Ok(cfg) => report(resnapshot(&cfg, &link)),

@@ -17,6 +17,7 @@ pub const LABEL_REASON: &str = "reason";
 pub const LABEL_VERSION: &str = "version";
 pub const LABEL_LINK: &str = "link";
 pub const LABEL_METHOD: &str = "method";
+pub const LABEL_DURABILITY: &str = "durability";
 
 /// Build information; value 1, the version in a label.
 pub const BUILD_INFO: &str = "concord_build_info";
@@ -43,7 +44,8 @@ pub const WRITES: &str = "concord_writes_total";
 pub const SOURCE_LAG: &str = "concord_source_lag_seconds";
 /// From source commit to applied in the target system, by target system.
 pub const END_TO_END_LATENCY: &str = "concord_end_to_end_latency_seconds";
-/// Duration of one state store commit.
+/// Duration of one state store commit, by durability: `durable` (fsynced) or `lazy` (a
+/// batch commit of a group, made durable by the next durable commit).
 pub const STATE_COMMIT_DURATION: &str = "concord_state_commit_duration_seconds";
 /// Export files finished, by system and outcome (processed, failed).
 pub const FILES: &str = "concord_files_total";

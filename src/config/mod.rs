@@ -51,6 +51,10 @@ pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 pub const DEFAULT_CAPTURE_INTERVAL_SECS: u64 = 10;
 /// redb page cache; bounds the memory the state store may use.
 pub const DEFAULT_STATE_CACHE_MB: u64 = 64;
+/// Longest a captured batch's commit waits for its fsync (group commit).
+pub const DEFAULT_DURABLE_INTERVAL_MS: u64 = 100;
+/// Upper bound of `state.durable_interval_ms`.
+pub const MAX_DURABLE_INTERVAL_MS: u64 = 10_000;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -86,6 +90,13 @@ pub struct StateConfig {
     /// redb page cache in MiB.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// Group commit: captured batches committed within this many milliseconds of the
+    /// last fsync are committed without one, and the next durable commit covers them.
+    /// Their sources are acknowledged, and the writes they plan are sent, only once
+    /// durable; a crash before that loses them whole and their sources deliver them
+    /// again. 0 makes every batch durable on its own (one fsync per batch).
+    #[serde(default = "default_durable_interval_ms")]
+    pub durable_interval_ms: u64,
     /// Most decisions kept; the oldest are pruned first.
     #[serde(default = "default_decision_retention")]
     pub max_decisions: u64,
@@ -606,6 +617,9 @@ fn default_admin_listen() -> String {
 }
 fn default_cache_mb() -> u64 {
     DEFAULT_STATE_CACHE_MB
+}
+fn default_durable_interval_ms() -> u64 {
+    DEFAULT_DURABLE_INTERVAL_MS
 }
 fn default_decision_retention() -> u64 {
     DEFAULT_DECISION_RETENTION

@@ -170,6 +170,12 @@ impl<'a> Checker<'a> {
         if config.state.cache_mb == 0 {
             self.report("state.cache_mb", "must be > 0");
         }
+        if config.state.durable_interval_ms > super::MAX_DURABLE_INTERVAL_MS {
+            self.report(
+                "state.durable_interval_ms",
+                format!("must be at most {}", super::MAX_DURABLE_INTERVAL_MS),
+            );
+        }
         let engine = &config.engine;
         if engine.batch_size == 0 {
             self.report("engine.batch_size", "must be > 0");

@@ -171,6 +171,16 @@ impl AnySource {
             AnySource::Postgres(s) => s.committed(checkpoint).await,
         }
     }
+    /// Whether the source may yield further batches before the earlier ones are
+    /// acknowledged, so the engine may commit them lazily and acknowledge them once a
+    /// durable commit covers them (group commit). A file source waits for its
+    /// acknowledgement to move the file it read, so its batches are durable at once.
+    pub fn acknowledgement_may_wait(&self) -> bool {
+        match self {
+            AnySource::Postgres(_) | AnySource::Rest(_) | AnySource::Memory(_) => true,
+            AnySource::File(_) => false,
+        }
+    }
     /// Whether `next_batch` itself waits (boundedly) for new data, as a replication stream
     /// does: the engine then calls again at once after an empty batch instead of sleeping
     /// the link's capture interval, which would only add latency.

@@ -22,7 +22,7 @@ use crate::connector::{AnySink, ConnectorError, ErrorClass};
 use crate::merge::{self, WriteAction};
 use crate::metrics as m;
 use crate::model::{Fields, GlobalId, TimeMs, Write, WriteAck, WriteOp, now_ms};
-use crate::state::{DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, WriteLogEntry};
+use crate::state::{CommitToken, DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, WriteLogEntry};
 
 use super::Shared;
 use super::backoff::Backoff;
@@ -88,7 +88,7 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
             let system = system.clone();
             tokio::task::spawn_blocking(move || plan_batch(&shared, &system)).await
         };
-        let planned = match plan {
+        let (planned, token) = match plan {
             Ok(Ok(planned)) => planned,
             Ok(Err(error)) => {
                 tracing::error!(system = %system, error = %error, "cannot read the outbox");
@@ -113,6 +113,14 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
             continue;
         }
         shared.status.system(&system, |s| s.state = "running".into());
+        // Writes planned by a lazy batch commit leave only once it is durable: a crash
+        // before would forget the write but not undo it in the system.
+        if !shared.store.is_durable(token) {
+            tokio::select! {
+                _ = shared.store.durable(token) => {}
+                _ = shared.shutdown.cancelled() => break,
+            }
+        }
 
         let mut sends = Vec::new();
         let mut writes = Vec::new();
@@ -186,9 +194,11 @@ fn note_error(s: &mut super::status::SystemStatus, error: &str) {
     s.last_error_ms = Some(now_ms());
 }
 
-/// Reads the next entries and resolves each record's writes.
-fn plan_batch(shared: &Shared, system: &str) -> Result<Vec<Planned>, StateError> {
+/// Reads the next entries and resolves each record's writes; the token covers the
+/// commits the plan was read from.
+fn plan_batch(shared: &Shared, system: &str) -> Result<(Vec<Planned>, CommitToken), StateError> {
     let view = shared.store.read()?;
+    let token = shared.store.latest_token();
     let entries = view.outbox(system, shared.rt.config.engine.batch_size)?;
     let mut groups: Vec<Group> = Vec::new();
     for entry in entries {
@@ -217,7 +227,7 @@ fn plan_batch(shared: &Shared, system: &str) -> Result<Vec<Planned>, StateError>
     for group in groups {
         planned.push(plan_group(shared, &view, system, group)?);
     }
-    Ok(planned)
+    Ok((planned, token))
 }
 
 fn plan_group(

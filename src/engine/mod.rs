@@ -29,11 +29,11 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::connector::{AnySink, AnySource, ErrorClass};
+use crate::connector::{AnySink, AnySource, Checkpoint, ErrorClass};
 use crate::merge::WriteAction;
 use crate::metrics as m;
 use crate::model::now_ms;
-use crate::state::{DeadItem, StateStore};
+use crate::state::{CommitToken, DeadItem, StateStore};
 
 pub use backoff::Backoff;
 use runtime::Runtime;
@@ -130,6 +130,7 @@ impl Engine {
             s.version = env!("CARGO_PKG_VERSION");
             s.started_ms = now_ms();
         });
+        store.set_durable_interval(Duration::from_millis(rt.config.state.durable_interval_ms));
         Engine {
             shared: Arc::new(Shared {
                 rt,
@@ -195,6 +196,7 @@ impl Engine {
                 maintenance(shared).await
             });
         }
+        tasks.spawn(group_commit(shared.clone()));
         let all = u32::try_from(expected).expect("fewer than 2^32 engine tasks");
         tokio::select! {
             _ = started.acquire_many(all) => shared.status.update(|s| s.ready = true),
@@ -310,9 +312,19 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
         s.state = "running".into();
     });
     metrics::gauge!(m::LINK_UP, m::LABEL_LINK => name.clone()).set(1.0);
+    // A source that can go on before it is acknowledged has its batches committed
+    // lazily (group commit) and is acknowledged once they are durable.
+    let lazy = source.acknowledgement_may_wait();
+    let mut unacked: Option<(CommitToken, Checkpoint)> = None;
 
     while !shared.shutdown.is_cancelled() {
         shared.heartbeat.bump();
+        if let Some((token, _)) = &unacked
+            && shared.store.is_durable(*token)
+        {
+            let (_, checkpoint) = unacked.take().expect("checked above");
+            acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
+        }
         let batch = source.next_batch(cfg.batch_size).await;
         let lag = source.lag_seconds();
         metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);
@@ -325,7 +337,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     let shared = shared.clone();
                     tokio::task::spawn_blocking(move || {
                         let link = &shared.rt.links[index];
-                        shared.store.write(|t| {
+                        shared.store.write_batch(lazy, |t| {
                             batch::process(
                                 &shared.rt,
                                 t,
@@ -340,7 +352,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     .await
                 };
                 match result {
-                    Ok(Ok(report)) => {
+                    Ok(Ok((report, token))) => {
                         for target in &report.wake {
                             shared.wake(target);
                         }
@@ -352,10 +364,12 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                             s.state = "running".into();
                         });
                         metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.clone()).set(now as f64 / 1000.0);
-                        if let Err(error) = source.committed(&checkpoint).await {
-                            // The checkpoint is committed; the source acknowledges it again
-                            // on its next call, so only the acknowledgement is late.
-                            note_link_error(&shared, &name, &system, error.class, &error.reason);
+                        if shared.store.is_durable(token) {
+                            unacked = None;
+                            acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
+                        } else {
+                            // A later checkpoint covers the earlier ones.
+                            unacked = Some((token, checkpoint));
                         }
                         backoff.reset();
                     }
@@ -372,6 +386,11 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                 }
             }
             Ok(None) => {
+                if let Some((_, checkpoint)) = unacked.take() {
+                    // Caught up: make the last batches durable and acknowledge them now
+                    // rather than leave the source waiting for the next batch.
+                    flush_and_acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
+                }
                 // A poll that found nothing new is a success too: the source answers.
                 metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.clone()).set(now_ms() as f64 / 1000.0);
                 idle.store(true, Ordering::SeqCst);
@@ -400,7 +419,65 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
             }
         }
     }
+    if let Some((_, checkpoint)) = unacked.take() {
+        flush_and_acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
+    }
     shared.status.link(&name, |s| s.state = "stopped".into());
+}
+
+/// Tells the source that `checkpoint` is durably committed, so it may acknowledge
+/// upstream.
+async fn acknowledge(shared: &Shared, source: &mut AnySource, name: &str, system: &str, checkpoint: &Checkpoint) {
+    if let Err(error) = source.committed(checkpoint).await {
+        // The checkpoint is committed; the source acknowledges it again on its next
+        // call, so only the acknowledgement is late.
+        note_link_error(shared, name, system, error.class, &error.reason);
+    }
+}
+
+/// Makes the lazy commits durable, then acknowledges `checkpoint`. When the state store
+/// cannot commit, the acknowledgement is left out: the source delivers the batches again.
+async fn flush_and_acknowledge(
+    shared: &Arc<Shared>,
+    source: &mut AnySource,
+    name: &str,
+    system: &str,
+    checkpoint: &Checkpoint,
+) {
+    let store = shared.store.clone();
+    match tokio::task::spawn_blocking(move || store.make_durable()).await {
+        Ok(Ok(())) => acknowledge(shared, source, name, system, checkpoint).await,
+        Ok(Err(error)) => tracing::error!(link = %name, error = %error, "cannot make batches durable"),
+        Err(join) => tracing::error!(link = %name, error = %join, "durable commit task failed"),
+    }
+}
+
+/// Group commit: lazy batch commits become durable at the latest one durable interval
+/// after the last durable commit, even when no further batch comes to carry them.
+async fn group_commit(shared: Arc<Shared>) {
+    loop {
+        let interval = shared.store.durable_interval();
+        let wait = if interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            interval.saturating_sub(shared.store.last_durable().elapsed())
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+            _ = shared.shutdown.cancelled() => break,
+        }
+        if shared.store.durable_pending() && shared.store.last_durable().elapsed() >= interval {
+            let store = shared.store.clone();
+            if let Ok(Err(error)) = tokio::task::spawn_blocking(move || store.make_durable()).await {
+                tracing::error!(error = %error, "cannot make batches durable");
+            }
+        }
+    }
+    // Whatever is still lazy becomes durable before the engine stops.
+    let store = shared.store.clone();
+    if let Ok(Err(error)) = tokio::task::spawn_blocking(move || store.make_durable()).await {
+        tracing::error!(error = %error, "cannot make batches durable at shutdown");
+    }
 }
 
 fn note_link_error(shared: &Shared, name: &str, system: &str, class: ErrorClass, reason: &str) {

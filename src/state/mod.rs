@@ -16,7 +16,9 @@ pub mod tables;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, Value};
 use serde::de::DeserializeOwned;
@@ -202,6 +204,58 @@ pub struct StateStore {
     path: PathBuf,
     /// Seals and opens record-bearing values; plain for an unencrypted store.
     codec: Arc<Codec>,
+    group: Arc<GroupCommit>,
+}
+
+/// Marks a commit made by [`StateStore::write_batch`]: durable once
+/// [`StateStore::is_durable`] says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CommitToken(u64);
+
+/// Group commit: batch commits within `interval` of the last durable commit are made
+/// without an fsync (redb's `Durability::None`). A crash loses them whole, with the
+/// checkpoints committed in them, so their sources deliver them again; nothing may act
+/// on them outside the state store until a durable commit covers them.
+///
+/// Lazy commits are counted; the count is taken inside the write transaction, so a
+/// durable commit, which cannot begin before an earlier writer has committed, covers
+/// every lazy commit counted before it began.
+struct GroupCommit {
+    /// Lazy commits begun so far.
+    lazy: AtomicU64,
+    /// The `lazy` count covered by the last durable commit.
+    durable: tokio::sync::watch::Sender<u64>,
+    last_durable: Mutex<Instant>,
+    interval_ms: AtomicU64,
+}
+
+impl GroupCommit {
+    fn new() -> GroupCommit {
+        GroupCommit {
+            lazy: AtomicU64::new(0),
+            durable: tokio::sync::watch::Sender::new(0),
+            last_durable: Mutex::new(Instant::now()),
+            interval_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
+    }
+
+    fn last_durable(&self) -> Instant {
+        *self.last_durable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a durable commit that covers `covered` lazy commits.
+    fn durable_done(&self, covered: u64) {
+        *self.last_durable.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.durable.send_if_modified(|d| {
+            let advanced = covered > *d;
+            *d = (*d).max(covered);
+            advanced
+        });
+    }
 }
 
 impl StateStore {
@@ -234,6 +288,7 @@ impl StateStore {
             db: Arc::new(db),
             path,
             codec: Arc::new(Codec::plain()),
+            group: Arc::new(GroupCommit::new()),
         };
         store.init()?;
         store.codec = Arc::new(store.unlock(kek)?);
@@ -296,19 +351,102 @@ impl StateStore {
         Ok(())
     }
 
-    /// Runs `f` in one write transaction and commits it once if `f` succeeds.
+    /// Runs `f` in one write transaction and commits it once, durably, if `f` succeeds.
     pub fn write<T, E: From<StateError>>(&self, f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>) -> Result<T, E> {
-        let txn = self.db.begin_write().map_err(StateError::from)?;
+        self.commit_with(false, f).map(|(result, _)| result)
+    }
+
+    /// Like [`write`](Self::write) for a captured batch: with `lazy` and a durable
+    /// interval set, the commit skips the fsync unless the last durable commit is older
+    /// than the interval. The token tells when the batch is durable; acknowledge its
+    /// source only then.
+    pub fn write_batch<T, E: From<StateError>>(
+        &self,
+        lazy: bool,
+        f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>,
+    ) -> Result<(T, CommitToken), E> {
+        let interval = self.group.interval();
+        let lazy = lazy && !interval.is_zero() && self.group.last_durable().elapsed() < interval;
+        self.commit_with(lazy, f)
+    }
+
+    fn commit_with<T, E: From<StateError>>(
+        &self,
+        lazy: bool,
+        f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>,
+    ) -> Result<(T, CommitToken), E> {
+        let mut txn = self.db.begin_write().map_err(StateError::from)?;
+        // Counted inside the transaction: no other writer is between its begin and commit.
+        let token = if lazy {
+            txn.set_durability(redb::Durability::None)
+                .expect("a fresh write transaction takes any durability");
+            self.group.lazy.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.group.lazy.load(Ordering::SeqCst)
+        };
         let result = {
             let mut tables = WriteTables::open(&txn, &self.codec)?;
             let result = f(&mut tables)?;
             tables.flush()?;
             result
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         txn.commit().map_err(StateError::from)?;
-        metrics::histogram!(crate::metrics::STATE_COMMIT_DURATION).record(started.elapsed().as_secs_f64());
-        Ok(result)
+        metrics::histogram!(crate::metrics::STATE_COMMIT_DURATION,
+            crate::metrics::LABEL_DURABILITY => if lazy { "lazy" } else { "durable" })
+        .record(started.elapsed().as_secs_f64());
+        if !lazy {
+            self.group.durable_done(token);
+        }
+        Ok((result, CommitToken(token)))
+    }
+
+    /// Sets how long a batch commit may stay without an fsync (see
+    /// [`write_batch`](Self::write_batch)); zero makes every commit durable.
+    pub fn set_durable_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self.group.interval_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn durable_interval(&self) -> Duration {
+        self.group.interval()
+    }
+
+    /// Whether the commit that returned `token` is durable.
+    pub fn is_durable(&self, token: CommitToken) -> bool {
+        *self.group.durable.borrow() >= token.0
+    }
+
+    /// A token covering every commit visible to a read view taken before this call.
+    pub fn latest_token(&self) -> CommitToken {
+        CommitToken(self.group.lazy.load(Ordering::SeqCst))
+    }
+
+    /// Whether lazy commits wait for a durable one.
+    pub fn durable_pending(&self) -> bool {
+        *self.group.durable.borrow() < self.group.lazy.load(Ordering::SeqCst)
+    }
+
+    /// When the last durable commit happened.
+    pub fn last_durable(&self) -> Instant {
+        self.group.last_durable()
+    }
+
+    /// Makes every commit so far durable: an empty durable commit when lazy ones wait,
+    /// nothing otherwise. Blocking.
+    pub fn make_durable(&self) -> Result<(), StateError> {
+        if !self.durable_pending() {
+            return Ok(());
+        }
+        self.commit_with(false, |_| Ok::<_, StateError>(()))?;
+        Ok(())
+    }
+
+    /// Waits until the commit that returned `token` is durable.
+    pub async fn durable(&self, token: CommitToken) {
+        let mut rx = self.group.durable.subscribe();
+        // The sender lives as long as the store, which `self` holds.
+        let _ = rx.wait_for(|d| *d >= token.0).await;
     }
 
     /// A consistent read-only view.

@@ -118,8 +118,9 @@ impl From<StateError> for Abort {
 fn apply(store: &StateStore, model: &mut Model, op: &Op) {
     match *op {
         Op::PutRecord { entity, id, value } => {
+            // A batch commit: lazy under the model test's long durable interval.
             store
-                .write(|t| t.put_record(ENTITIES[entity], gid(id), &record(value)))
+                .write_batch(true, |t| t.put_record(ENTITIES[entity], gid(id), &record(value)))
                 .unwrap();
             model.records.insert((entity, id), value);
         }
@@ -262,11 +263,13 @@ proptest! {
     fn state_store_matches_a_btreemap_model(ops in proptest::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let mut store = StateStore::open(dir.path(), 4).unwrap();
+        store.set_durable_interval(Duration::from_secs(3600));
         let mut model = Model::default();
         for op in &ops {
             if matches!(op, Op::Reopen) {
                 drop(store);
                 store = StateStore::open(dir.path(), 4).unwrap();
+                store.set_durable_interval(Duration::from_secs(3600));
             }
             apply(&store, &mut model, op);
             check(&store, &model);
@@ -401,4 +404,80 @@ fn a_damaged_record_row_is_an_error() {
         Err(StateError::Format { table: "records", .. }) => {}
         other => panic!("unexpected: {other:?}"),
     }
+}
+
+#[test]
+fn group_commit_tokens_tell_when_a_batch_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let put = |value: u8| move |t: &mut WriteTables<'_>| t.put_record("contact", gid(value), &record(value));
+
+    // Without an interval every batch commit is durable.
+    let ((), first) = store.write_batch(true, put(1)).unwrap();
+    assert!(store.is_durable(first));
+    assert!(!store.durable_pending());
+
+    store.set_durable_interval(Duration::from_secs(3600));
+    let ((), lazy) = store.write_batch(true, put(2)).unwrap();
+    let ((), later) = store.write_batch(true, put(3)).unwrap();
+    assert!(lazy < later);
+    assert!(!store.is_durable(lazy) && !store.is_durable(later));
+    assert!(store.durable_pending());
+    // Lazy commits are visible at once.
+    assert!(store.read().unwrap().record("contact", gid(3)).unwrap().is_some());
+    // A batch that may not wait is durable at once, and so is everything before it.
+    let ((), now) = store.write_batch(false, put(4)).unwrap();
+    assert!(store.is_durable(now) && store.is_durable(lazy) && store.is_durable(later));
+    assert!(!store.durable_pending());
+
+    // A read view's token covers what it saw; make_durable makes it durable.
+    let ((), again) = store.write_batch(true, put(5)).unwrap();
+    let view = store.read().unwrap();
+    let seen = store.latest_token();
+    assert!(view.record("contact", gid(5)).unwrap().is_some());
+    assert!(seen >= again && !store.is_durable(seen));
+    store.make_durable().unwrap();
+    assert!(store.is_durable(seen));
+    // Nothing pending: no commit at all.
+    let before = store.last_durable();
+    store.make_durable().unwrap();
+    assert_eq!(store.last_durable(), before);
+
+    // Once the interval has passed since the last durable commit, the next batch commit
+    // is durable itself.
+    store.set_durable_interval(Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(5));
+    let ((), due) = store.write_batch(true, put(6)).unwrap();
+    assert!(store.is_durable(due));
+}
+
+#[test]
+fn waiting_for_a_lazy_commit_ends_with_the_durable_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    store.set_durable_interval(Duration::from_secs(3600));
+    let ((), token) = store
+        .write_batch(true, |t| t.put_record("contact", gid(1), &record(1)))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.durable(token).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "nothing made the commit durable yet");
+        let flusher = store.clone();
+        tokio::task::spawn_blocking(move || flusher.make_durable())
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter wakes once durable")
+            .unwrap();
+    });
 }
