@@ -113,9 +113,11 @@ pub struct SourceBatch {
 ///   engine committed, so items after it may be yielded again. The merge makes a
 ///   repeated change a no-op.
 /// - Order: items of one record are yielded in the order the system made them.
-/// - The engine calls `next_batch` and `committed` alternately from one task; a source
-///   acknowledges upstream (moves a file, confirms an LSN) only in `committed`, which
-///   runs after the redb commit that recorded the batch.
+/// - The engine calls `next_batch` and `committed` from one task; a source acknowledges
+///   upstream (moves a file, confirms an LSN) only in `committed`, which runs once a
+///   durable redb commit covers the batch. A source whose
+///   [`AnySource::acknowledgement_may_wait`] is true may be asked for further batches
+///   first, and is then told only the latest durable checkpoint.
 /// - `Ok(None)` means nothing is available now; the engine waits the capture interval.
 /// - Errors are classified: transient ones are retried with backoff, fatal ones stop
 ///   the link and show in status.

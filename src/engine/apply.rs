@@ -113,12 +113,26 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
             continue;
         }
         shared.status.system(&system, |s| s.state = "running".into());
-        // Writes planned by a lazy batch commit leave only once it is durable: a crash
-        // before would forget the write but not undo it in the system.
+        // Writes planned from a lazy batch commit leave only once it is durable: a crash
+        // before would forget the write but not undo it in the system. The applier makes
+        // it durable now rather than wait for the group's fsync, so no write waits longer
+        // than a commit for it.
         if !shared.store.is_durable(token) {
-            tokio::select! {
-                _ = shared.store.durable(token) => {}
-                _ = shared.shutdown.cancelled() => break,
+            let store = shared.store.clone();
+            match tokio::task::spawn_blocking(move || store.make_durable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::error!(system = %system, error = %error, "cannot make the outbox durable");
+                    shared
+                        .status
+                        .system(&system, |s| note_error(s, "state store write failed"));
+                    sleep_or_shutdown(&shared, backoff.next_delay()).await;
+                    continue;
+                }
+                Err(join) => {
+                    tracing::error!(system = %system, error = %join, "durable commit task failed");
+                    break;
+                }
             }
         }
 

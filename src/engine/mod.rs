@@ -1,14 +1,18 @@
 //! The engine runs the flows: one capture task per capturing link, one applier per
-//! writing system, and a maintenance task (retention, gauges).
+//! writing system, a maintenance task (retention, gauges) and the group-commit task.
 //!
 //! A capture task takes a batch from its source, merges it in one redb write
-//! transaction (see [`batch`]), and only after that commit tells the source it may
-//! acknowledge upstream. redb has one writer at a time, so batches from different
-//! links are serialised at the state store, and merges of one record never interleave.
+//! transaction (see [`batch`]), and only once that commit is durable tells the source it
+//! may acknowledge upstream. Commits are grouped (`StateStore::write_batch`): within the
+//! durable interval a batch commits without an fsync, and the acknowledgement waits for
+//! the durable commit that covers it. redb has one writer at a time, so batches from
+//! different links are serialised at the state store, and merges of one record never
+//! interleave.
 //!
 //! Shutdown (SIGTERM, SIGINT) cancels a token: capture tasks finish the batch in hand
-//! (merge, commit, acknowledge) and stop; appliers finish the sink call in hand and
-//! record its results; then `run` returns.
+//! (merge, commit, make durable, acknowledge) and stop; appliers finish the sink call in
+//! hand and record its results; the group-commit task makes what is left durable; then
+//! `run` returns.
 //!
 //! `status.ready` turns true only once every capture task, applier and the maintenance
 //! task has begun running. The heartbeat ([`status::Heartbeat`]) is bumped by the

@@ -224,7 +224,7 @@ struct GroupCommit {
     /// Lazy commits begun so far.
     lazy: AtomicU64,
     /// The `lazy` count covered by the last durable commit.
-    durable: tokio::sync::watch::Sender<u64>,
+    durable: AtomicU64,
     last_durable: Mutex<Instant>,
     interval_ms: AtomicU64,
 }
@@ -233,7 +233,7 @@ impl GroupCommit {
     fn new() -> GroupCommit {
         GroupCommit {
             lazy: AtomicU64::new(0),
-            durable: tokio::sync::watch::Sender::new(0),
+            durable: AtomicU64::new(0),
             last_durable: Mutex::new(Instant::now()),
             interval_ms: AtomicU64::new(0),
         }
@@ -250,11 +250,7 @@ impl GroupCommit {
     /// Records a durable commit that covers `covered` lazy commits.
     fn durable_done(&self, covered: u64) {
         *self.last_durable.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        self.durable.send_if_modified(|d| {
-            let advanced = covered > *d;
-            *d = (*d).max(covered);
-            advanced
-        });
+        self.durable.fetch_max(covered, Ordering::SeqCst);
     }
 }
 
@@ -414,7 +410,7 @@ impl StateStore {
 
     /// Whether the commit that returned `token` is durable.
     pub fn is_durable(&self, token: CommitToken) -> bool {
-        *self.group.durable.borrow() >= token.0
+        self.group.durable.load(Ordering::SeqCst) >= token.0
     }
 
     /// A token covering every commit visible to a read view taken before this call.
@@ -424,7 +420,7 @@ impl StateStore {
 
     /// Whether lazy commits wait for a durable one.
     pub fn durable_pending(&self) -> bool {
-        *self.group.durable.borrow() < self.group.lazy.load(Ordering::SeqCst)
+        self.group.durable.load(Ordering::SeqCst) < self.group.lazy.load(Ordering::SeqCst)
     }
 
     /// When the last durable commit happened.
@@ -440,13 +436,6 @@ impl StateStore {
         }
         self.commit_with(false, |_| Ok::<_, StateError>(()))?;
         Ok(())
-    }
-
-    /// Waits until the commit that returned `token` is durable.
-    pub async fn durable(&self, token: CommitToken) {
-        let mut rx = self.group.durable.subscribe();
-        // The sender lives as long as the store, which `self` holds.
-        let _ = rx.wait_for(|d| *d >= token.0).await;
     }
 
     /// A consistent read-only view.

@@ -450,34 +450,3 @@ fn group_commit_tokens_tell_when_a_batch_is_durable() {
     let ((), due) = store.write_batch(true, put(6)).unwrap();
     assert!(store.is_durable(due));
 }
-
-#[test]
-fn waiting_for_a_lazy_commit_ends_with_the_durable_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = StateStore::open(dir.path(), 4).unwrap();
-    store.set_durable_interval(Duration::from_secs(3600));
-    let ((), token) = store
-        .write_batch(true, |t| t.put_record("contact", gid(1), &record(1)))
-        .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let waiter = tokio::spawn({
-            let store = store.clone();
-            async move { store.durable(token).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!waiter.is_finished(), "nothing made the commit durable yet");
-        let flusher = store.clone();
-        tokio::task::spawn_blocking(move || flusher.make_durable())
-            .await
-            .unwrap()
-            .unwrap();
-        tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("the waiter wakes once durable")
-            .unwrap();
-    });
-}
