@@ -26,6 +26,8 @@
 //!    and concord captures it; its peak RSS (`VmHWM`) is reported.
 //!
 //! `BENCH_RUNS` (default 3) runs of steps 1 and 2; medians are printed with every run.
+//! `BENCH_DURABLE_MS` sets concord's `state.durable_interval_ms` (group commit; default:
+//! the configuration's default).
 
 #[allow(dead_code)]
 #[path = "../tests/support/pg.rs"]
@@ -102,9 +104,11 @@ fn write_config(bench: &Bench, name: &str, table: &str, publication: &str, slot:
         )
     };
     let map = r#"map = [{ canonical = "email", system = "email" }, { canonical = "name", system = "name" }, { canonical = "title", system = "title" }]"#;
+    let durable_ms = env_num("BENCH_DURABLE_MS", concord::config::DEFAULT_DURABLE_INTERVAL_MS);
     let mut toml = format!(
         r#"[state]
 dir = "state"
+durable_interval_ms = {durable_ms}
 
 [admin]
 listen = "127.0.0.1:{port}"
@@ -272,6 +276,11 @@ async fn main() {
         wal_level: "logical",
         extra_conf: vec![
             "track_commit_timestamp = on".into(),
+            // PostgreSQL's default. The test harness turns it off for speed, and then a
+            // walsender sees a commit only once the WAL writer flushes it (every
+            // wal_writer_delay, 200 ms), which would measure the source's setting rather
+            // than concord.
+            "synchronous_commit = on".into(),
             "shared_buffers = '256MB'".into(),
             "max_wal_size = '8GB'".into(),
             "checkpoint_timeout = '30min'".into(),

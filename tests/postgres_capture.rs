@@ -1249,3 +1249,51 @@ match_keys = ["email"]
         "{stderr}"
     );
 }
+
+/// Rows of the initial snapshot carry a source time no later than any change the stream
+/// delivers after them: a change committed while the snapshot is being read (after the
+/// slot's consistent point, so not in the snapshot) is newer than the row it changes, and
+/// the merge does not set it aside as stale.
+#[tokio::test]
+async fn snapshot_rows_are_older_than_changes_committed_while_the_snapshot_is_read() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE staff (id int PRIMARY KEY, email text, first_name text);
+         INSERT INTO staff SELECT g, 's' || g || '@example.com', 'old' FROM generate_series(1, 9) g;",
+    )
+    .await;
+    let s = setup(&db, "staff", &["email", "first_name"], 3);
+    let mut source = open(&s, None);
+    let mut captured = Captured::default();
+    // The first chunk: the slot exists, its snapshot is being read.
+    capture_until(&mut source, &mut captured, 100, |c| !c.records.is_empty()).await;
+    assert!(!snapshot_done(&captured), "chunks of 3 rows: the snapshot goes on");
+    db.execute("UPDATE staff SET first_name = 'new' WHERE id = 8").await;
+    capture_until(&mut source, &mut captured, 100, |c| {
+        snapshot_done(c) && c.records.iter().filter(|r| r.local_id == "8").count() == 2
+    })
+    .await;
+    let eights: Vec<&SourceRecord> = captured.records.iter().filter(|r| r.local_id == "8").collect();
+    let (snapshot_row, change) = (eights[0], eights[1]);
+    assert_eq!(
+        snapshot_row.fields["first_name"],
+        json!("old"),
+        "the snapshot reads the table as of the slot"
+    );
+    assert_eq!(
+        change.fields["first_name"],
+        json!("new"),
+        "the stream delivers the update"
+    );
+    let as_of = snapshot_row
+        .source_time_ms
+        .expect("snapshot rows carry the snapshot's time");
+    let committed = change.source_time_ms.expect("streamed changes carry the commit time");
+    assert!(
+        as_of <= committed,
+        "snapshot row stamped {as_of}, after the change committed at {committed}"
+    );
+    for row in captured.records.iter().take(9) {
+        assert_eq!(row.source_time_ms, Some(as_of), "every snapshot row has the same time");
+    }
+}

@@ -99,6 +99,13 @@ pub struct PgCheckpoint {
 pub struct SnapshotProgress {
     /// Text of the last id read; `None` before the first chunk.
     pub after: Option<String>,
+    /// The source time of the snapshot's rows (server clock, ms since the epoch): read
+    /// before the slot was created (initial snapshot) or before the table was read again
+    /// (re-snapshot), so it is no later than the commit time of any change the stream
+    /// delivers after the snapshot, and such a change is never merged as older than the
+    /// row it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub as_of_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,7 +236,10 @@ impl PostgresSource {
                 PgCheckpoint {
                     v: CHECKPOINT_VERSION,
                     lsn: String::new(),
-                    snapshot: Some(SnapshotProgress { after: None }),
+                    snapshot: Some(SnapshotProgress {
+                        after: None,
+                        as_of_ms: None,
+                    }),
                     tx: None,
                 },
                 None,
@@ -403,6 +413,7 @@ impl PostgresSource {
                 ),
             ));
         }
+        let as_of_ms = server_time_ms(&client).await?;
         let created = repl.create_slot(&self.slot).await?;
         let Some(snapshot_name) = created.snapshot_name else {
             return Err(ConnectorError::transient("slot", "the server exported no snapshot"));
@@ -417,7 +428,10 @@ impl PostgresSource {
         self.checkpoint = PgCheckpoint {
             v: CHECKPOINT_VERSION,
             lsn: format_lsn(created.consistent_point),
-            snapshot: Some(SnapshotProgress { after: None }),
+            snapshot: Some(SnapshotProgress {
+                after: None,
+                as_of_ms: Some(as_of_ms),
+            }),
             tx: None,
         };
         tracing::info!(system = %self.system, link = %self.link, slot = %self.slot, "slot created; initial snapshot starts");
@@ -700,6 +714,7 @@ impl PostgresSource {
         let select: Vec<String> = columns.iter().map(|c| snapshot_text(&c.name, c.type_oid)).collect();
         let id = quote_ident(&self.id_field);
         let after = self.checkpoint.snapshot.as_ref().and_then(|s| s.after.clone());
+        let as_of_ms = self.checkpoint.snapshot.as_ref().and_then(|s| s.as_of_ms);
         let rows = match &after {
             None => {
                 let sql = format!(
@@ -742,7 +757,7 @@ impl PostgresSource {
                 kind: ChangeKind::Upsert,
                 fields,
                 version,
-                source_time_ms: None,
+                source_time_ms: as_of_ms,
             });
             last_id = Some(id_text);
         }
@@ -750,7 +765,10 @@ impl PostgresSource {
         self.checkpoint.snapshot = if finished {
             None
         } else {
-            Some(SnapshotProgress { after: last_id })
+            Some(SnapshotProgress {
+                after: last_id,
+                as_of_ms,
+            })
         };
         let batch = SourceBatch {
             records,
@@ -889,7 +907,10 @@ impl PostgresSource {
             let client = connect(&self.cfg, &self.base_dir)
                 .await
                 .map_err(|e| connect_error(&e))?;
-            self.checkpoint.snapshot = Some(SnapshotProgress { after: None });
+            self.checkpoint.snapshot = Some(SnapshotProgress {
+                after: None,
+                as_of_ms: Some(server_time_ms(&client).await?),
+            });
             let Phase::Streaming(stream) = std::mem::replace(&mut self.phase, Phase::Closed) else {
                 unreachable!("still streaming");
             };
@@ -1292,4 +1313,14 @@ async fn slot_metrics(client: &tokio_postgres::Client, slot: &str, system: &str,
         metrics::gauge!(m::PG_SLOT_CONFIRMED_LAG, m::LABEL_SYSTEM => system.to_string(), m::LABEL_LINK => link.to_string())
             .set(lag.unwrap_or(0.0));
     }
+}
+
+/// The server's clock in ms since the epoch: the clock the commit times of streamed
+/// changes come from.
+async fn server_time_ms(client: &tokio_postgres::Client) -> Result<i64, ConnectorError> {
+    let row = client
+        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint", &[])
+        .await
+        .map_err(|e| pg_error("reading the server clock", &e))?;
+    Ok(row.get(0))
 }
