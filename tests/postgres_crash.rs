@@ -47,7 +47,6 @@ const SLOT_AHEAD: &str = "ahead of concord's checkpoint";
 type Rows = BTreeMap<String, Option<String>>;
 
 fn config(src: &TestDb<'_>, dst: &TestDb<'_>, dir: &Path, port: u16) -> String {
-    let copy_link = COPY_LINK.replace("{map}", MAP);
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json");
     format!(
         r#"[state]
@@ -80,7 +79,13 @@ schema = "{schema}"
 match_keys = ["email"]
 
 {app_link}
-{copy_link}"#,
+[[links]]
+system = "copy"
+entity = "contact"
+object = "copies"
+id_field = "email"
+{MAP}
+"#,
         app = src.superuser_system_toml(dir),
         slot = src.name,
         copy = dst.superuser_system_toml(dir),
@@ -91,14 +96,6 @@ match_keys = ["email"]
 
 const MAP: &str =
     r#"map = [{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }]"#;
-
-const COPY_LINK: &str = r#"[[links]]
-system = "copy"
-entity = "contact"
-object = "copies"
-id_field = "email"
-{map}
-"#;
 
 /// Lazy commits the process made so far, from its /metrics.
 fn lazy_commits(port: u16) -> u64 {
