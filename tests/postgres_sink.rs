@@ -638,6 +638,63 @@ async fn the_engine_writes_merged_records_through_the_sink() {
     assert_eq!(rows(&db, sql).await, written, "a second run writes nothing twice");
 }
 
+/// A row already in the table (left by an earlier create whose answer a crash lost, or
+/// written before concord knew the person) holds an older value of a field nobody owns.
+/// The create runs into it, the row is read back and merged: it links the record, and
+/// its older value does not beat the newer one from the HR export (last writer wins), so
+/// the table ends holding the export's value.
+#[tokio::test]
+async fn a_row_a_create_ran_into_does_not_undo_newer_values() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, mail text UNIQUE,
+                                display_name text, job_title text, telephone text, certified boolean,
+                                source text);
+         INSERT INTO contacts (mail, display_name, job_title)
+              VALUES ('ada.lovelace@example.com', 'Ada Lovelace', 'Analyst');",
+    )
+    .await;
+    // The export is written after the row.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let role = writer(&db, "contacts").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::example_copy(dir.path(), support::free_port());
+    let original = std::fs::read_to_string(&config).unwrap();
+    let start = original.find("[systems.directory]").expect("directory system");
+    let end = start + original[start..].find("\n\n").expect("end of the directory system");
+    let system = format!(
+        "[systems.directory]\ntype = \"postgres\"\ndirection = \"write\"\n{}",
+        db.system_toml(&role, dir.path())
+    );
+    let owned_title = "[entities.contact.fields.title]\nowners = [\"hr\"]\n\n";
+    let edited = format!("{}{}{}", &original[..start], system.trim_end(), &original[end..]);
+    assert!(edited.contains(owned_title));
+    std::fs::write(&config, edited.replace(owned_title, "")).unwrap();
+
+    let run = |config: &std::path::Path| {
+        let out = support::concord(&["run", "--once", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&config);
+    let sql = "SELECT id::text, coalesce(job_title, ''), coalesce(telephone, ''), coalesce(source, '') \
+               FROM contacts WHERE mail = 'ada.lovelace@example.com'";
+    let ada = rows(&db, sql).await;
+    assert_eq!(
+        ada,
+        vec![text(&["1", "Head of Engineering", "+12125550101", "concord"])],
+        "the one row, updated to the export's values"
+    );
+    let every = "SELECT id::text, mail, display_name, job_title, telephone, certified::text, source \
+                 FROM contacts ORDER BY id";
+    let written = rows(&db, every).await;
+    assert_eq!(written.len(), 6, "{written:?}");
+    run(&config);
+    assert_eq!(rows(&db, every).await, written, "a second run writes nothing");
+}
+
 /// A create without a key that runs into a row holding the same unique value (the
 /// person is already there) fails alone, and the sink reads that row for the engine to
 /// merge, instead of the create ending as a dead letter.

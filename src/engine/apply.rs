@@ -478,9 +478,23 @@ fn remerge(
     wake: &mut BTreeSet<String>,
 ) -> Result<(), StateError> {
     let op = op_name(&group.action);
+    let mut record = reread.record;
+    // The oldest time the refused write answers: every value it carried was agreed at
+    // or after it.
+    let mut answered = group.entries.iter().map(|e| e.source_time_ms).min();
     if let Some(mut state) = t.record(&group.entity, group.global_id)? {
         merge::abandon_write(&mut state, system, written);
         t.put_record(&group.entity, group.global_id, &state)?;
+        let agreed = state.base.fields.values().map(|f| f.from.source_time_ms).min();
+        answered = answered.into_iter().chain(agreed).min();
+    }
+    // A row a create ran into was there before the create: left by an earlier attempt
+    // whose answer a crash lost, or written in the system before concord knew of it.
+    // The system cannot say when it was set; it is merged as older than every value
+    // concord agreed, so under last-writer-wins it does not undo them (a newer edit in
+    // the system arrives through capture with its own time).
+    if reread.refused == WriteOp::Create && record.source_time_ms.is_none() {
+        record.source_time_ms = answered.map(|t| t.saturating_sub(1).max(0));
     }
     for mut entry in group.entries {
         t.remove_outbox(system, entry.seq)?;
@@ -491,7 +505,7 @@ fn remerge(
     let Some(link) = shared.rt.link(system, &group.entity) else {
         return Ok(());
     };
-    let report = super::batch::process(&shared.rt, t, link, &[reread.record], &[], None, now)?;
+    let report = super::batch::process(&shared.rt, t, link, &[record], &[], None, now)?;
     wake.extend(report.wake);
     Ok(())
 }

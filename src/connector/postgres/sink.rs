@@ -258,6 +258,7 @@ impl PostgresSink {
                     Ok(Some(record)) => self.rereads.push(Reread {
                         seq: write.seq,
                         entity: write.entity.clone(),
+                        refused: write.op,
                         record,
                     }),
                     Ok(None) => {}

@@ -40,6 +40,9 @@ pub struct Reread {
     /// Outbox sequence of the write that was refused.
     pub seq: u64,
     pub entity: String,
+    /// What the refused write was: a create that ran into a row already there, or an
+    /// update whose precondition failed.
+    pub refused: WriteOp,
     pub record: SourceRecord,
 }
 
@@ -322,6 +325,7 @@ impl RestSink {
         Reread {
             seq: w.seq,
             entity: w.entity.clone(),
+            refused: w.op,
             record,
         }
     }
