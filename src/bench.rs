@@ -70,6 +70,8 @@ pub struct BenchReport {
     pub changes: u64,
     pub batch_size: usize,
     pub durable_interval_ms: u64,
+    pub cache_mb: u64,
+    pub read_ahead: bool,
     /// Whether record values were sealed (AES-256-GCM).
     pub encrypted: bool,
     pub load_secs: f64,
@@ -88,6 +90,12 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "batch size                 {}", self.batch_size)?;
         writeln!(f, "durable interval           {} ms", self.durable_interval_ms)?;
+        writeln!(f, "page cache                 {} MiB", self.cache_mb)?;
+        writeln!(
+            f,
+            "read-ahead                 {}",
+            if self.read_ahead { "on" } else { "off" }
+        )?;
         writeln!(
             f,
             "encryption at rest         {}",
@@ -171,6 +179,12 @@ pub struct BenchOptions {
     /// batch durable on its own.
     #[arg(long)]
     pub durable_interval_ms: Option<u64>,
+    /// redb page cache in MiB (default: the configuration's default, `[state] cache_mb`).
+    #[arg(long)]
+    pub cache_mb: Option<u64>,
+    /// Merge without reading each batch's rows ahead on a second thread.
+    #[arg(long)]
+    pub no_read_ahead: bool,
     /// State directory (default: a new temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
@@ -188,6 +202,8 @@ pub fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
         changes,
         batch_size,
         durable_interval_ms,
+        cache_mb,
+        no_read_ahead,
         dir,
         encrypt,
     } = options;
@@ -212,6 +228,9 @@ pub fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
     if let Some(ms) = durable_interval_ms {
         cfg.state.durable_interval_ms = ms;
     }
+    if let Some(mb) = cache_mb {
+        cfg.state.cache_mb = mb;
+    }
     let durable_interval = std::time::Duration::from_millis(cfg.state.durable_interval_ms);
     let batch_size = cfg.engine.batch_size;
     let cache_mb = cfg.state.cache_mb;
@@ -219,23 +238,14 @@ pub fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
     let kek = encrypt.then(crate::state::Kek::random);
     let store = StateStore::open_with(&dir.join("state"), cache_mb, kek.as_ref())?;
     store.set_durable_interval(durable_interval);
+    store.set_read_ahead(!no_read_ahead);
     let link = rt.link("hr", "contact").context("bench link")?;
 
     let feed = |range: Vec<u64>, round: u64| -> anyhow::Result<f64> {
         let started = Instant::now();
         for chunk in range.chunks(batch_size) {
             let batch: Vec<SourceRecord> = chunk.iter().map(|&n| record(n, round)).collect();
-            store.write_batch(true, |t| {
-                batch::process(
-                    &rt,
-                    t,
-                    link,
-                    &batch,
-                    &[],
-                    Some(&serde_json::json!(chunk[0])),
-                    crate::model::now_ms(),
-                )
-            })?;
+            batch::commit(&store, &rt, link, &batch, &[], Some(&serde_json::json!(chunk[0])), true)?;
         }
         store.make_durable()?;
         Ok(started.elapsed().as_secs_f64())
@@ -263,6 +273,8 @@ pub fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
         changes,
         batch_size,
         durable_interval_ms: durable_interval.as_millis() as u64,
+        cache_mb,
+        read_ahead: !no_read_ahead,
         encrypted: encrypt,
         load_secs,
         load_tail_secs,
@@ -279,10 +291,9 @@ pub fn run(options: BenchOptions) -> anyhow::Result<BenchReport> {
 /// Mean stored size (unsealed) of the records and of the latest decisions.
 fn sample_sizes(store: &StateStore) -> anyhow::Result<(f64, f64)> {
     let view = store.read()?;
-    let records = view.records("contact")?;
+    let records = view.first_records("contact", 1000)?;
     let sample: Vec<usize> = records
         .iter()
-        .take(1000)
         .map(|(_, r)| crate::state::encoding::encode_record(r).len())
         .collect();
     let decisions = view.decisions(&Default::default(), 1000)?;

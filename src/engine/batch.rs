@@ -8,8 +8,10 @@ use crate::connector::Checkpoint;
 use crate::mapping::{in_rollout, normalise_key};
 use crate::merge::{self, MergeInput, Target, WriteMode};
 use crate::metrics as m;
-use crate::model::{Change, ChangeKind, GlobalId, RecordState, SourceRecord, SourceReject, TimeMs};
-use crate::state::{DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, WriteTables};
+use crate::model::{Change, ChangeKind, GlobalId, RecordState, SourceRecord, SourceReject, TimeMs, now_ms};
+use crate::state::{
+    CommitToken, DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, StateStore, WriteTables,
+};
 
 use super::runtime::{EntityRuntime, LinkRuntime, Runtime};
 
@@ -24,6 +26,30 @@ pub struct BatchReport {
     pub dead_letter_ids: Vec<u64>,
     /// Systems that got new outbox entries.
     pub wake: BTreeSet<String>,
+}
+
+/// Batches smaller than this are committed without a read-ahead thread: starting one
+/// costs more than the page reads it could save.
+const READ_AHEAD_MIN: usize = 32;
+
+/// Processes one captured batch in one commit (see [`process`]), lazy when `lazy` (see
+/// [`StateStore::write_batch`]). A large batch has its records' identity and state rows
+/// read ahead on a second thread, so the merge finds their pages cached.
+pub fn commit(
+    store: &StateStore,
+    rt: &Runtime,
+    link: &LinkRuntime,
+    records: &[SourceRecord],
+    rejects: &[SourceReject],
+    checkpoint: Option<&Checkpoint>,
+    lazy: bool,
+) -> Result<(BatchReport, CommitToken), StateError> {
+    let run = |t: &mut WriteTables<'_>| process(rt, t, link, records, rejects, checkpoint, now_ms());
+    if records.len() < READ_AHEAD_MIN {
+        return store.write_batch(lazy, run);
+    }
+    let ids = records.iter().map(|r| r.local_id.clone()).collect();
+    store.write_batch_read_ahead(lazy, &link.config.entity, &link.config.system, ids, run)
 }
 
 /// Processes the records and rejects of one batch from `link`, and stores `checkpoint`

@@ -341,17 +341,15 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     let shared = shared.clone();
                     tokio::task::spawn_blocking(move || {
                         let link = &shared.rt.links[index];
-                        shared.store.write_batch(lazy, |t| {
-                            batch::process(
-                                &shared.rt,
-                                t,
-                                link,
-                                &batch.records,
-                                &batch.rejects,
-                                Some(&batch.checkpoint),
-                                now_ms(),
-                            )
-                        })
+                        batch::commit(
+                            &shared.store,
+                            &shared.rt,
+                            link,
+                            &batch.records,
+                            &batch.rejects,
+                            Some(&batch.checkpoint),
+                            lazy,
+                        )
                     })
                     .await
                 };

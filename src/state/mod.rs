@@ -16,7 +16,7 @@ pub mod tables;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,6 +205,88 @@ pub struct StateStore {
     /// Seals and opens record-bearing values; plain for an unencrypted store.
     codec: Arc<Codec>,
     group: Arc<GroupCommit>,
+    read_ahead: Arc<ReadAhead>,
+}
+
+/// What the read-ahead thread reads for one batch (see
+/// [`StateStore::write_batch_read_ahead`]).
+struct ReadAheadJob {
+    entity: String,
+    system: String,
+    local_ids: Vec<String>,
+    stop: Arc<AtomicBool>,
+    /// Signalled when the job's read transaction has ended.
+    done: std::sync::mpsc::SyncSender<()>,
+}
+
+/// The read-ahead thread, started on first use and ended when the last handle to the
+/// store is dropped. It holds the database weakly, and only while a job runs, so
+/// dropping the store still closes the file.
+struct ReadAhead {
+    enabled: AtomicBool,
+    /// Record rows read ahead so far.
+    rows: Arc<AtomicU64>,
+    jobs: std::sync::OnceLock<std::sync::mpsc::Sender<ReadAheadJob>>,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead {
+            enabled: AtomicBool::new(true),
+            rows: Arc::default(),
+            jobs: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl ReadAhead {
+    /// Hands `job` to the thread; false when there is no thread to take it.
+    fn send(&self, db: &Arc<Database>, job: ReadAheadJob) -> bool {
+        let jobs = self.jobs.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<ReadAheadJob>();
+            let db = Arc::downgrade(db);
+            let rows = self.rows.clone();
+            let spawned = std::thread::Builder::new()
+                .name("concord-read-ahead".into())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        if let Some(db) = db.upgrade()
+                            && let Err(error) = touch_records(&db, &job, &rows)
+                        {
+                            tracing::debug!(error = %error, "read-ahead stopped");
+                        }
+                        let _ = job.done.send(());
+                    }
+                });
+            if let Err(error) = spawned {
+                tracing::warn!(error = %error, "cannot start the read-ahead thread; batches run without it");
+            }
+            tx
+        });
+        jobs.send(job).is_ok()
+    }
+}
+
+/// Reads, without decoding, the identity row of each local id of `job` and the record
+/// row it points to, until the job is stopped.
+fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<(), StateError> {
+    let txn = db.begin_read()?;
+    let identity = txn.open_table(IDENTITY)?;
+    let records = txn.open_table(RECORDS)?;
+    let (entity, system) = (job.entity.as_str(), job.system.as_str());
+    for local_id in &job.local_ids {
+        if job.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if let Some(id) = identity.get((entity, system, local_id.as_str()))? {
+            let id = id.value();
+            if let Some(row) = records.get((entity, id))? {
+                std::hint::black_box(row.value().len());
+                rows.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Marks a commit made by [`StateStore::write_batch`]: durable once
@@ -285,6 +367,7 @@ impl StateStore {
             path,
             codec: Arc::new(Codec::plain()),
             group: Arc::new(GroupCommit::new()),
+            read_ahead: Arc::default(),
         };
         store.init()?;
         store.codec = Arc::new(store.unlock(kek)?);
@@ -366,6 +449,43 @@ impl StateStore {
         self.commit_with(lazy, f)
     }
 
+    /// Like [`write_batch`](Self::write_batch), while a second thread reads, over the
+    /// last commit, the identity rows of `local_ids` (of `system`, for `entity`) and the
+    /// record rows they point to: the rows a batch of changes to these records is about
+    /// to read. Their pages are then in the page cache (shared by every transaction) when
+    /// `f` gets to them, so a batch of changes spread over a large state waits on page
+    /// reads on the other core. The reader only reads and `f` reads everything again in
+    /// its own transaction, so what `f` sees never depends on it. The reader stops, and
+    /// its read transaction ends, before the commit.
+    pub fn write_batch_read_ahead<T, E: From<StateError>>(
+        &self,
+        lazy: bool,
+        entity: &str,
+        system: &str,
+        local_ids: Vec<String>,
+        f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>,
+    ) -> Result<(T, CommitToken), E> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        let job = ReadAheadJob {
+            entity: entity.to_string(),
+            system: system.to_string(),
+            local_ids,
+            stop: stop.clone(),
+            done,
+        };
+        // Best effort: without the reader the batch only runs without its read-ahead.
+        let started = self.read_ahead.enabled.load(Ordering::Relaxed) && self.read_ahead.send(&self.db, job);
+        self.write_batch(lazy, |tables| {
+            let result = f(tables);
+            stop.store(true, Ordering::Relaxed);
+            if started {
+                let _ = finished.recv();
+            }
+            result
+        })
+    }
+
     fn commit_with<T, E: From<StateError>>(
         &self,
         lazy: bool,
@@ -402,6 +522,17 @@ impl StateStore {
     pub fn set_durable_interval(&self, interval: Duration) {
         let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         self.group.interval_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Turns the read-ahead of [`write_batch_read_ahead`](Self::write_batch_read_ahead)
+    /// on (the default) or off, for every handle to this store.
+    pub fn set_read_ahead(&self, on: bool) {
+        self.read_ahead.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Record rows read ahead since the store was opened.
+    pub fn rows_read_ahead(&self) -> u64 {
+        self.read_ahead.rows.load(Ordering::Relaxed)
     }
 
     pub fn durable_interval(&self) -> Duration {
@@ -922,9 +1053,14 @@ impl ReadView {
 
     /// Every record of an entity (for tests and small exports; streams from disk).
     pub fn records(&self, entity: &str) -> Result<Vec<(GlobalId, RecordState)>, StateError> {
+        self.first_records(entity, usize::MAX)
+    }
+
+    /// The first `limit` records of `entity` in global id order.
+    pub fn first_records(&self, entity: &str, limit: usize) -> Result<Vec<(GlobalId, RecordState)>, StateError> {
         let table = self.txn.open_table(RECORDS)?;
         let mut out = Vec::new();
-        for row in table.range((entity, 0u128)..=(entity, u128::MAX))? {
+        for row in table.range((entity, 0u128)..=(entity, u128::MAX))?.take(limit) {
             let (k, v) = row?;
             let (_, id) = k.value();
             out.push((

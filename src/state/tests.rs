@@ -450,3 +450,67 @@ fn group_commit_tokens_tell_when_a_batch_is_durable() {
     let ((), due) = store.write_batch(true, put(6)).unwrap();
     assert!(store.is_durable(due));
 }
+
+#[test]
+fn a_batch_reads_its_rows_ahead_and_commits_as_any_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    store
+        .write(|t| {
+            for n in 0..50u8 {
+                t.put_identity("contact", "hr", &format!("e{n}"), gid(n))?;
+                t.put_record("contact", gid(n), &record(n))?;
+            }
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+    // Ids the identity map knows, one it does not, and one whose record row is missing.
+    store
+        .write(|t| t.put_identity("contact", "hr", "orphan", gid(200)))
+        .unwrap();
+    let mut ids: Vec<String> = (0..50).map(|n| format!("e{n}")).collect();
+    ids.extend(["unknown".to_string(), "orphan".to_string()]);
+    let (written, token) = store
+        .write_batch_read_ahead(true, "contact", "hr", ids, |t| {
+            // Wait for the reader, so the count below is exact.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while store.rows_read_ahead() < 50 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            t.put_record("contact", gid(60), &record(60))?;
+            Ok::<_, StateError>(60u8)
+        })
+        .unwrap();
+    assert_eq!(written, 60);
+    assert_eq!(
+        store.rows_read_ahead(),
+        50,
+        "every record row the identity map points to, once"
+    );
+    assert!(store.is_durable(token), "no interval: durable");
+    assert!(store.read().unwrap().record("contact", gid(60)).unwrap().is_some());
+
+    // A failing batch commits nothing.
+    let failed = store.write_batch_read_ahead(true, "contact", "hr", vec!["e1".into()], |t| {
+        t.put_record("contact", gid(61), &record(61))?;
+        Err::<(), _>(Abort)
+    });
+    assert!(failed.is_err());
+    assert!(store.read().unwrap().record("contact", gid(61)).unwrap().is_none());
+
+    // Turned off, nothing is read ahead.
+    store.set_read_ahead(false);
+    let before = store.rows_read_ahead();
+    store
+        .write_batch_read_ahead(true, "contact", "hr", vec!["e1".into(), "e2".into()], |_| {
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+    assert_eq!(store.rows_read_ahead(), before);
+
+    // The reader does not keep the file open: the store reopens at once.
+    store.set_read_ahead(true);
+    drop(store);
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    assert!(store.read().unwrap().record("contact", gid(60)).unwrap().is_some());
+}
