@@ -142,8 +142,15 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
         for p in planned {
             match p {
                 Planned::Send { group, write, written } => {
+                    // A create that does not carry the record's key gets one from the
+                    // system, which the settlement must not lose.
+                    let learns_id = write.op == WriteOp::Create
+                        && shared
+                            .rt
+                            .link(&system, &group.entity)
+                            .is_none_or(|l| !write.fields.contains_key(&l.config.id_field));
+                    sends.push((group, written, learns_id));
                     writes.push(write);
-                    sends.push((group, written));
                 }
                 Planned::Unsent(unsent) => others.push(unsent),
             }
@@ -341,10 +348,16 @@ fn plan_group(
 /// Records every result. Returns `Some(retry_after)` when a transient failure asks the
 /// applier to back off. Systems that got new outbox entries (from re-merged records)
 /// are added to `wake`, to be woken once the transaction committed.
+///
+/// The commit is lazy (group commit) unless a sent create learns the id the system
+/// gave the record. A crash that loses a lazy settlement puts its writes back in the
+/// outbox and they are sent again, which writes by key bear (they set the same values
+/// again, and their echoes merge to nothing); a generated id must not be forgotten, or
+/// the record would be created twice.
 fn settle(
     shared: &Shared,
     system: &str,
-    sends: Vec<(Group, Fields)>,
+    sends: Vec<(Group, Fields, bool)>,
     results: Vec<Result<WriteAck, ConnectorError>>,
     mut rereads: Vec<Reread>,
     others: Vec<Unsent>,
@@ -356,9 +369,10 @@ fn settle(
     let mut ok = 0u64;
     let mut failed = 0u64;
     let mut last_error: Option<String> = None;
-    shared.store.write(|t| {
+    let lazy = !sends.iter().any(|(_, _, learns_id)| *learns_id);
+    shared.store.write_batch(lazy, |t| {
         let mut results = results.into_iter();
-        for (group, written) in sends {
+        for (group, written, _) in sends {
             let result = results
                 .next()
                 .unwrap_or_else(|| Err(ConnectorError::transient("no_result", "sink returned fewer results than writes")));
