@@ -1,6 +1,7 @@
 //! `concord check` against real PostgreSQL clusters: every setup problem of a postgres
 //! system is reported with its path and the SQL that fixes it, and exits 2; a correct
-//! setup exits 0; `--offline` connects to nothing.
+//! setup exits 0; `--offline` connects to nothing. And the password such a system
+//! connects with never shows in a running daemon's log, status or metrics.
 
 mod support;
 
@@ -375,4 +376,69 @@ async fn an_invalidated_slot_is_reported_with_the_resnapshot_fix() {
          on, so the link drops it, creates a new slot and reads the table again at its start"
     );
     assert_eq!(stderr(&out).trim_end(), warning);
+}
+
+/// A daemon syncing from PostgreSQL never shows the role's password: not when the
+/// password is wrong (the error is retried and reported), not when it is right, in a
+/// debug log, the status or the metrics.
+#[tokio::test]
+async fn a_running_daemon_never_shows_the_postgres_password() {
+    const PASSWORD: &str = "canary-pg-password-7d3f90";
+    const WRONG: &str = "canary-pg-wrong-c41a2e";
+    let db = PgCluster::shared().fresh_db().await;
+    publish_table(&db).await;
+    let role = good_role(&db).await;
+    db.execute(&format!("ALTER ROLE {} PASSWORD '{PASSWORD}'", role.name))
+        .await;
+    let role = Role {
+        name: role.name.clone(),
+        password: PASSWORD.to_string(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &db, &role, "");
+    let port = support::free_port();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!("\n[admin]\nlisten = \"127.0.0.1:{port}\"\n"));
+    std::fs::write(&config, text).unwrap();
+    let password_file = dir.path().join(format!("{}.password", role.name));
+
+    // Runs the daemon with debug logging until `done` accepts the status; returns the
+    // log, the last status and the metrics.
+    let run = |log_name: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let log = std::fs::File::create(dir.path().join(log_name)).unwrap();
+        let mut child = support::concord(&["run", "--config"])
+            .arg(&config)
+            .env("CONCORD_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let status = support::wait_for("the daemon's status", 60, || {
+            let r = support::request(port, "GET", "/api/v1/status")?;
+            (r.status == 200 && done(&r.json())).then_some(r.body)
+        });
+        let metrics = support::get(port, "/metrics").body;
+        support::signal(&child, libc::SIGTERM);
+        let code = support::wait_for("exit", 30, || child.try_wait().unwrap());
+        assert!(code.success(), "exit status {code}");
+        let log = std::fs::read_to_string(dir.path().join(log_name)).unwrap();
+        (log, status, metrics)
+    };
+
+    std::fs::write(&password_file, WRONG).unwrap();
+    let refused = run("refused.log", &|s| s.to_string().contains("28P01"));
+    assert!(refused.0.contains("28P01"), "the refusal is logged");
+    std::fs::write(&password_file, PASSWORD).unwrap();
+    db.execute("INSERT INTO contacts VALUES (1, 'ada@example.com', 'Ada')")
+        .await;
+    let synced = run("synced.log", &|s| s["records"] == 1);
+    assert!(synced.0.contains("DEBUG"), "the daemon logged at debug level");
+
+    for (what, (log, status, metrics)) in [("refused", &refused), ("synced", &synced)] {
+        for canary in [PASSWORD, WRONG] {
+            assert!(!log.contains(canary), "the {what} run's log shows {canary:?}");
+            assert!(!status.contains(canary), "the {what} run's status shows {canary:?}");
+            assert!(!metrics.contains(canary), "the {what} run's metrics show {canary:?}");
+        }
+    }
 }
