@@ -957,3 +957,35 @@ async fn changes_queued_together_are_coalesced_into_the_agreed_state() {
     assert!(shadow.pending.is_empty(), "{shadow:?}");
     assert_eq!(shadow.fields, state.base.values(), "b holds the agreed record");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_queued_behind_its_records_create_waits_for_the_id_the_create_learns() {
+    // One outbox entry per applier batch: the batch after a record's create is planned
+    // while the create is with the system, before its id is known. The record's next
+    // write must wait for the create to settle and go out as an update of that id, not
+    // as a second create; the other record's create is not held up by it.
+    let h = Setup::new().engine("batch_size = 1").build();
+    let link = h.rt.links.iter().find(|l| l.config.system == "a").expect("a's link");
+    let queued = [contact(1), with(contact(1), "job_title", json!("Director")), contact(2)];
+    for record in queued {
+        concord::engine::batch::commit(&h.store, &h.rt, link, &[record], &[], None, false).unwrap();
+    }
+    assert_eq!(h.outbox_depth("b"), 3, "create, update, create");
+    h.run().await;
+
+    let t = h.target("b");
+    let sent: Vec<(WriteOp, Option<&str>)> = t.attempts.iter().map(|a| (a.op, a.local_id.as_deref())).collect();
+    assert_eq!(
+        sent,
+        [
+            (WriteOp::Create, None),
+            (WriteOp::Update, Some("m-1")),
+            (WriteOp::Create, None)
+        ]
+    );
+    assert_eq!((t.creates, t.updates), (2, 1));
+    drop(t);
+    assert_eq!(h.b_record("a-1")["role"], "Director");
+    assert_eq!(h.b_id("a-2"), "m-2");
+    assert_eq!(h.outbox_depth("b"), 0);
+}

@@ -2,9 +2,10 @@
 //! hands the writes to the sink, and records each result in the same transaction that
 //! removes the entry (or keeps it for a retry, or dead-letters it).
 //!
-//! Writes of one record in one batch are coalesced into one write. An entry is removed
-//! only after the system confirmed it; a crash in between repeats the write, which the
-//! sink contract makes harmless.
+//! The sink writes one batch while the previous one is settled and the next one is
+//! planned (see [`run`]). Writes of one record in one batch are coalesced into one
+//! write. An entry is removed only after the system confirmed it; a crash in between
+//! repeats the write, which the sink contract makes harmless.
 //!
 //! Nothing is sent to a system before every link that captures from it has finished
 //! its first capture since the engine started. Until then a record that exists in the
@@ -13,7 +14,7 @@
 //! entity's match keys), a held create finds the record's id in the system's shadow and
 //! is planned as an update instead. The hold ends once and does not come back.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,65 @@ enum Unsent {
     Fail { group: Group, reason: String },
 }
 
+/// A planned batch, its outbox made durable: what goes to the sink, and what settles
+/// without a sink call.
+#[derive(Default)]
+struct Batch {
+    /// Each sent group with the canonical values it writes and whether a create learns
+    /// the record's id from the system.
+    sends: Vec<(Group, Fields, bool)>,
+    writes: Vec<Write>,
+    others: Vec<Unsent>,
+}
+
+/// A batch the sink has answered, to be settled.
+struct Answered {
+    sends: Vec<(Group, Fields, bool)>,
+    results: Vec<Result<WriteAck, ConnectorError>>,
+    rereads: Vec<Reread>,
+    others: Vec<Unsent>,
+}
+
+/// The outbox entries of the batch the sink is writing, and the records they write: the
+/// plan made meanwhile leaves them alone.
+#[derive(Default)]
+struct InFlight {
+    seqs: HashSet<u64>,
+    records: HashSet<(String, GlobalId)>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.sends.is_empty() && self.others.is_empty()
+    }
+
+    fn in_flight(&self) -> InFlight {
+        let mut busy = InFlight::default();
+        let groups = self
+            .sends
+            .iter()
+            .map(|(g, _, _)| g)
+            .chain(self.others.iter().map(|o| match o {
+                Unsent::Done { group, .. } | Unsent::Fail { group, .. } => group,
+            }));
+        for group in groups {
+            busy.seqs.extend(group.entries.iter().map(|e| e.seq));
+            busy.records.insert((group.entity.clone(), group.global_id));
+        }
+        busy
+    }
+}
+
+/// How a settlement went, for the applier's pacing.
+type Settled = Result<Option<Option<Duration>>, StateError>;
+
+/// The applier of one system, a pipeline of three stages: while the sink writes one
+/// batch, a blocking thread settles the batch before it and plans the batch after it.
+/// The plan leaves out the entries in flight and stops at the first entry of a record
+/// in flight (its write must wait for that record's settlement, which may carry the id
+/// a create learned), so each record's writes still go out in order, one batch after
+/// the other. A settlement that asks for a back-off, or fails, drains the pipeline: the
+/// batch already sent is settled, the applier waits, and plans afresh.
 pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) {
     let cfg = &shared.rt.config.engine;
     let mut backoff = Backoff::new(cfg.backoff_min_ms, cfg.backoff_max_ms);
@@ -66,141 +126,236 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
         .map(|l| l.name.clone())
         .collect();
     let mut first_captures_done = capturing.is_empty();
+    // The batch planned and durable, next to be sent; the batch sent and answered, next
+    // to be settled.
+    let mut next: Option<Batch> = None;
+    let mut answered: Option<Answered> = None;
     loop {
         if shared.shutdown.is_cancelled() {
+            if let Some(answered) = answered.take() {
+                settle_blocking(&shared, &system, answered).await;
+            }
             break;
         }
-        if !first_captures_done {
-            first_captures_done = shared.status.first_captures_done(capturing.iter().map(String::as_str));
+        if next.is_none() && answered.is_none() {
             if !first_captures_done {
-                shared
-                    .status
-                    .system(&system, |s| s.state = "awaiting_first_capture".into());
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = shared.shutdown.cancelled() => break,
-                }
-                continue;
-            }
-        }
-        let plan = {
-            let shared = shared.clone();
-            let system = system.clone();
-            tokio::task::spawn_blocking(move || plan_batch(&shared, &system)).await
-        };
-        let (planned, token) = match plan {
-            Ok(Ok(planned)) => planned,
-            Ok(Err(error)) => {
-                tracing::error!(system = %system, error = %error, "cannot read the outbox");
-                shared
-                    .status
-                    .system(&system, |s| note_error(s, "state store read failed"));
-                sleep_or_shutdown(&shared, Duration::from_secs(1)).await;
-                continue;
-            }
-            Err(join) => {
-                tracing::error!(system = %system, error = %join, "outbox planning task failed");
-                break;
-            }
-        };
-        if planned.is_empty() {
-            shared.status.system(&system, |s| s.state = "idle".into());
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shared.shutdown.cancelled() => break,
-            }
-            continue;
-        }
-        shared.status.system(&system, |s| s.state = "running".into());
-        // Writes planned from a lazy batch commit leave only once it is durable: a crash
-        // before would forget the write but not undo it in the system. The applier makes
-        // it durable now rather than wait for the group's fsync, so no write waits longer
-        // than a commit for it.
-        if !shared.store.is_durable(token) {
-            let store = shared.store.clone();
-            match tokio::task::spawn_blocking(move || store.make_durable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::error!(system = %system, error = %error, "cannot make the outbox durable");
+                first_captures_done = shared.status.first_captures_done(capturing.iter().map(String::as_str));
+                if !first_captures_done {
                     shared
                         .status
-                        .system(&system, |s| note_error(s, "state store write failed"));
+                        .system(&system, |s| s.state = "awaiting_first_capture".into());
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = shared.shutdown.cancelled() => break,
+                    }
+                    continue;
+                }
+            }
+            let planned = {
+                let shared = shared.clone();
+                let system = system.clone();
+                tokio::task::spawn_blocking(move || prepare(&shared, &system, &InFlight::default())).await
+            };
+            match planned {
+                Ok(Ok(batch)) if batch.is_empty() => {
+                    shared.status.system(&system, |s| s.state = "idle".into());
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shared.shutdown.cancelled() => {}
+                    }
+                    continue;
+                }
+                Ok(Ok(batch)) => next = Some(batch),
+                Ok(Err(failure)) => {
+                    plan_failed(&shared, &system, failure);
                     sleep_or_shutdown(&shared, backoff.next_delay()).await;
                     continue;
                 }
                 Err(join) => {
-                    tracing::error!(system = %system, error = %join, "durable commit task failed");
+                    tracing::error!(system = %system, error = %join, "outbox planning task failed");
                     break;
                 }
             }
         }
+        shared.status.system(&system, |s| s.state = "running".into());
 
-        let mut sends = Vec::new();
-        let mut writes = Vec::new();
-        let mut others = Vec::new();
-        for p in planned {
-            match p {
-                Planned::Send { group, write, written } => {
-                    // A create that does not carry the record's key gets one from the
-                    // system, which the settlement must not lose.
-                    let learns_id = write.op == WriteOp::Create
-                        && shared
-                            .rt
-                            .link(&system, &group.entity)
-                            .is_none_or(|l| !write.fields.contains_key(&l.config.id_field));
-                    sends.push((group, written, learns_id));
-                    writes.push(write);
-                }
-                Planned::Unsent(unsent) => others.push(unsent),
-            }
-        }
-        let results = if writes.is_empty() {
-            Vec::new()
-        } else {
-            sink.apply(writes).await
+        // One round: the sink writes `next` while the batch it answered last is settled
+        // and the batch after `next` is planned.
+        let sending = next.take();
+        let in_flight = sending.as_ref().map(Batch::in_flight);
+        let send = async {
+            let batch = sending?;
+            let results = if batch.writes.is_empty() {
+                Vec::new()
+            } else {
+                sink.apply(batch.writes).await
+            };
+            Some(Answered {
+                sends: batch.sends,
+                results,
+                rereads: sink.take_rereads(),
+                others: batch.others,
+            })
         };
-        let rereads = sink.take_rereads();
-        let settle = {
+        let side = {
             let shared = shared.clone();
             let system = system.clone();
+            let answered = answered.take();
             tokio::task::spawn_blocking(move || {
-                let mut wake = BTreeSet::new();
-                let outcome = settle(&shared, &system, sends, results, rereads, others, &mut wake);
-                for target in &wake {
-                    shared.wake(target);
-                }
-                outcome
+                let settled = answered.map(|a| settle_answered(&shared, &system, a));
+                let go_on = matches!(settled, None | Some(Ok(None)));
+                let planned = go_on.then(|| prepare(&shared, &system, &in_flight.unwrap_or_default()));
+                (settled, planned)
             })
-            .await
         };
-        match settle {
-            Ok(Ok(Some(retry))) => {
-                let delay = backoff.next_delay().max(retry.unwrap_or_default());
-                shared.status.system(&system, |s| {
-                    s.state = "backing_off".into();
-                    s.retry_at_ms = Some(now_ms() + delay.as_millis() as TimeMs);
-                });
-                sleep_or_shutdown(&shared, delay).await;
-            }
-            Ok(Ok(None)) => {
-                backoff.reset();
-                shared.status.system(&system, |s| s.retry_at_ms = None);
-            }
-            Ok(Err(error)) => {
-                tracing::error!(system = %system, error = %error, "cannot record write results; they will be repeated");
-                shared
-                    .status
-                    .system(&system, |s| note_error(s, "state store write failed"));
-                sleep_or_shutdown(&shared, backoff.next_delay()).await;
-            }
+        let (just_answered, side) = tokio::join!(send, side);
+        answered = just_answered;
+        let (settled, planned) = match side {
+            Ok(side) => side,
             Err(join) => {
                 tracing::error!(system = %system, error = %join, "write settlement task failed");
                 break;
             }
+        };
+        let mut pause = settled.and_then(|settled| settled_pause(&shared, &system, settled, &mut backoff));
+        match planned {
+            Some(Ok(batch)) if !batch.is_empty() => next = Some(batch),
+            Some(Ok(_)) | None => {}
+            Some(Err(failure)) => {
+                plan_failed(&shared, &system, failure);
+                pause = pause.max(Some(backoff.next_delay()));
+            }
+        }
+        if let Some(mut delay) = pause {
+            // Drain: settle what the sink answered, then wait before planning again.
+            next = None;
+            if let Some(answered) = answered.take() {
+                delay = delay.max(settle_blocking(&shared, &system, answered).await);
+            }
+            shared.status.system(&system, |s| {
+                s.state = "backing_off".into();
+                s.retry_at_ms = Some(now_ms() + delay.as_millis() as TimeMs);
+            });
+            sleep_or_shutdown(&shared, delay).await;
         }
     }
     tracing::debug!(system = %system, "applier stopped");
+}
+
+/// Settles `answered` on a blocking thread while the pipeline drains for a pause;
+/// returns the retry delay it asks for beyond that pause (zero when none).
+async fn settle_blocking(shared: &Arc<Shared>, system: &str, answered: Answered) -> Duration {
+    let settled = {
+        let shared = shared.clone();
+        let system = system.to_string();
+        tokio::task::spawn_blocking(move || settle_answered(&shared, &system, answered)).await
+    };
+    match settled {
+        Ok(Ok(retry)) => retry.flatten().unwrap_or_default(),
+        Ok(Err(error)) => {
+            tracing::error!(system = %system, error = %error, "cannot record write results; they will be repeated");
+            shared
+                .status
+                .system(system, |s| note_error(s, "state store write failed"));
+            Duration::ZERO
+        }
+        Err(join) => {
+            tracing::error!(system = %system, error = %join, "write settlement task failed");
+            Duration::ZERO
+        }
+    }
+}
+
+/// Turns a settlement's outcome into the pause before the next plan, if any.
+fn settled_pause(shared: &Shared, system: &str, settled: Settled, backoff: &mut Backoff) -> Option<Duration> {
+    match settled {
+        Ok(Some(retry)) => Some(backoff.next_delay().max(retry.unwrap_or_default())),
+        Ok(None) => {
+            backoff.reset();
+            shared.status.system(system, |s| s.retry_at_ms = None);
+            None
+        }
+        Err(error) => {
+            tracing::error!(system = %system, error = %error, "cannot record write results; they will be repeated");
+            shared
+                .status
+                .system(system, |s| note_error(s, "state store write failed"));
+            Some(backoff.next_delay())
+        }
+    }
+}
+
+/// Why a batch could not be planned.
+struct PlanFailure {
+    what: &'static str,
+    error: StateError,
+}
+
+fn plan_failed(shared: &Shared, system: &str, failure: PlanFailure) {
+    tracing::error!(system = %system, error = %failure.error, "{}", failure.what);
+    let note = if failure.what == READ_FAILED {
+        "state store read failed"
+    } else {
+        "state store write failed"
+    };
+    shared.status.system(system, |s| note_error(s, note));
+}
+
+const READ_FAILED: &str = "cannot read the outbox";
+
+/// Plans the next batch, leaving `in_flight` alone, and makes the commits it was read
+/// from durable. Writes planned from a lazy batch commit leave only once it is durable:
+/// a crash before would forget the write but not undo it in the system. The applier
+/// makes it durable now rather than wait for the group's fsync, so no write waits
+/// longer than a commit for it.
+fn prepare(shared: &Shared, system: &str, in_flight: &InFlight) -> Result<Batch, PlanFailure> {
+    let (planned, token) = plan_batch(shared, system, in_flight).map_err(|error| PlanFailure {
+        what: READ_FAILED,
+        error,
+    })?;
+    if !planned.is_empty() && !shared.store.is_durable(token) {
+        shared.store.make_durable().map_err(|error| PlanFailure {
+            what: "cannot make the outbox durable",
+            error,
+        })?;
+    }
+    let mut batch = Batch::default();
+    for p in planned {
+        match p {
+            Planned::Send { group, write, written } => {
+                // A create that does not carry the record's key gets one from the
+                // system, which the settlement must not lose.
+                let learns_id = write.op == WriteOp::Create
+                    && shared
+                        .rt
+                        .link(system, &group.entity)
+                        .is_none_or(|l| !write.fields.contains_key(&l.config.id_field));
+                batch.sends.push((group, written, learns_id));
+                batch.writes.push(write);
+            }
+            Planned::Unsent(unsent) => batch.others.push(unsent),
+        }
+    }
+    Ok(batch)
+}
+
+/// Settles an answered batch and wakes the systems its re-merges gave new writes.
+fn settle_answered(shared: &Shared, system: &str, answered: Answered) -> Settled {
+    let mut wake = BTreeSet::new();
+    let outcome = settle(
+        shared,
+        system,
+        answered.sends,
+        answered.results,
+        answered.rereads,
+        answered.others,
+        &mut wake,
+    );
+    for target in &wake {
+        shared.wake(target);
+    }
+    outcome
 }
 
 async fn sleep_or_shutdown(shared: &Shared, delay: Duration) {
@@ -215,25 +370,33 @@ fn note_error(s: &mut super::status::SystemStatus, error: &str) {
     s.last_error_ms = Some(now_ms());
 }
 
-/// Reads the next entries and resolves each record's writes; the token covers the
+/// Reads the next entries, leaving out those in flight and stopping at the first entry
+/// of a record in flight, and resolves each record's writes; the token covers the
 /// commits the plan was read from.
-fn plan_batch(shared: &Shared, system: &str) -> Result<(Vec<Planned>, CommitToken), StateError> {
+fn plan_batch(shared: &Shared, system: &str, in_flight: &InFlight) -> Result<(Vec<Planned>, CommitToken), StateError> {
     let view = shared.store.read()?;
     let token = shared.store.latest_token();
-    let entries = view.outbox(system, shared.rt.config.engine.batch_size)?;
+    let entries = view.outbox_skipping(system, shared.rt.config.engine.batch_size, |seq| {
+        in_flight.seqs.contains(&seq)
+    })?;
     let mut groups: Vec<Group> = Vec::new();
+    let mut by_record: HashMap<(String, GlobalId), usize> = HashMap::new();
     for entry in entries {
-        let joinable = groups
-            .iter()
-            .position(|g| g.global_id == entry.global_id && g.entity == entry.entity);
-        match (joinable, &entry.action) {
-            (None, _) => groups.push(Group {
-                entity: entry.entity.clone(),
-                global_id: entry.global_id,
-                action: entry.action.clone(),
-                entries: vec![entry],
-            }),
-            (Some(i), WriteAction::Upsert { fields }) if matches!(groups[i].action, WriteAction::Upsert { .. }) => {
+        let record = (entry.entity.clone(), entry.global_id);
+        if in_flight.records.contains(&record) {
+            break;
+        }
+        match (by_record.get(&record), &entry.action) {
+            (None, _) => {
+                by_record.insert(record, groups.len());
+                groups.push(Group {
+                    entity: entry.entity.clone(),
+                    global_id: entry.global_id,
+                    action: entry.action.clone(),
+                    entries: vec![entry],
+                });
+            }
+            (Some(&i), WriteAction::Upsert { fields }) if matches!(groups[i].action, WriteAction::Upsert { .. }) => {
                 if let WriteAction::Upsert { fields: merged } = &mut groups[i].action {
                     merged.extend(fields.clone());
                 }
@@ -370,6 +533,7 @@ fn settle(
     let mut failed = 0u64;
     let mut last_error: Option<String> = None;
     let lazy = !sends.iter().any(|(_, _, learns_id)| *learns_id);
+    let end_to_end = metrics::histogram!(m::END_TO_END_LATENCY, m::LABEL_SYSTEM => system.to_string());
     shared.store.write_batch(lazy, |t| {
         let mut results = results.into_iter();
         for (group, written, _) in sends {
@@ -382,22 +546,27 @@ fn settle(
                     ok += 1;
                     if let Some(mut state) = t.record(&group.entity, group.global_id)? {
                         let deleted = matches!(group.action, WriteAction::Delete);
+                        // The identity row exists already when the shadow holds this id.
+                        let known = state
+                            .shadows
+                            .get(system)
+                            .is_some_and(|s| !s.deleted && s.local_id.as_deref() == Some(ack.local_id.as_str()));
                         merge::confirm_write(&mut state, system, &written, &ack.local_id, ack.version.clone(), deleted);
                         t.put_record(&group.entity, group.global_id, &state)?;
                         if deleted {
                             t.remove_identity(&group.entity, system, &ack.local_id)?;
-                        } else {
+                        } else if !known {
                             t.put_identity(&group.entity, system, &ack.local_id, group.global_id)?;
                         }
                     }
                     let settled = group.entries.len();
                     for mut entry in group.entries {
-                        t.remove_outbox(system, entry.seq)?;
+                        t.delete_outbox(system, entry.seq)?;
                         // `attempts` counts the failed attempts; this one is the next.
                         entry.attempts += 1;
                         log(t, &entry, system, op, "ok", None, now)?;
                         let latency = (now - entry.source_time_ms).max(0) as f64 / 1000.0;
-                        metrics::histogram!(m::END_TO_END_LATENCY, m::LABEL_SYSTEM => system.to_string()).record(latency);
+                        end_to_end.record(latency);
                     }
                     count_write(system, &group.entity, op, "ok", settled);
                 }
@@ -442,7 +611,7 @@ fn settle(
                 Unsent::Done { group, note } => {
                     tracing::debug!(system = %system, entity = %group.entity, note, "write settled without sending");
                     for entry in &group.entries {
-                        t.remove_outbox(system, entry.seq)?;
+                        t.delete_outbox(system, entry.seq)?;
                         log(t, entry, system, op_name(&group.action), "skipped", Some(note), now)?;
                     }
                 }
@@ -511,7 +680,7 @@ fn remerge(
         record.source_time_ms = answered.map(|t| t.saturating_sub(1).max(0));
     }
     for mut entry in group.entries {
-        t.remove_outbox(system, entry.seq)?;
+        t.delete_outbox(system, entry.seq)?;
         entry.attempts += 1;
         log(t, &entry, system, op, "conflict", Some(reason), now)?;
         count_write(system, &group.entity, op, "conflict", 1);
@@ -546,7 +715,7 @@ fn dead_letter_write(
     reason: &str,
     now: TimeMs,
 ) -> Result<(), StateError> {
-    t.remove_outbox(system, entry.seq)?;
+    t.delete_outbox(system, entry.seq)?;
     if let (Some(mut state), WriteAction::Upsert { fields }) =
         (t.record(&entry.entity, entry.global_id)?, &entry.action)
     {

@@ -25,15 +25,27 @@
 //!               6 str, 7 array: uN count then values, 8 object: map<value>)
 //! ```
 //!
+//! Pending writes (`outbox` table) use the same building blocks, with their own format
+//! byte [`OUTBOX_BINARY`]; a row that starts with `{` is JSON, as schema version 1 wrote:
+//!
+//! ```text
+//! seq uN | system str | entity str | global_id 16 bytes LE | action | source_system str
+//! | source_time_ms iN | decision uN | enqueued_ms iN | attempts uN | last_error opt<str>
+//! action = u8 0 upsert, map<value> | 1 delete | 2 soft delete, field str, value
+//! ```
+//!
 //! Decoding uses checked reads only: a damaged row is an error, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::merge::Rule;
-use crate::model::{AgreedField, Base, Fields, Provenance, RecordState, Shadow, Value};
+use crate::merge::{Rule, WriteAction};
+use crate::model::{AgreedField, Base, Fields, GlobalId, Provenance, RecordState, Shadow, Value};
+use crate::state::OutboxEntry;
 
 /// Format byte of the binary record layout. JSON rows start with `{` (0x7b).
 pub const RECORD_BINARY: u8 = 0x01;
+/// Format byte of the binary outbox entry layout.
+pub const OUTBOX_BINARY: u8 = 0x01;
 
 /// Why a stored value could not be decoded; names no value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -157,6 +169,75 @@ pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
         return Err(FormatError::Trailing);
     }
     Ok(state)
+}
+
+/// Encodes a pending write in the binary layout.
+pub fn encode_outbox(entry: &OutboxEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(OUTBOX_BINARY);
+    put_uint(&mut out, entry.seq);
+    put_str(&mut out, &entry.system);
+    put_str(&mut out, &entry.entity);
+    out.extend_from_slice(&entry.global_id.as_u128().to_le_bytes());
+    match &entry.action {
+        WriteAction::Upsert { fields } => {
+            out.push(0);
+            put_fields(&mut out, fields);
+        }
+        WriteAction::Delete => out.push(1),
+        WriteAction::SoftDelete { field, value } => {
+            out.push(2);
+            put_str(&mut out, field);
+            put_value(&mut out, value);
+        }
+    }
+    put_str(&mut out, &entry.source_system);
+    put_int(&mut out, entry.source_time_ms);
+    put_uint(&mut out, entry.decision);
+    put_int(&mut out, entry.enqueued_ms);
+    put_uint(&mut out, u64::from(entry.attempts));
+    put_opt_str(&mut out, entry.last_error.as_deref());
+    out
+}
+
+/// Decodes the binary layout (starting with [`OUTBOX_BINARY`]).
+pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    match r.byte()? {
+        OUTBOX_BINARY => {}
+        other => return Err(FormatError::UnknownFormat(other)),
+    }
+    let seq = r.uint()?;
+    let system = r.string()?;
+    let entity = r.string()?;
+    let raw: [u8; 16] = r.take(16)?.try_into().expect("took sixteen bytes");
+    let global_id = GlobalId::from_u128(u128::from_le_bytes(raw));
+    let action = match r.byte()? {
+        0 => WriteAction::Upsert { fields: r.fields()? },
+        1 => WriteAction::Delete,
+        2 => WriteAction::SoftDelete {
+            field: r.string()?,
+            value: r.value(0)?,
+        },
+        other => return Err(FormatError::UnknownTag(other)),
+    };
+    let entry = OutboxEntry {
+        seq,
+        system,
+        entity,
+        global_id,
+        action,
+        source_system: r.string()?,
+        source_time_ms: r.int()?,
+        decision: r.uint()?,
+        enqueued_ms: r.int()?,
+        attempts: u32::try_from(r.uint()?).map_err(|_| FormatError::VarintOverflow)?,
+        last_error: r.opt_string()?,
+    };
+    if r.at != bytes.len() {
+        return Err(FormatError::Trailing);
+    }
+    Ok(entry)
 }
 
 /// Stable one-byte codes of the merge rules; a new rule takes the next free code.
@@ -483,6 +564,69 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert_eq!(decode_record(&longer), Err(FormatError::Trailing));
+    }
+
+    fn sample_entries() -> Vec<OutboxEntry> {
+        let entry = |seq, action| OutboxEntry {
+            seq,
+            system: "crm".into(),
+            entity: "contact".into(),
+            global_id: GlobalId::from_u128(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
+            action,
+            source_system: "hr".into(),
+            source_time_ms: 1_700_000_000_123,
+            decision: 42,
+            enqueued_ms: -3,
+            attempts: 7,
+            last_error: None,
+        };
+        let mut failed = entry(9, WriteAction::Delete);
+        failed.last_error = Some("HTTP 503".into());
+        vec![
+            entry(
+                u64::MAX,
+                WriteAction::Upsert {
+                    fields: [
+                        ("email".to_string(), json!("a@example.com")),
+                        ("tags".to_string(), json!([1, 2.5, null, {"k": false}])),
+                    ]
+                    .into(),
+                },
+            ),
+            failed,
+            entry(
+                0,
+                WriteAction::SoftDelete {
+                    field: "active".into(),
+                    value: json!(false),
+                },
+            ),
+        ]
+    }
+
+    #[test]
+    fn an_outbox_entry_round_trips_and_is_smaller_than_json() {
+        for entry in sample_entries() {
+            let bytes = encode_outbox(&entry);
+            assert_eq!(bytes[0], OUTBOX_BINARY);
+            assert_eq!(decode_outbox(&bytes).unwrap(), entry);
+            let json = serde_json::to_vec(&entry).unwrap();
+            assert!(bytes.len() < json.len(), "{} vs {} bytes", bytes.len(), json.len());
+            for len in 0..bytes.len() {
+                assert!(decode_outbox(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode_outbox(&longer), Err(FormatError::Trailing));
+            for i in 1..bytes.len() {
+                for flip in [0x01u8, 0x80, 0xff] {
+                    let mut damaged = bytes.clone();
+                    damaged[i] ^= flip;
+                    let _ = decode_outbox(&damaged);
+                }
+            }
+        }
+        assert_eq!(decode_outbox(b"{}"), Err(FormatError::UnknownFormat(b'{')));
     }
 
     #[test]

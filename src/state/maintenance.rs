@@ -346,7 +346,7 @@ impl WriteTables<'_> {
         for row in self.outbox.iter()? {
             let (k, v) = row?;
             let (system, seq) = k.value();
-            let entry: OutboxEntry = unseal(self.codec, "outbox", &outbox_key(system, seq), v.value())?;
+            let entry: OutboxEntry = unseal_outbox(self.codec, &outbox_key(system, seq), v.value())?;
             if entry.entity == entity && entry.global_id == id {
                 outbox.push((system.to_string(), seq));
             }

@@ -597,6 +597,23 @@ fn unseal<T: DeserializeOwned>(codec: &Codec, table: &'static str, key: &[u8], b
     decode(table, &plain)
 }
 
+/// Encodes and seals a pending write of row `key`.
+fn seal_outbox(codec: &Codec, key: &[u8], entry: &OutboxEntry) -> Vec<u8> {
+    codec.seal("outbox", key, encoding::encode_outbox(entry))
+}
+
+/// Decodes a stored pending write: the binary layout, or the JSON of schema version 1.
+fn unseal_outbox(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<OutboxEntry, StateError> {
+    let plain = codec.open("outbox", key, bytes)?;
+    if plain.first() == Some(&b'{') {
+        return decode("outbox", &plain);
+    }
+    encoding::decode_outbox(&plain).map_err(|source| StateError::Format {
+        table: "outbox",
+        source,
+    })
+}
+
 /// Decodes a stored record state: the binary layout, or the JSON of schema version 1.
 fn unseal_record(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<RecordState, StateError> {
     let plain = codec.open("records", key, bytes)?;
@@ -800,22 +817,27 @@ impl<'txn> WriteTables<'txn> {
     pub fn enqueue(&mut self, mut entry: OutboxEntry) -> Result<u64, StateError> {
         let seq = self.next_id("outbox")?;
         entry.seq = seq;
-        let sealed = seal(self.codec, "outbox", &outbox_key(&entry.system, seq), &entry);
+        let sealed = seal_outbox(self.codec, &outbox_key(&entry.system, seq), &entry);
         self.outbox.insert((entry.system.as_str(), seq), sealed.as_slice())?;
         Ok(seq)
     }
 
     /// Replaces an entry kept for another attempt.
     pub fn update_outbox(&mut self, entry: &OutboxEntry) -> Result<(), StateError> {
-        let sealed = seal(self.codec, "outbox", &outbox_key(&entry.system, entry.seq), entry);
+        let sealed = seal_outbox(self.codec, &outbox_key(&entry.system, entry.seq), entry);
         self.outbox
             .insert((entry.system.as_str(), entry.seq), sealed.as_slice())?;
         Ok(())
     }
 
+    /// Removes an entry without reading it back; true when it was there.
+    pub fn delete_outbox(&mut self, system: &str, seq: u64) -> Result<bool, StateError> {
+        Ok(self.outbox.remove((system, seq))?.is_some())
+    }
+
     pub fn remove_outbox(&mut self, system: &str, seq: u64) -> Result<Option<OutboxEntry>, StateError> {
         match self.outbox.remove((system, seq))? {
-            Some(v) => Ok(Some(unseal(self.codec, "outbox", &outbox_key(system, seq), v.value())?)),
+            Some(v) => Ok(Some(unseal_outbox(self.codec, &outbox_key(system, seq), v.value())?)),
             None => Ok(None),
         }
     }
@@ -946,16 +968,29 @@ impl ReadView {
 
     /// Up to `limit` pending writes for `system`, oldest first.
     pub fn outbox(&self, system: &str, limit: usize) -> Result<Vec<OutboxEntry>, StateError> {
+        self.outbox_skipping(system, limit, |_| false)
+    }
+
+    /// Up to `limit` pending writes for `system`, oldest first, leaving out those whose
+    /// sequence number `skip` picks (they are not decoded).
+    pub fn outbox_skipping(
+        &self,
+        system: &str,
+        limit: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<Vec<OutboxEntry>, StateError> {
         let table = self.txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
-        for row in table.range((system, 0u64)..=(system, u64::MAX))?.take(limit) {
+        for row in table.range((system, 0u64)..=(system, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = row?;
-            out.push(unseal(
-                &self.codec,
-                "outbox",
-                &outbox_key(system, k.value().1),
-                v.value(),
-            )?);
+            let seq = k.value().1;
+            if skip(seq) {
+                continue;
+            }
+            out.push(unseal_outbox(&self.codec, &outbox_key(system, seq), v.value())?);
         }
         Ok(out)
     }

@@ -12,14 +12,16 @@ use redb::TableDefinition;
 
 /// Version of the layout below. Bump it when a table's key or value changes meaning;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
-/// Version 2 stores record states in the binary layout of `encoding`.
-pub const SCHEMA_VERSION: u64 = 2;
+/// Version 2 stores record states in the binary layout of `encoding`; version 3 also
+/// outbox entries.
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// Older versions this build still reads. Opening such a file marks it with
 /// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
-/// afterwards instead of misreading new rows. Version 1 stored record states as JSON,
-/// which `encoding` tells apart by the first byte.
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 1] = [1];
+/// afterwards instead of misreading new rows. Version 1 stored record states and outbox
+/// entries as JSON, version 2 outbox entries; `encoding` tells them apart by the first
+/// byte.
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 2] = [1, 2];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while

@@ -390,6 +390,56 @@ fn a_version_1_file_with_json_records_is_read_and_upgraded() {
 }
 
 #[test]
+fn a_version_2_file_with_json_outbox_entries_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = OutboxEntry {
+        seq: 3,
+        system: "crm".into(),
+        entity: "contact".into(),
+        global_id: GlobalId::new_v7(),
+        action: WriteAction::Upsert {
+            fields: [("title".to_string(), serde_json::json!("Engineer"))].into(),
+        },
+        source_system: "hr".into(),
+        source_time_ms: 11,
+        decision: 4,
+        enqueued_ms: 12,
+        attempts: 1,
+        last_error: Some("HTTP 503".into()),
+    };
+    {
+        // What a version-2 build left: JSON outbox rows and schema version 2.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 2).unwrap();
+        txn.open_table(OUTBOX)
+            .unwrap()
+            .insert(("crm", 3), serde_json::to_vec(&entry).unwrap().as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    assert_eq!(store.read().unwrap().outbox("crm", 10).unwrap(), vec![entry.clone()]);
+    let version = {
+        let txn = store.db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get("schema_version").unwrap().map(|v| v.value())
+    };
+    assert_eq!(version, Some(SCHEMA_VERSION));
+
+    let mut retried = entry.clone();
+    retried.attempts = 2;
+    store.write(|t| t.update_outbox(&retried)).unwrap();
+    let txn = store.db.begin_read().unwrap();
+    let raw = txn.open_table(OUTBOX).unwrap().get(("crm", 3)).unwrap().unwrap();
+    assert_eq!(raw.value()[0], encoding::OUTBOX_BINARY);
+    drop((raw, txn));
+    assert_eq!(store.read().unwrap().outbox("crm", 10).unwrap(), vec![retried.clone()]);
+    assert_eq!(store.write(|t| t.remove_outbox("crm", 3)).unwrap(), Some(retried));
+    assert!(!store.write(|t| t.delete_outbox("crm", 3)).unwrap());
+}
+
+#[test]
 fn a_damaged_record_row_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path(), 4).unwrap();
