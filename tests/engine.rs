@@ -989,3 +989,27 @@ async fn a_write_queued_behind_its_records_create_waits_for_the_id_the_create_le
     assert_eq!(h.b_id("a-2"), "m-2");
     assert_eq!(h.outbox_depth("b"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_more_is_sent_to_a_system_between_its_refusal_and_the_back_off() {
+    // One write per batch, so the next batch is already planned while the first one is
+    // with the system. The system asks to wait after the first write: the planned batch
+    // must wait too, not reach it in the meantime.
+    let wait = Duration::from_millis(300);
+    let h = Setup::new().engine("batch_size = 1").build();
+    h.fail_b([ConnectorError::transient("rate_limited", "too many requests").with_retry_after(wait)]);
+    let link = h.rt.links.iter().find(|l| l.config.system == "a").expect("a's link");
+    for record in [contact(1), contact(2)] {
+        concord::engine::batch::commit(&h.store, &h.rt, link, &[record], &[], None, false).unwrap();
+    }
+    h.run().await;
+
+    let t = h.target("b");
+    assert_eq!(
+        t.attempts.iter().map(|a| a.failed).collect::<Vec<_>>(),
+        [true, false, false]
+    );
+    let gap = t.attempts[1].at - t.attempts[0].at;
+    assert!(gap >= wait, "next write after {gap:?}, asked to wait {wait:?}");
+    assert_eq!((t.creates, t.records.len()), (2, 2));
+}

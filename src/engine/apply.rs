@@ -73,6 +73,16 @@ struct Answered {
     others: Vec<Unsent>,
 }
 
+impl Answered {
+    /// Whether a write failed in a way that is retried (anything not permanent), which
+    /// the settlement answers with a back-off.
+    fn asks_to_wait(&self) -> bool {
+        self.results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(|e| e.class != ErrorClass::Permanent))
+    }
+}
+
 /// The outbox entries of the batch the sink is writing, and the records they write: the
 /// plan made meanwhile leaves them alone.
 #[derive(Default)]
@@ -111,7 +121,8 @@ type Settled = Result<Option<Option<Duration>>, StateError>;
 /// The plan leaves out the entries in flight and stops at the first entry of a record
 /// in flight (its write must wait for that record's settlement, which may carry the id
 /// a create learned), so each record's writes still go out in order, one batch after
-/// the other. A settlement that asks for a back-off, or fails, drains the pipeline: the
+/// the other. An answer with a write refused for now, or a settlement that asks for a
+/// back-off or fails, drains the pipeline: the batch planned meanwhile is not sent, the
 /// batch already sent is settled, the applier waits, and plans afresh.
 pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) {
     let cfg = &shared.rt.config.engine;
@@ -219,6 +230,11 @@ pub(super) async fn run(shared: Arc<Shared>, system: String, mut sink: AnySink) 
             }
         };
         let mut pause = settled.and_then(|settled| settled_pause(&shared, &system, settled, &mut backoff));
+        // A system that refused a write for now (or asked to wait) gets nothing more,
+        // planned batch included, until the back-off is over.
+        if answered.as_ref().is_some_and(Answered::asks_to_wait) {
+            pause = pause.max(Some(backoff.next_delay()));
+        }
         match planned {
             Some(Ok(batch)) if !batch.is_empty() => next = Some(batch),
             Some(Ok(_)) | None => {}
