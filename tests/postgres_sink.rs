@@ -744,3 +744,139 @@ async fn a_create_refused_by_a_unique_key_reads_the_row_it_ran_into() {
     assert_eq!(err(&results[0]).kind, "integrity");
     assert!(f.sink.take_rereads().is_empty());
 }
+
+/// Consecutive writes of one shape go to the server as one statement over arrays (a
+/// statement-level trigger counts them); every row still gets its own answer: the
+/// generated key of its own row, `not_found` for an update of a missing row, success
+/// for a delete of a missing row, its own error when it alone fails, and two writes of
+/// one key in one batch land in order.
+#[tokio::test]
+async fn runs_of_one_shape_are_one_statement_and_every_row_keeps_its_own_answer() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL, email text UNIQUE);
+         CREATE TABLE tickets (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, title text NOT NULL);
+         CREATE TABLE statements (op text NOT NULL);
+         CREATE FUNCTION count_statement() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS
+           $$ BEGIN INSERT INTO statements VALUES (TG_TABLE_NAME || ' ' || TG_OP); RETURN NULL; END $$;
+         CREATE TRIGGER people_statements AFTER INSERT OR UPDATE OR DELETE ON people
+           FOR EACH STATEMENT EXECUTE FUNCTION count_statement();
+         CREATE TRIGGER tickets_statements AFTER INSERT ON tickets
+           FOR EACH STATEMENT EXECUTE FUNCTION count_statement();",
+    )
+    .await;
+    let role = writer(&db, "people, tickets").await;
+    let mut f = sink(&db, &role, &[("people", "id", None), ("tickets", "id", None)]).await;
+    let counted = async |db: &TestDb<'_>| {
+        rows(
+            db,
+            "SELECT op || ' ' || count(*) FROM statements GROUP BY op ORDER BY op",
+        )
+        .await
+        .into_iter()
+        .map(|r| r[0].clone().unwrap_or_default())
+        .collect::<Vec<String>>()
+    };
+    let reset = async |db: &TestDb<'_>| db.execute("DELETE FROM statements").await;
+
+    // 40 keyed creates, then 50 creates whose keys the table generates.
+    let mut batch: Vec<Write> = (1..=40)
+        .map(|i| {
+            create(
+                i,
+                "people",
+                json!({"id": i, "name": format!("n{i}"), "email": format!("p{i}@example.com")}),
+            )
+        })
+        .collect();
+    batch.extend((1..=50).map(|i| create(100 + i, "tickets", json!({"title": format!("t{i}")}))));
+    let results = f.sink.apply(batch).await;
+    let ids: Vec<String> = results[..40].iter().map(|r| ok(r).local_id.clone()).collect();
+    assert_eq!(ids, (1..=40).map(|i| i.to_string()).collect::<Vec<_>>());
+    for (i, result) in results[40..].iter().enumerate() {
+        let id = &ok(result).local_id;
+        let title = rows(&db, &format!("SELECT title FROM tickets WHERE id = {id}")).await;
+        assert_eq!(title, vec![text(&[&format!("t{}", i + 1)])], "ticket {id}");
+    }
+    // An `INSERT … ON CONFLICT DO UPDATE` fires the statement triggers of both.
+    assert_eq!(
+        counted(&db).await,
+        ["people INSERT 1", "people UPDATE 1", "tickets INSERT 1"]
+    );
+    reset(&db).await;
+
+    // 30 updates, one of a row that is not there, then two more of one key.
+    let mut batch: Vec<Write> = (1..=30)
+        .map(|i| {
+            let id = if i == 15 { 999 } else { i };
+            update(200 + i, "people", &id.to_string(), json!({"name": format!("u{i}")}))
+        })
+        .collect();
+    batch.push(update(231, "people", "7", json!({"name": "first"})));
+    batch.push(update(232, "people", "7", json!({"name": "second"})));
+    let results = f.sink.apply(batch).await;
+    for (i, result) in results.iter().enumerate() {
+        if i == 14 {
+            let gone = err(result);
+            assert_eq!((gone.class, gone.kind), (ErrorClass::Permanent, "not_found"), "{gone}");
+        } else {
+            ok(result);
+        }
+    }
+    assert_eq!(
+        rows(&db, "SELECT name FROM people WHERE id IN (1, 7, 30, 31) ORDER BY id").await,
+        vec![text(&["u1"]), text(&["second"]), text(&["u30"]), text(&["n31"])]
+    );
+    assert!(rows(&db, "SELECT 1 FROM people WHERE id = 999").await.is_empty());
+    // The 30 in one statement; the two of key 7 each start a run of their own.
+    assert_eq!(counted(&db).await, ["people UPDATE 3"]);
+    reset(&db).await;
+
+    // A run with one row refused by a unique key: that row alone fails.
+    let batch: Vec<Write> = (1..=10)
+        .map(|i| {
+            let email = if i == 4 {
+                "p40@example.com".to_string()
+            } else {
+                format!("new{i}@example.com")
+            };
+            update(300 + i, "people", &i.to_string(), json!({"email": email}))
+        })
+        .collect();
+    let results = f.sink.apply(batch).await;
+    for (i, result) in results.iter().enumerate() {
+        if i == 3 {
+            let refused = err(result);
+            assert_eq!(
+                (refused.class, refused.kind),
+                (ErrorClass::Permanent, "integrity"),
+                "{refused}"
+            );
+        } else {
+            ok(result);
+        }
+    }
+    assert_eq!(
+        rows(&db, "SELECT email FROM people WHERE id IN (3, 4, 5) ORDER BY id").await,
+        vec![
+            text(&["new3@example.com"]),
+            text(&["p4@example.com"]),
+            text(&["new5@example.com"])
+        ]
+    );
+    reset(&db).await;
+
+    // 20 deletes, one of a row already gone.
+    let batch: Vec<Write> = (21..=40)
+        .chain([777])
+        .map(|i| delete(400 + i, "people", &i.to_string()))
+        .collect();
+    let results = f.sink.apply(batch).await;
+    let ids: Vec<String> = results.iter().map(|r| ok(r).local_id.clone()).collect();
+    assert_eq!(ids, (21..=40).chain([777]).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        rows(&db, "SELECT count(*)::text FROM people").await,
+        vec![text(&["20"])]
+    );
+    assert_eq!(counted(&db).await, ["people DELETE 1"]);
+}

@@ -21,6 +21,19 @@
 //! - delete: `DELETE FROM "s"."t" AS t WHERE t."id" = $1::… RETURNING "id"::text`;
 //!   deleting a row that is already gone succeeds.
 //!
+//! Runs of consecutive writes with the same statement (same table, operation and
+//! columns, no version guard, no key twice) go to the server as one statement over
+//! arrays, one `text[]` per parameter, unnested `WITH ORDINALITY`: `INSERT … SELECT …
+//! FROM unnest(…) ORDER BY u.n`, `UPDATE … FROM unnest(…)`, `DELETE … USING unnest(…)`.
+//! The server then parses, plans and executes once per run instead of once per row,
+//! which is most of what a small write costs it. Updates and deletes return the
+//! ordinality of each row they touched, so a row not there gets the same answer as
+//! alone; an insert returns its rows in the order the `ORDER BY` feeds them. When a
+//! statement over arrays fails for a row's data, the transaction is rolled back and the
+//! batch runs again one statement per row (below), which finds that row. The batch's
+//! order is kept: a run never reorders writes of different records, so unique-key
+//! changes between records happen in the order they were merged.
+//!
 //! Values travel as text and are cast to the column's type (`$n::text::numeric`), the
 //! types being read once per table from the catalog: the text is what
 //! [`values::to_pg_text`] makes of the canonical value, the inverse of what capture
@@ -106,6 +119,8 @@ pub struct PostgresSink {
     tables: HashMap<String, Arc<Table>>,
     /// Prepared statements by SQL text, valid on `client` only.
     statements: HashMap<String, Statement>,
+    /// The group statement of each row statement (`None`: it runs alone), by its text.
+    group_statements: HashMap<String, Option<String>>,
     /// Rows read again after creates refused because the row already exists, for the
     /// engine to merge before it plans the write again; see [`PostgresSink::take_rereads`].
     rereads: Vec<Reread>,
@@ -137,6 +152,10 @@ struct Column {
 struct Planned {
     /// The statement text, also its cache key.
     sql: String,
+    /// The statement writing a run of rows of this shape at once, when there is one.
+    group_sql: Option<String>,
+    /// Which parameter is the row's key, when it has one.
+    key_param: Option<usize>,
     params: Vec<Option<String>>,
     table: Arc<Table>,
     op: WriteOp,
@@ -150,8 +169,157 @@ struct Planned {
 
 /// How one row's statement ended inside the transaction.
 enum RowDone {
-    Written(Option<Row>),
+    Written(Option<Returned>),
     Failed(ConnectorError),
+}
+
+/// Which placeholders a statement takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// One row: `$n::text::<type>`.
+    Row,
+    /// Many rows of one shape: `$n` is a `text[]` holding the n-th value of every row,
+    /// unnested with its ordinality into `u(p1, …, n)`.
+    Arrays,
+}
+
+/// What a write's statement depends on.
+struct Shape<'a> {
+    table: &'a Table,
+    op: WriteOp,
+    /// The columns written, without the key for an update.
+    fields: &'a [(&'a String, &'a Value, &'a Column)],
+    /// The key of an update or delete.
+    local_id: Option<&'a str>,
+    /// The version column and the version the write expects there.
+    guard: Option<(&'a String, &'a String)>,
+    /// An integer version column to increment.
+    bump: Option<&'a String>,
+}
+
+impl Shape<'_> {
+    /// The statement text and its parameters, one per value, the same in both forms.
+    /// The `Arrays` form returns the ordinality first for updates and deletes (they
+    /// may skip rows) and follows it for creates (every row is inserted, in order).
+    fn statement(&self, form: Form) -> (String, Vec<Option<String>>) {
+        let table = self.table;
+        let mut params: Vec<Option<String>> = Vec::new();
+        let mut param = |column: &Column, value: &Value| {
+            params.push(values::to_pg_text(&column.kind, value));
+            match form {
+                Form::Row => format!("${}::text::{}", params.len(), column.cast),
+                Form::Arrays => format!("u.p{}::{}", params.len(), column.cast),
+            }
+        };
+        let id = quote_ident(&table.id);
+        let id_column = &table.columns[&table.id];
+        let bump = self.bump.map(|column| {
+            let v = quote_ident(column);
+            format!("{v} = COALESCE(t.{v}, 0) + 1")
+        });
+        let (mut sql, guard_check) = match self.op {
+            WriteOp::Create => {
+                let names: Vec<String> = self.fields.iter().map(|(name, _, _)| quote_ident(name)).collect();
+                let exprs: Vec<String> = self
+                    .fields
+                    .iter()
+                    .map(|(_, value, column)| param(column, value))
+                    .collect();
+                let mut sql = match form {
+                    _ if self.fields.is_empty() => format!("INSERT INTO {} AS t DEFAULT VALUES", table.quoted),
+                    Form::Row => format!(
+                        "INSERT INTO {} AS t ({}) VALUES ({})",
+                        table.quoted,
+                        names.join(", "),
+                        exprs.join(", ")
+                    ),
+                    Form::Arrays => format!(
+                        "INSERT INTO {} AS t ({}) SELECT {} FROM {} ORDER BY u.n",
+                        table.quoted,
+                        names.join(", "),
+                        exprs.join(", "),
+                        unnest(exprs.len())
+                    ),
+                };
+                if self.fields.iter().any(|(name, _, _)| **name == table.id) {
+                    let mut sets: Vec<String> = self
+                        .fields
+                        .iter()
+                        .filter(|(name, _, _)| **name != table.id)
+                        .map(|(name, _, _)| format!("{0} = EXCLUDED.{0}", quote_ident(name)))
+                        .collect();
+                    sets.extend(bump.clone());
+                    if sets.is_empty() {
+                        sets.push(format!("{id} = EXCLUDED.{id}"));
+                    }
+                    sql.push_str(&format!(" ON CONFLICT ({id}) DO UPDATE SET {}", sets.join(", ")));
+                }
+                (sql, None)
+            }
+            WriteOp::Update => {
+                let key = param(id_column, &Value::String(self.local_id.unwrap_or_default().to_string()));
+                let mut sets: Vec<String> = self
+                    .fields
+                    .iter()
+                    .map(|(name, value, column)| format!("{} = {}", quote_ident(name), param(column, value)))
+                    .collect();
+                sets.extend(bump.clone());
+                if sets.is_empty() {
+                    sets.push(format!("{id} = t.{id}"));
+                }
+                let from = match form {
+                    Form::Row => String::new(),
+                    Form::Arrays => format!(" FROM {}", unnest(1 + self.fields.len())),
+                };
+                (
+                    format!(
+                        "UPDATE {} AS t SET {}{from} WHERE t.{id} = {key}",
+                        table.quoted,
+                        sets.join(", ")
+                    ),
+                    self.guard,
+                )
+            }
+            WriteOp::Delete => {
+                let key = param(id_column, &Value::String(self.local_id.unwrap_or_default().to_string()));
+                let using = match form {
+                    Form::Row => String::new(),
+                    Form::Arrays => format!(" USING {}", unnest(1)),
+                };
+                (
+                    format!("DELETE FROM {} AS t{using} WHERE t.{id} = {key}", table.quoted),
+                    self.guard,
+                )
+            }
+        };
+        if let Some((column, expected)) = guard_check {
+            let check = param(&table.columns[column], &Value::String(expected.clone()));
+            sql.push_str(&format!(" AND t.{} = {check}", quote_ident(column)));
+        }
+        let ordinality = match (form, self.op) {
+            (Form::Arrays, WriteOp::Update | WriteOp::Delete) => "u.n, ",
+            _ => "",
+        };
+        match &table.version {
+            Some(column) => sql.push_str(&format!(
+                " RETURNING {ordinality}t.{id}::text, t.{}::text",
+                quote_ident(column)
+            )),
+            None => sql.push_str(&format!(" RETURNING {ordinality}t.{id}::text")),
+        }
+        (sql, params)
+    }
+}
+
+/// `unnest($1::text[], …, $k::text[]) WITH ORDINALITY AS u(p1, …, pk, n)`.
+fn unnest(k: usize) -> String {
+    let arrays: Vec<String> = (1..=k).map(|i| format!("${i}::text[]")).collect();
+    let names: Vec<String> = (1..=k).map(|i| format!("p{i}")).collect();
+    format!(
+        "unnest({}) WITH ORDINALITY AS u({}, n)",
+        arrays.join(", "),
+        names.join(", ")
+    )
 }
 
 impl PostgresSink {
@@ -180,6 +348,7 @@ impl PostgresSink {
             client: None,
             tables: HashMap::new(),
             statements: HashMap::new(),
+            group_statements: HashMap::new(),
             rereads: Vec::new(),
         })
     }
@@ -454,17 +623,6 @@ impl PostgresSink {
     /// Turns a write into its statement; errors here concern this write alone.
     async fn plan(&mut self, write: &Write) -> Result<Planned, ConnectorError> {
         let table = self.table(&write.object).await?;
-        let mut params: Vec<Option<String>> = Vec::new();
-        let param = |column: &Column, value: &Value, params: &mut Vec<Option<String>>| {
-            params.push(values::to_pg_text(&column.kind, value));
-            format!("${}::text::{}", params.len(), column.cast)
-        };
-        let id_column = &table.columns[&table.id];
-        let id = quote_ident(&table.id);
-        let returning = match &table.version {
-            Some(column) => format!(" RETURNING {id}::text, {}::text", quote_ident(column)),
-            None => format!(" RETURNING {id}::text"),
-        };
         let guard = match (&table.version, &write.expected_version) {
             (Some(column), Some(expected)) => Some((column, expected)),
             _ => None,
@@ -473,8 +631,10 @@ impl PostgresSink {
         // existence check of a guarded one can reuse it.
         let exists_sql = guard.map(|_| {
             format!(
-                "SELECT 1 FROM {} WHERE {id} = $1::text::{}",
-                table.quoted, id_column.cast
+                "SELECT 1 FROM {} WHERE {} = $1::text::{}",
+                table.quoted,
+                quote_ident(&table.id),
+                table.columns[&table.id].cast
             )
         });
         let fields: Vec<(&String, &Value, &Column)> = write
@@ -492,109 +652,92 @@ impl PostgresSink {
                 )),
             })
             .collect::<Result<_, _>>()?;
-        // An integer version column the write does not set counts concord's updates.
-        let bump = table
-            .version
-            .as_ref()
-            .filter(|column| table.columns[*column].kind == Kind::Int && !write.fields.contains_key(column.as_str()));
-        let local_id = || {
-            write.local_id.clone().ok_or_else(|| {
+        let local_id = match write.op {
+            WriteOp::Create => None,
+            WriteOp::Update | WriteOp::Delete => Some(write.local_id.clone().ok_or_else(|| {
                 ConnectorError::permanent("missing_id", format!("{} without a local id", write.op.as_str()))
-            })
+            })?),
         };
-        let (sql, doing, exists_sql) = match write.op {
-            WriteOp::Create => {
-                let names: Vec<String> = fields.iter().map(|(name, _, _)| quote_ident(name)).collect();
-                let exprs: Vec<String> = fields
-                    .iter()
-                    .map(|(_, value, column)| param(column, value, &mut params))
-                    .collect();
-                let mut sql = if fields.is_empty() {
-                    format!("INSERT INTO {} AS t DEFAULT VALUES", table.quoted)
-                } else {
-                    format!(
-                        "INSERT INTO {} AS t ({}) VALUES ({})",
-                        table.quoted,
-                        names.join(", "),
-                        exprs.join(", ")
-                    )
-                };
-                if write.fields.contains_key(&table.id) {
-                    let mut sets: Vec<String> = fields
-                        .iter()
-                        .filter(|(name, _, _)| **name != table.id)
-                        .map(|(name, _, _)| format!("{0} = EXCLUDED.{0}", quote_ident(name)))
-                        .collect();
-                    if let Some(column) = bump {
-                        let v = quote_ident(column);
-                        sets.push(format!("{v} = COALESCE(t.{v}, 0) + 1"));
-                    }
-                    if sets.is_empty() {
-                        sets.push(format!("{id} = EXCLUDED.{id}"));
-                    }
-                    sql.push_str(&format!(" ON CONFLICT ({id}) DO UPDATE SET {}", sets.join(", ")));
+        let shape = Shape {
+            table: &table,
+            op: write.op,
+            fields: &fields,
+            local_id: local_id.as_deref(),
+            guard,
+            // An integer version column the write does not set counts concord's updates.
+            bump: table.version.as_ref().filter(|column| {
+                table.columns[*column].kind == Kind::Int && !write.fields.contains_key(column.as_str())
+            }),
+        };
+        let (sql, params) = shape.statement(Form::Row);
+        // One statement over arrays can write a run of rows of this shape; a guarded
+        // write needs its own existence check, and a create of defaults has no arrays.
+        let groupable = guard.is_none() && !(write.op == WriteOp::Create && fields.is_empty());
+        let group_sql = match self.group_statements.get(&sql) {
+            Some(group) => group.clone(),
+            None => {
+                let group = groupable.then(|| shape.statement(Form::Arrays).0);
+                if self.group_statements.len() > MAX_STATEMENTS {
+                    self.group_statements.clear();
                 }
-                (sql, format!("upsert into {}", table.label), None)
+                self.group_statements.insert(sql.clone(), group.clone());
+                group
             }
-            WriteOp::Update => {
-                let key = param(id_column, &Value::String(local_id()?), &mut params);
-                let mut sets: Vec<String> = fields
-                    .iter()
-                    .map(|(name, value, column)| {
-                        format!("{} = {}", quote_ident(name), param(column, value, &mut params))
-                    })
-                    .collect();
-                if let Some(column) = bump {
-                    let v = quote_ident(column);
-                    sets.push(format!("{v} = COALESCE(t.{v}, 0) + 1"));
-                }
-                if sets.is_empty() {
-                    sets.push(format!("{id} = t.{id}"));
-                }
-                let mut sql = format!(
-                    "UPDATE {} AS t SET {} WHERE t.{id} = {key}",
-                    table.quoted,
-                    sets.join(", ")
-                );
-                if let Some((column, expected)) = guard {
-                    let check = param(&table.columns[column], &Value::String(expected.clone()), &mut params);
-                    sql.push_str(&format!(" AND t.{} = {check}", quote_ident(column)));
-                }
-                (sql, format!("update of {}", table.label), exists_sql)
-            }
-            WriteOp::Delete => {
-                let key = param(id_column, &Value::String(local_id()?), &mut params);
-                let mut sql = format!("DELETE FROM {} AS t WHERE t.{id} = {key}", table.quoted);
-                if let Some((column, expected)) = guard {
-                    let check = param(&table.columns[column], &Value::String(expected.clone()), &mut params);
-                    sql.push_str(&format!(" AND t.{} = {check}", quote_ident(column)));
-                }
-                (sql, format!("delete from {}", table.label), exists_sql)
-            }
+        };
+        // Two rows with the same key in one statement would touch one row twice.
+        let key_param = match write.op {
+            WriteOp::Update | WriteOp::Delete => Some(0),
+            WriteOp::Create => fields.iter().position(|(name, _, _)| **name == table.id),
+        };
+        let doing = match write.op {
+            WriteOp::Create => format!("upsert into {}", table.label),
+            WriteOp::Update => format!("update of {}", table.label),
+            WriteOp::Delete => format!("delete from {}", table.label),
         };
         Ok(Planned {
-            sql: sql + &returning,
+            sql,
+            group_sql,
+            key_param,
             params,
             doing,
-            table,
             op: write.op,
             exists_sql,
             local_id: write.local_id.clone(),
+            table,
         })
     }
 
-    /// Runs the planned statements in one transaction (two when a row fails); `Err`
+    /// Runs the planned statements in one transaction (more when a row fails); `Err`
     /// fails every row.
     async fn run(&mut self, planned: &[Planned]) -> Result<Vec<Result<WriteAck, ConnectorError>>, ConnectorError> {
         if self.statements.len() > MAX_STATEMENTS {
             self.statements.clear();
         }
+        let all: Vec<usize> = (0..planned.len()).collect();
+        let grouped = runs(planned, &all);
+        let mut mode = if grouped.iter().any(|r| r.len() > 1) {
+            Mode::Grouped
+        } else {
+            Mode::Plain
+        };
         let client = self.client.as_mut().expect("connected before running");
         // New statements are prepared together, pipelined like the rows.
         let mut missing: Vec<(&str, &str)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for p in planned {
-            for sql in std::iter::once(&p.sql).chain(p.exists_sql.as_ref()) {
+            for sql in std::iter::once(&p.sql).chain(&p.exists_sql) {
+                if !self.statements.contains_key(sql) && seen.insert(sql.as_str()) {
+                    missing.push((sql, &p.doing));
+                }
+            }
+        }
+        if mode == Mode::Grouped {
+            for run in grouped.iter().filter(|r| r.len() > 1) {
+                let p = &planned[run.start];
+                let sql = p
+                    .group_sql
+                    .as_ref()
+                    .expect("a run of several rows has a group statement");
                 if !self.statements.contains_key(sql) && seen.insert(sql.as_str()) {
                     missing.push((sql, &p.doing));
                 }
@@ -608,25 +751,32 @@ impl PostgresSink {
         }
         let statements = &self.statements;
         let mut failed: Vec<Option<ConnectorError>> = planned.iter().map(|_| None).collect();
-        let mut savepoints = false;
         let written = loop {
             let pending: Vec<usize> = (0..planned.len()).filter(|i| failed[*i].is_none()).collect();
             let txn = client
                 .transaction()
                 .await
                 .map_err(|e| classify("begin a transaction", &e))?;
-            let done = if savepoints {
-                run_with_savepoints(&txn, statements, planned, &pending).await?
-            } else {
-                run_plain(&txn, statements, planned, &pending).await?
+            let done = match mode {
+                Mode::Grouped => match run_grouped(&txn, statements, planned, &grouped).await? {
+                    Some(done) => done,
+                    None => {
+                        // A row failed inside a statement of several: find it row by row.
+                        let _ = txn.rollback().await;
+                        mode = Mode::Plain;
+                        continue;
+                    }
+                },
+                Mode::Plain => run_plain(&txn, statements, planned, &pending).await?,
+                Mode::Savepoints => run_with_savepoints(&txn, statements, planned, &pending).await?,
             };
             if let Some((index, error)) = done.iter().zip(&pending).find_map(|(d, i)| match d {
-                RowDone::Failed(error) if !savepoints => Some((*i, error.clone())),
+                RowDone::Failed(error) if mode == Mode::Plain => Some((*i, error.clone())),
                 _ => None,
             }) {
                 let _ = txn.rollback().await;
                 failed[index] = Some(error);
-                savepoints = true;
+                mode = Mode::Savepoints;
                 continue;
             }
             let mut outcome: Vec<(usize, Result<WriteAck, ConnectorError>)> = Vec::with_capacity(pending.len());
@@ -694,6 +844,152 @@ fn row_error(error: &ConnectorError) -> bool {
     error.class == ErrorClass::Permanent
 }
 
+/// How [`PostgresSink::run`] sends a batch's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Runs of consecutive rows of one shape as one statement each.
+    Grouped,
+    /// One statement per row.
+    Plain,
+    /// One statement per row, each under a savepoint.
+    Savepoints,
+}
+
+/// What a written row's `RETURNING` gave: its key and version as text.
+struct Returned {
+    id: Option<String>,
+    version: Option<String>,
+}
+
+impl Returned {
+    /// The key at column `at` and the version after it, when the statement returns one.
+    fn of(row: &Row, at: usize) -> Returned {
+        Returned {
+            id: row.try_get(at).ok().flatten(),
+            version: row.try_get(at + 1).ok().flatten(),
+        }
+    }
+}
+
+/// Splits `pending` into runs of consecutive rows that one statement can write: the
+/// same group statement and no key twice. Rows without a group statement run alone.
+/// Keeping the batch's order keeps the order of unique-key changes between records.
+fn runs(planned: &[Planned], pending: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut keys = std::collections::HashSet::new();
+    for (at, index) in pending.iter().enumerate() {
+        let p = &planned[*index];
+        let key = p.key_param.and_then(|k| p.params[k].as_deref());
+        let joins = at > start && {
+            let first = &planned[pending[start]];
+            p.group_sql.is_some() && p.group_sql == first.group_sql && key.is_none_or(|k| !keys.contains(k))
+        };
+        if !joins {
+            if at > start {
+                runs.push(start..at);
+            }
+            start = at;
+            keys.clear();
+        }
+        if let Some(key) = key {
+            keys.insert(key);
+        }
+    }
+    if start < pending.len() {
+        runs.push(start..pending.len());
+    }
+    runs
+}
+
+/// Every run pipelined as one statement (rows alone as their own statement); `None`
+/// when a row failed, which the caller then finds row by row.
+async fn run_grouped(
+    txn: &Transaction<'_>,
+    statements: &HashMap<String, Statement>,
+    planned: &[Planned],
+    runs: &[std::ops::Range<usize>],
+) -> Result<Option<Vec<RowDone>>, ConnectorError> {
+    // The n-th array of a run holds the n-th parameter of each of its rows.
+    let arrays: Vec<Vec<Vec<Option<String>>>> = runs
+        .iter()
+        .map(|run| {
+            if run.len() == 1 {
+                return Vec::new();
+            }
+            let width = planned[run.start].params.len();
+            (0..width)
+                .map(|n| planned[run.clone()].iter().map(|p| p.params[n].clone()).collect())
+                .collect()
+        })
+        .collect();
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = runs
+        .iter()
+        .zip(&arrays)
+        .map(|(run, arrays)| match run.len() {
+            1 => params_of(&planned[run.start]),
+            _ => arrays.iter().map(|a| a as &(dyn ToSql + Sync)).collect(),
+        })
+        .collect();
+    type RunFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send + 'a>>;
+    let futures: Vec<RunFuture<'_>> = runs
+        .iter()
+        .zip(&params)
+        .map(|(run, params)| {
+            let p = &planned[run.start];
+            let sql = match run.len() {
+                1 => &p.sql,
+                _ => p
+                    .group_sql
+                    .as_ref()
+                    .expect("a run of several rows has a group statement"),
+            };
+            Box::pin(txn.query(&statements[sql], params)) as RunFuture<'_>
+        })
+        .collect();
+    let mut done = Vec::with_capacity(planned.len());
+    for (result, run) in futures_util::future::join_all(futures).await.into_iter().zip(runs) {
+        let p = &planned[run.start];
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                let error = classify(&p.doing, &e);
+                if row_error(&error) {
+                    return Ok(None);
+                }
+                return Err(error);
+            }
+        };
+        let mut returned: Vec<Option<Returned>> = run.clone().map(|_| None).collect();
+        match (run.len(), p.op) {
+            (1, _) => returned[0] = rows.first().map(|row| Returned::of(row, 0)),
+            (_, WriteOp::Create) => {
+                // Every row is inserted, in the order of the arrays.
+                if rows.len() != run.len() {
+                    return Ok(None);
+                }
+                for (slot, row) in returned.iter_mut().zip(&rows) {
+                    *slot = Some(Returned::of(row, 0));
+                }
+            }
+            (_, WriteOp::Update | WriteOp::Delete) => {
+                for row in &rows {
+                    let n: i64 = row.try_get(0).map_err(|e| classify(&p.doing, &e))?;
+                    let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| returned.get_mut(i)) else {
+                        return Err(ConnectorError::transient(
+                            "postgres",
+                            format!("{}: the statement returned row {n} of {}", p.doing, run.len()),
+                        ));
+                    };
+                    *slot = Some(Returned::of(row, 1));
+                }
+            }
+        }
+        done.extend(returned.into_iter().map(RowDone::Written));
+    }
+    Ok(Some(done))
+}
+
 /// All rows pipelined, no savepoints; stops at the first failure (every later
 /// statement then fails as part of an aborted transaction).
 async fn run_plain(
@@ -716,7 +1012,7 @@ async fn run_plain(
     let mut done = Vec::with_capacity(pending.len());
     for (result, index) in futures_util::future::join_all(futures).await.into_iter().zip(pending) {
         match result {
-            Ok(row) => done.push(RowDone::Written(row)),
+            Ok(row) => done.push(RowDone::Written(row.map(|row| Returned::of(&row, 0)))),
             Err(e) => {
                 let error = classify(&planned[*index].doing, &e);
                 if !row_error(&error) {
@@ -773,7 +1069,7 @@ async fn run_with_savepoints(
                     if let Err(e) = release {
                         return Err(classify(doing, &e));
                     }
-                    done.push(RowDone::Written(row));
+                    done.push(RowDone::Written(row.map(|row| Returned::of(&row, 0))));
                 }
                 Err(e) => {
                     let error = classify(doing, &e);
@@ -801,7 +1097,7 @@ async fn settle(
     txn: &Transaction<'_>,
     statements: &HashMap<String, Statement>,
     p: &Planned,
-    row: Option<Row>,
+    row: Option<Returned>,
 ) -> Result<Result<WriteAck, ConnectorError>, ConnectorError> {
     let conflict = || {
         ConnectorError::transient(
@@ -842,22 +1138,21 @@ async fn settle(
             )),
         });
     };
-    let text = |index: usize, column: &str| -> Option<String> {
-        let text: Option<String> = row.try_get(index).ok().flatten();
+    let text = |text: Option<String>, column: &str| -> Option<String> {
         let kind = &p.table.columns[column].kind;
         text.map(|t| match values::to_json(kind, &t) {
             Value::String(s) => s,
             other => other.to_string(),
         })
     };
-    let Some(local_id) = text(0, &p.table.id) else {
+    let Some(local_id) = text(row.id, &p.table.id) else {
         return Ok(Err(ConnectorError::permanent(
             "no_id",
             format!("{}: the row's id column is null", p.doing),
         )));
     };
     let version = match (&p.table.version, p.op) {
-        (Some(column), WriteOp::Create | WriteOp::Update) => text(1, column),
+        (Some(column), WriteOp::Create | WriteOp::Update) => text(row.version, column),
         _ => None,
     };
     Ok(Ok(WriteAck { local_id, version }))
