@@ -805,18 +805,32 @@ async fn runs_of_one_shape_are_one_statement_and_every_row_keeps_its_own_answer(
     );
     reset(&db).await;
 
-    // 30 updates, one of a row that is not there, then two more of one key.
+    // 30 updates, then two more of one key.
     let mut batch: Vec<Write> = (1..=30)
-        .map(|i| {
-            let id = if i == 15 { 999 } else { i };
-            update(200 + i, "people", &id.to_string(), json!({"name": format!("u{i}")}))
-        })
+        .map(|i| update(200 + i, "people", &i.to_string(), json!({"name": format!("u{i}")})))
         .collect();
     batch.push(update(231, "people", "7", json!({"name": "first"})));
     batch.push(update(232, "people", "7", json!({"name": "second"})));
     let results = f.sink.apply(batch).await;
+    results.iter().for_each(|r| _ = ok(r));
+    assert_eq!(
+        rows(&db, "SELECT name FROM people WHERE id IN (1, 7, 30, 31) ORDER BY id").await,
+        vec![text(&["u1"]), text(&["second"]), text(&["u30"]), text(&["n31"])]
+    );
+    // The 30 in one statement; the two of key 7 each start a run of their own.
+    assert_eq!(counted(&db).await, ["people UPDATE 3"]);
+    reset(&db).await;
+
+    // A run with an update of a row that is not there.
+    let batch: Vec<Write> = (1..=6)
+        .map(|i| {
+            let id = if i == 5 { 999 } else { i };
+            update(240 + i, "people", &id.to_string(), json!({"name": format!("v{i}")}))
+        })
+        .collect();
+    let results = f.sink.apply(batch).await;
     for (i, result) in results.iter().enumerate() {
-        if i == 14 {
+        if i == 4 {
             let gone = err(result);
             assert_eq!((gone.class, gone.kind), (ErrorClass::Permanent, "not_found"), "{gone}");
         } else {
@@ -824,12 +838,49 @@ async fn runs_of_one_shape_are_one_statement_and_every_row_keeps_its_own_answer(
         }
     }
     assert_eq!(
-        rows(&db, "SELECT name FROM people WHERE id IN (1, 7, 30, 31) ORDER BY id").await,
-        vec![text(&["u1"]), text(&["second"]), text(&["u30"]), text(&["n31"])]
+        rows(&db, "SELECT name FROM people WHERE id IN (1, 6) ORDER BY id").await,
+        vec![text(&["v1"]), text(&["v6"])]
     );
     assert!(rows(&db, "SELECT 1 FROM people WHERE id = 999").await.is_empty());
-    // The 30 in one statement; the two of key 7 each start a run of their own.
-    assert_eq!(counted(&db).await, ["people UPDATE 3"]);
+
+    // A run with two spellings of one key: `07` is key 7 to the server, not to the
+    // run's split. Both land, in order, as row by row.
+    let batch: Vec<Write> = (1..=12)
+        .map(|i| {
+            let id = if i == 9 { "07".to_string() } else { i.to_string() };
+            update(250 + i, "people", &id, json!({"name": format!("w{i}")}))
+        })
+        .collect();
+    let results = f.sink.apply(batch).await;
+    results.iter().for_each(|r| _ = ok(r));
+    assert_eq!(
+        rows(&db, "SELECT name FROM people WHERE id IN (1, 7, 12) ORDER BY id").await,
+        vec![text(&["w1"]), text(&["w9"]), text(&["w12"])]
+    );
+    reset(&db).await;
+
+    // Two creates of one key in two spellings: the second upsert wins, as row by row.
+    let results = f
+        .sink
+        .apply(vec![
+            create(
+                270,
+                "people",
+                json!({"id": "41", "name": "a41", "email": "a41@example.com"}),
+            ),
+            create(
+                271,
+                "people",
+                json!({"id": "041", "name": "b41", "email": "b41@example.com"}),
+            ),
+        ])
+        .await;
+    results.iter().for_each(|r| _ = ok(r));
+    assert_eq!(
+        rows(&db, "SELECT name, email FROM people WHERE id = 41").await,
+        vec![text(&["b41", "b41@example.com"])]
+    );
+    db.execute("DELETE FROM people WHERE id = 41").await;
     reset(&db).await;
 
     // A run with one row refused by a unique key: that row alone fails.

@@ -27,10 +27,11 @@
 //! FROM unnest(…) ORDER BY u.n`, `UPDATE … FROM unnest(…)`, `DELETE … USING unnest(…)`.
 //! The server then parses, plans and executes once per run instead of once per row,
 //! which is most of what a small write costs it. Updates and deletes return the
-//! ordinality of each row they touched, so a row not there gets the same answer as
-//! alone; an insert returns its rows in the order the `ORDER BY` feeds them. When a
-//! statement over arrays fails for a row's data, the transaction is rolled back and the
-//! batch runs again one statement per row (below), which finds that row. The batch's
+//! ordinality of each row they touched (a delete of a row not there succeeds, as
+//! alone); an insert returns its rows in the order the `ORDER BY` feeds them. When a
+//! statement over arrays fails for a row's data, or an update over arrays misses a row,
+//! the transaction is rolled back and the batch runs again one statement per row
+//! (below), which finds that row and gives it its own answer. The batch's
 //! order is kept: a run never reorders writes of different records, so unique-key
 //! changes between records happen in the order they were merged.
 //!
@@ -953,6 +954,11 @@ async fn run_grouped(
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => {
+                // Two rows of one key that the text of their keys did not tell apart
+                // (`1` and `01`) make an upsert touch a row twice (21000).
+                if e.code() == Some(&tokio_postgres::error::SqlState::CARDINALITY_VIOLATION) {
+                    return Ok(None);
+                }
                 let error = classify(&p.doing, &e);
                 if row_error(&error) {
                     return Ok(None);
@@ -982,6 +988,11 @@ async fn run_grouped(
                         ));
                     };
                     *slot = Some(Returned::of(row, 1));
+                }
+                // An update that found no row fails permanently; row by row tells a
+                // missing row from one matched by two keys of the run (`1` and `01`).
+                if p.op == WriteOp::Update && returned.iter().any(Option::is_none) {
+                    return Ok(None);
                 }
             }
         }
