@@ -34,18 +34,35 @@
 //! action = u8 0 upsert, map<value> | 1 delete | 2 soft delete, field str, value
 //! ```
 //!
+//! Merge decisions (`decisions` table) too, format byte [`DECISION_BINARY`], JSON before
+//! schema version 4:
+//!
+//! ```text
+//! id uN | time_ms iN | entity str | global_id 16 bytes LE | system str | local_id str
+//! | kind u8 (0 upsert, 1 delete) | source_time_ms iN | version opt<str>
+//! | fields uN count, field each | outcome u8 (0 created, 1 updated, 2 deleted, 3 noop)
+//! | flagged u8 | writes uN count, write each
+//! field = name str | rule u8 | incoming value | previous opt<value> | conflict u8
+//!         | policy u8 (0 none, 1 revert, 2 ignore, 3 flag)
+//! write = system str | mode u8 (0 send, 1 dry run, 2 outside rollout) | action str
+//!         | fields uN count, str each | seq opt<uN>
+//! ```
+//!
 //! Decoding uses checked reads only: a damaged row is an error, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::merge::{Rule, WriteAction};
-use crate::model::{AgreedField, Base, Fields, GlobalId, Provenance, RecordState, Shadow, Value};
+use crate::config::NonOwnerPolicy;
+use crate::merge::{Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMode, WriteSummary};
+use crate::model::{AgreedField, Base, ChangeKind, Fields, GlobalId, Provenance, RecordState, Shadow, TimeMs, Value};
 use crate::state::OutboxEntry;
 
 /// Format byte of the binary record layout. JSON rows start with `{` (0x7b).
 pub const RECORD_BINARY: u8 = 0x01;
 /// Format byte of the binary outbox entry layout.
 pub const OUTBOX_BINARY: u8 = 0x01;
+/// Format byte of the binary decision layout.
+pub const DECISION_BINARY: u8 = 0x01;
 
 /// Why a stored value could not be decoded; names no value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -238,6 +255,187 @@ pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, FormatError> {
         return Err(FormatError::Trailing);
     }
     Ok(entry)
+}
+
+/// Encodes a merge decision in the binary layout.
+pub fn encode_decision(d: &Decision) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(DECISION_BINARY);
+    put_uint(&mut out, d.id);
+    put_int(&mut out, d.time_ms);
+    put_str(&mut out, &d.entity);
+    out.extend_from_slice(&d.global_id.as_u128().to_le_bytes());
+    put_str(&mut out, &d.system);
+    put_str(&mut out, &d.local_id);
+    out.push(match d.kind {
+        ChangeKind::Upsert => 0,
+        ChangeKind::Delete => 1,
+    });
+    put_int(&mut out, d.source_time_ms);
+    put_opt_str(&mut out, d.version.as_deref());
+    put_uint(&mut out, d.fields.len() as u64);
+    for f in &d.fields {
+        put_str(&mut out, &f.field);
+        out.push(rule_code(f.rule));
+        put_value(&mut out, &f.incoming);
+        match &f.previous {
+            None => out.push(0),
+            Some(value) => {
+                out.push(1);
+                put_value(&mut out, value);
+            }
+        }
+        out.push(f.conflict as u8);
+        out.push(match f.policy {
+            None => 0,
+            Some(NonOwnerPolicy::Revert) => 1,
+            Some(NonOwnerPolicy::Ignore) => 2,
+            Some(NonOwnerPolicy::Flag) => 3,
+        });
+    }
+    out.push(match d.outcome {
+        Outcome::Created => 0,
+        Outcome::Updated => 1,
+        Outcome::Deleted => 2,
+        Outcome::Noop => 3,
+    });
+    out.push(d.flagged as u8);
+    put_uint(&mut out, d.writes.len() as u64);
+    for w in &d.writes {
+        put_str(&mut out, &w.system);
+        out.push(match w.mode {
+            WriteMode::Send => 0,
+            WriteMode::DryRun => 1,
+            WriteMode::OutsideRollout => 2,
+        });
+        put_str(&mut out, &w.action);
+        put_uint(&mut out, w.fields.len() as u64);
+        for field in &w.fields {
+            put_str(&mut out, field);
+        }
+        match w.seq {
+            None => out.push(0),
+            Some(seq) => {
+                out.push(1);
+                put_uint(&mut out, seq);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes the binary layout (starting with [`DECISION_BINARY`]).
+pub fn decode_decision(bytes: &[u8]) -> Result<Decision, FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    let (id, time_ms) = decision_head(&mut r)?;
+    let entity = r.string()?;
+    let raw: [u8; 16] = r.take(16)?.try_into().expect("took sixteen bytes");
+    let global_id = GlobalId::from_u128(u128::from_le_bytes(raw));
+    let system = r.string()?;
+    let local_id = r.string()?;
+    let kind = match r.byte()? {
+        0 => ChangeKind::Upsert,
+        1 => ChangeKind::Delete,
+        other => return Err(FormatError::UnknownTag(other)),
+    };
+    let source_time_ms = r.int()?;
+    let version = r.opt_string()?;
+    let count = r.count()?;
+    let mut fields = Vec::with_capacity(count.min(64) as usize);
+    for _ in 0..count {
+        let field = r.string()?;
+        let rule = rule_from_code(r.byte()?)?;
+        let incoming = r.value(0)?;
+        let previous = match r.byte()? {
+            0 => None,
+            1 => Some(r.value(0)?),
+            other => return Err(FormatError::UnknownTag(other)),
+        };
+        let conflict = r.bool()?;
+        let policy = match r.byte()? {
+            0 => None,
+            1 => Some(NonOwnerPolicy::Revert),
+            2 => Some(NonOwnerPolicy::Ignore),
+            3 => Some(NonOwnerPolicy::Flag),
+            other => return Err(FormatError::UnknownTag(other)),
+        };
+        fields.push(FieldDecision {
+            field,
+            rule,
+            incoming,
+            previous,
+            conflict,
+            policy,
+        });
+    }
+    let outcome = match r.byte()? {
+        0 => Outcome::Created,
+        1 => Outcome::Updated,
+        2 => Outcome::Deleted,
+        3 => Outcome::Noop,
+        other => return Err(FormatError::UnknownTag(other)),
+    };
+    let flagged = r.bool()?;
+    let count = r.count()?;
+    let mut writes = Vec::with_capacity(count.min(64) as usize);
+    for _ in 0..count {
+        let system = r.string()?;
+        let mode = match r.byte()? {
+            0 => WriteMode::Send,
+            1 => WriteMode::DryRun,
+            2 => WriteMode::OutsideRollout,
+            other => return Err(FormatError::UnknownTag(other)),
+        };
+        let action = r.string()?;
+        let n = r.count()?;
+        let mut names = Vec::with_capacity(n.min(64) as usize);
+        for _ in 0..n {
+            names.push(r.string()?);
+        }
+        let seq = match r.byte()? {
+            0 => None,
+            1 => Some(r.uint()?),
+            other => return Err(FormatError::UnknownTag(other)),
+        };
+        writes.push(WriteSummary {
+            system,
+            mode,
+            action,
+            fields: names,
+            seq,
+        });
+    }
+    if r.at != bytes.len() {
+        return Err(FormatError::Trailing);
+    }
+    Ok(Decision {
+        id,
+        time_ms,
+        entity,
+        global_id,
+        system,
+        local_id,
+        kind,
+        source_time_ms,
+        version,
+        fields,
+        outcome,
+        flagged,
+        writes,
+    })
+}
+
+/// The time of a binary decision, read without decoding the rest (retention).
+pub fn decision_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
+    decision_head(&mut Reader { bytes, at: 0 }).map(|(_, time_ms)| time_ms)
+}
+
+fn decision_head(r: &mut Reader<'_>) -> Result<(u64, TimeMs), FormatError> {
+    match r.byte()? {
+        DECISION_BINARY => {}
+        other => return Err(FormatError::UnknownFormat(other)),
+    }
+    Ok((r.uint()?, r.int()?))
 }
 
 /// Stable one-byte codes of the merge rules; a new rule takes the next free code.
@@ -627,6 +825,107 @@ mod tests {
             }
         }
         assert_eq!(decode_outbox(b"{}"), Err(FormatError::UnknownFormat(b'{')));
+    }
+
+    fn sample_decisions() -> Vec<Decision> {
+        let full = Decision {
+            id: 300,
+            time_ms: 1_764_000_000_123,
+            entity: "contact".into(),
+            global_id: GlobalId::new_v7(),
+            system: "crm".into(),
+            local_id: "003XX0001".into(),
+            kind: ChangeKind::Upsert,
+            source_time_ms: -5,
+            version: Some("\"etag-1\"".into()),
+            fields: vec![
+                FieldDecision {
+                    field: "phone".into(),
+                    rule: Rule::Owner,
+                    incoming: serde_json::json!("+4930123456"),
+                    previous: Some(serde_json::json!(null)),
+                    conflict: false,
+                    policy: None,
+                },
+                FieldDecision {
+                    field: "title".into(),
+                    rule: Rule::NonOwner,
+                    incoming: serde_json::json!({"a": [1, 2.5, true, "x"]}),
+                    previous: None,
+                    conflict: true,
+                    policy: Some(NonOwnerPolicy::Flag),
+                },
+            ],
+            outcome: Outcome::Updated,
+            flagged: true,
+            writes: vec![
+                WriteSummary {
+                    system: "lms".into(),
+                    mode: WriteMode::Send,
+                    action: "update".into(),
+                    fields: vec!["phone".into()],
+                    seq: Some(u64::MAX),
+                },
+                WriteSummary {
+                    system: "hr".into(),
+                    mode: WriteMode::OutsideRollout,
+                    action: "revert".into(),
+                    fields: vec![],
+                    seq: None,
+                },
+            ],
+        };
+        let delete = Decision {
+            id: 0,
+            kind: ChangeKind::Delete,
+            version: None,
+            fields: vec![],
+            outcome: Outcome::Deleted,
+            flagged: false,
+            writes: vec![],
+            ..full.clone()
+        };
+        let mut policies = full.clone();
+        for (field, policy) in policies
+            .fields
+            .iter_mut()
+            .zip([NonOwnerPolicy::Revert, NonOwnerPolicy::Ignore])
+        {
+            field.policy = Some(policy);
+        }
+        policies.outcome = Outcome::Noop;
+        policies.writes[0].mode = WriteMode::DryRun;
+        let created = Decision {
+            outcome: Outcome::Created,
+            ..full.clone()
+        };
+        vec![full, delete, policies, created]
+    }
+
+    #[test]
+    fn a_decision_round_trips_and_is_smaller_than_json() {
+        for decision in sample_decisions() {
+            let bytes = encode_decision(&decision);
+            assert_eq!(bytes[0], DECISION_BINARY);
+            assert_eq!(decode_decision(&bytes).unwrap(), decision);
+            assert_eq!(decision_time(&bytes).unwrap(), decision.time_ms);
+            let json = serde_json::to_vec(&decision).unwrap();
+            assert!(bytes.len() < json.len(), "{} vs {} bytes", bytes.len(), json.len());
+            for len in 0..bytes.len() {
+                assert!(decode_decision(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode_decision(&longer), Err(FormatError::Trailing));
+            for i in 1..bytes.len() {
+                for flip in [0x01u8, 0x80, 0xff] {
+                    let mut damaged = bytes.clone();
+                    damaged[i] ^= flip;
+                    let _ = decode_decision(&damaged);
+                }
+            }
+        }
+        assert_eq!(decode_decision(b"{}"), Err(FormatError::UnknownFormat(b'{')));
     }
 
     #[test]

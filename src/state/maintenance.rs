@@ -380,7 +380,7 @@ impl WriteTables<'_> {
         let mut decisions = Vec::new();
         for row in self.decisions.iter()? {
             let (k, v) = row?;
-            let decision: Decision = unseal(self.codec, "decisions", &id_key(k.value()), v.value())?;
+            let decision = super::unseal_decision(self.codec, &id_key(k.value()), v.value())?;
             if decision.entity == entity && decision.global_id == id {
                 decisions.push(k.value());
             }

@@ -614,6 +614,35 @@ fn unseal_outbox(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<OutboxEntry,
     })
 }
 
+/// Encodes and seals a merge decision of row `key`.
+fn seal_decision(codec: &Codec, key: &[u8], decision: &Decision) -> Vec<u8> {
+    codec.seal("decisions", key, encoding::encode_decision(decision))
+}
+
+/// Decodes a stored decision: the binary layout, or the JSON of schema versions 1 to 3.
+pub(crate) fn unseal_decision(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<Decision, StateError> {
+    let plain = codec.open("decisions", key, bytes)?;
+    if plain.first() == Some(&b'{') {
+        return decode("decisions", &plain);
+    }
+    encoding::decode_decision(&plain).map_err(|source| StateError::Format {
+        table: "decisions",
+        source,
+    })
+}
+
+/// The time of a stored decision, for retention.
+fn decision_time(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<TimeMs, StateError> {
+    let plain = codec.open("decisions", key, bytes)?;
+    if plain.first() == Some(&b'{') {
+        return decode::<TimeOnly>("decisions", &plain).map(|t| t.time_ms);
+    }
+    encoding::decision_time(&plain).map_err(|source| StateError::Format {
+        table: "decisions",
+        source,
+    })
+}
+
 /// Decodes a stored record state: the binary layout, or the JSON of schema version 1.
 fn unseal_record(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<RecordState, StateError> {
     let plain = codec.open("records", key, bytes)?;
@@ -843,7 +872,7 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn put_decision(&mut self, decision: &Decision) -> Result<(), StateError> {
-        let sealed = seal(self.codec, "decisions", &id_key(decision.id), decision);
+        let sealed = seal_decision(self.codec, &id_key(decision.id), decision);
         self.decisions.insert(decision.id, sealed.as_slice())?;
         Ok(())
     }
@@ -885,7 +914,7 @@ impl<'txn> WriteTables<'txn> {
     pub fn prune(&mut self, max_decisions: u64, max_write_log: u64, min_time_ms: TimeMs) -> Result<u64, StateError> {
         let codec = self.codec;
         let mut removed = prune_table(&mut self.decisions, max_decisions, min_time_ms, |id, b| {
-            unseal::<TimeOnly>(codec, "decisions", &id_key(id), b).map(|t| t.time_ms)
+            decision_time(codec, &id_key(id), b)
         })?;
         removed += prune_table(&mut self.write_log, max_write_log, min_time_ms, |_, b| {
             decode::<TimeOnly>("write_log", b).map(|t| t.time_ms)
@@ -1048,7 +1077,7 @@ impl ReadView {
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
             let (k, v) = row?;
-            let d: Decision = unseal(&self.codec, "decisions", &id_key(k.value()), v.value())?;
+            let d = unseal_decision(&self.codec, &id_key(k.value()), v.value())?;
             if filter.matches(&d) {
                 out.push(d);
                 if out.len() >= limit {

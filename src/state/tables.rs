@@ -2,8 +2,8 @@
 //!
 //! Keys are redb tuples, compared element by element, so a range over a prefix
 //! (`(entity, ..)`, `(system, ..)`) lists one entity's or one system's rows in order.
-//! Values that are structs are JSON bytes (record states: the binary layout of
-//! `encoding`), sealed in an encrypted store for the tables
+//! Values that are structs are JSON bytes (record states, outbox entries and decisions:
+//! the binary layouts of `encoding`), sealed in an encrypted store for the tables
 //! in [`SEALED_TABLES`] (see `crypto`); counters and ids are native
 //! integers. Global ids are stored as `u128` (the UUID's big-endian value), so
 //! UUIDv7 ids sort by creation time.
@@ -13,15 +13,15 @@ use redb::TableDefinition;
 /// Version of the layout below. Bump it when a table's key or value changes meaning;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
 /// Version 2 stores record states in the binary layout of `encoding`; version 3 also
-/// outbox entries.
-pub const SCHEMA_VERSION: u64 = 3;
+/// outbox entries; version 4 also merge decisions.
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// Older versions this build still reads. Opening such a file marks it with
 /// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
-/// afterwards instead of misreading new rows. Version 1 stored record states and outbox
-/// entries as JSON, version 2 outbox entries; `encoding` tells them apart by the first
-/// byte.
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 2] = [1, 2];
+/// afterwards instead of misreading new rows. Version 1 stored record states, outbox
+/// entries and decisions as JSON, version 2 outbox entries and decisions, version 3
+/// decisions; `encoding` tells them apart by the first byte.
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 3] = [1, 2, 3];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while

@@ -440,6 +440,70 @@ fn a_version_2_file_with_json_outbox_entries_is_read_and_upgraded() {
 }
 
 #[test]
+fn a_version_3_file_with_json_decisions_is_read_pruned_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let decision = |id: u64| crate::merge::Decision {
+        id,
+        time_ms: id as i64 * 1000,
+        entity: "contact".into(),
+        global_id: gid(id as u8),
+        system: "hr".into(),
+        local_id: format!("E{id}"),
+        kind: crate::model::ChangeKind::Upsert,
+        source_time_ms: 7,
+        version: None,
+        fields: vec![crate::merge::FieldDecision {
+            field: "title".into(),
+            rule: crate::merge::Rule::Owner,
+            incoming: serde_json::json!("Engineer"),
+            previous: Some(serde_json::json!("Intern")),
+            conflict: false,
+            policy: None,
+        }],
+        outcome: crate::merge::Outcome::Updated,
+        flagged: false,
+        writes: vec![],
+    };
+    {
+        // What a version-3 build left: JSON decisions and schema version 3.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 3).unwrap();
+        let mut table = txn.open_table(DECISIONS).unwrap();
+        for id in 1..=3 {
+            table
+                .insert(id, serde_json::to_vec(&decision(id)).unwrap().as_slice())
+                .unwrap();
+        }
+        drop(table);
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    store
+        .write(|t| (4..=6).try_for_each(|id| t.put_decision(&decision(id))))
+        .unwrap();
+    let txn = store.db.begin_read().unwrap();
+    assert_eq!(
+        txn.open_table(META)
+            .unwrap()
+            .get("schema_version")
+            .unwrap()
+            .map(|v| v.value()),
+        Some(SCHEMA_VERSION)
+    );
+    let table = txn.open_table(DECISIONS).unwrap();
+    assert_eq!(table.get(1).unwrap().unwrap().value()[0], b'{');
+    assert_eq!(table.get(4).unwrap().unwrap().value()[0], encoding::DECISION_BINARY);
+    drop((table, txn));
+    let listed = store.read().unwrap().decisions(&DecisionFilter::default(), 10).unwrap();
+    assert_eq!(listed, (1..=6).rev().map(decision).collect::<Vec<_>>());
+    // Retention reads the time of both forms: nothing older than 2.5 s stays.
+    assert_eq!(store.write(|t| t.prune(100, 100, 2_500)).unwrap(), 2);
+    let listed = store.read().unwrap().decisions(&DecisionFilter::default(), 10).unwrap();
+    assert_eq!(listed, (3..=6).rev().map(decision).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_damaged_record_row_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path(), 4).unwrap();
