@@ -802,29 +802,41 @@ mod tests {
         ]
     }
 
+    /// `value` round-trips through a binary layout that is smaller than its JSON; every
+    /// prefix and a trailing byte are refused; flipped bytes are refused or decoded,
+    /// never a panic; JSON is not taken for the layout.
+    fn check_layout<T: serde::Serialize + PartialEq + std::fmt::Debug>(
+        value: &T,
+        format: u8,
+        encode: fn(&T) -> Vec<u8>,
+        decode: fn(&[u8]) -> Result<T, FormatError>,
+    ) {
+        let bytes = encode(value);
+        assert_eq!(bytes[0], format);
+        assert_eq!(&decode(&bytes).unwrap(), value);
+        let json = serde_json::to_vec(value).unwrap();
+        assert!(bytes.len() < json.len(), "{} vs {} bytes", bytes.len(), json.len());
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), Err(FormatError::Trailing));
+        for i in 1..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[i] ^= flip;
+                let _ = decode(&damaged);
+            }
+        }
+        assert_eq!(decode(b"{}"), Err(FormatError::UnknownFormat(b'{')));
+    }
+
     #[test]
     fn an_outbox_entry_round_trips_and_is_smaller_than_json() {
         for entry in sample_entries() {
-            let bytes = encode_outbox(&entry);
-            assert_eq!(bytes[0], OUTBOX_BINARY);
-            assert_eq!(decode_outbox(&bytes).unwrap(), entry);
-            let json = serde_json::to_vec(&entry).unwrap();
-            assert!(bytes.len() < json.len(), "{} vs {} bytes", bytes.len(), json.len());
-            for len in 0..bytes.len() {
-                assert!(decode_outbox(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
-            }
-            let mut longer = bytes.clone();
-            longer.push(0);
-            assert_eq!(decode_outbox(&longer), Err(FormatError::Trailing));
-            for i in 1..bytes.len() {
-                for flip in [0x01u8, 0x80, 0xff] {
-                    let mut damaged = bytes.clone();
-                    damaged[i] ^= flip;
-                    let _ = decode_outbox(&damaged);
-                }
-            }
+            check_layout(&entry, OUTBOX_BINARY, encode_outbox, decode_outbox);
         }
-        assert_eq!(decode_outbox(b"{}"), Err(FormatError::UnknownFormat(b'{')));
     }
 
     fn sample_decisions() -> Vec<Decision> {
@@ -905,27 +917,9 @@ mod tests {
     #[test]
     fn a_decision_round_trips_and_is_smaller_than_json() {
         for decision in sample_decisions() {
-            let bytes = encode_decision(&decision);
-            assert_eq!(bytes[0], DECISION_BINARY);
-            assert_eq!(decode_decision(&bytes).unwrap(), decision);
-            assert_eq!(decision_time(&bytes).unwrap(), decision.time_ms);
-            let json = serde_json::to_vec(&decision).unwrap();
-            assert!(bytes.len() < json.len(), "{} vs {} bytes", bytes.len(), json.len());
-            for len in 0..bytes.len() {
-                assert!(decode_decision(&bytes[..len]).is_err(), "prefix of {len} bytes decoded");
-            }
-            let mut longer = bytes.clone();
-            longer.push(0);
-            assert_eq!(decode_decision(&longer), Err(FormatError::Trailing));
-            for i in 1..bytes.len() {
-                for flip in [0x01u8, 0x80, 0xff] {
-                    let mut damaged = bytes.clone();
-                    damaged[i] ^= flip;
-                    let _ = decode_decision(&damaged);
-                }
-            }
+            check_layout(&decision, DECISION_BINARY, encode_decision, decode_decision);
+            assert_eq!(decision_time(&encode_decision(&decision)).unwrap(), decision.time_ms);
         }
-        assert_eq!(decode_decision(b"{}"), Err(FormatError::UnknownFormat(b'{')));
     }
 
     #[test]

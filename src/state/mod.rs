@@ -604,14 +604,14 @@ fn seal_outbox(codec: &Codec, key: &[u8], entry: &OutboxEntry) -> Vec<u8> {
 
 /// Decodes a stored pending write: the binary layout, or the JSON of schema version 1.
 fn unseal_outbox(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<OutboxEntry, StateError> {
-    let plain = codec.open("outbox", key, bytes)?;
-    if plain.first() == Some(&b'{') {
-        return decode("outbox", &plain);
-    }
-    encoding::decode_outbox(&plain).map_err(|source| StateError::Format {
-        table: "outbox",
-        source,
-    })
+    unseal_either(
+        codec,
+        "outbox",
+        key,
+        bytes,
+        |b| decode("outbox", b),
+        encoding::decode_outbox,
+    )
 }
 
 /// Encodes and seals a merge decision of row `key`.
@@ -621,38 +621,50 @@ fn seal_decision(codec: &Codec, key: &[u8], decision: &Decision) -> Vec<u8> {
 
 /// Decodes a stored decision: the binary layout, or the JSON of schema versions 1 to 3.
 pub(crate) fn unseal_decision(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<Decision, StateError> {
-    let plain = codec.open("decisions", key, bytes)?;
-    if plain.first() == Some(&b'{') {
-        return decode("decisions", &plain);
-    }
-    encoding::decode_decision(&plain).map_err(|source| StateError::Format {
-        table: "decisions",
-        source,
-    })
+    unseal_either(
+        codec,
+        "decisions",
+        key,
+        bytes,
+        |b| decode("decisions", b),
+        encoding::decode_decision,
+    )
 }
 
 /// The time of a stored decision, for retention.
 fn decision_time(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<TimeMs, StateError> {
-    let plain = codec.open("decisions", key, bytes)?;
-    if plain.first() == Some(&b'{') {
-        return decode::<TimeOnly>("decisions", &plain).map(|t| t.time_ms);
-    }
-    encoding::decision_time(&plain).map_err(|source| StateError::Format {
-        table: "decisions",
-        source,
-    })
+    let json = |b: &[u8]| decode::<TimeOnly>("decisions", b).map(|t| t.time_ms);
+    unseal_either(codec, "decisions", key, bytes, json, encoding::decision_time)
 }
 
 /// Decodes a stored record state: the binary layout, or the JSON of schema version 1.
 fn unseal_record(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<RecordState, StateError> {
-    let plain = codec.open("records", key, bytes)?;
+    unseal_either(
+        codec,
+        "records",
+        key,
+        bytes,
+        |b| decode("records", b),
+        encoding::decode_record,
+    )
+}
+
+/// Opens a stored value of `table` and decodes it with `json` when it is the JSON of an
+/// older schema version (it starts with `{`), with `binary` when it is a layout of
+/// `encoding` (it starts with that layout's format byte).
+fn unseal_either<T>(
+    codec: &Codec,
+    table: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+    json: impl FnOnce(&[u8]) -> Result<T, StateError>,
+    binary: impl FnOnce(&[u8]) -> Result<T, encoding::FormatError>,
+) -> Result<T, StateError> {
+    let plain = codec.open(table, key, bytes)?;
     if plain.first() == Some(&b'{') {
-        return decode("records", &plain);
+        return json(&plain);
     }
-    encoding::decode_record(&plain).map_err(|source| StateError::Format {
-        table: "records",
-        source,
-    })
+    binary(&plain).map_err(|source| StateError::Format { table, source })
 }
 
 /// The redb encoding of a row key: the associated data that binds a sealed value to

@@ -714,8 +714,7 @@ impl PostgresSink {
         if self.statements.len() > MAX_STATEMENTS {
             self.statements.clear();
         }
-        let all: Vec<usize> = (0..planned.len()).collect();
-        let grouped = runs(planned, &all);
+        let grouped = runs(planned);
         let mut mode = if grouped.iter().any(|r| r.len() > 1) {
             Mode::Grouped
         } else {
@@ -872,20 +871,19 @@ impl Returned {
     }
 }
 
-/// Splits `pending` into runs of consecutive rows that one statement can write: the
+/// Splits the batch into runs of consecutive rows that one statement can write: the
 /// same group statement and no key twice. Rows without a group statement run alone.
 /// Keeping the batch's order keeps the order of unique-key changes between records.
-fn runs(planned: &[Planned], pending: &[usize]) -> Vec<std::ops::Range<usize>> {
+fn runs(planned: &[Planned]) -> Vec<std::ops::Range<usize>> {
     let mut runs = Vec::new();
     let mut start = 0;
     let mut keys = std::collections::HashSet::new();
-    for (at, index) in pending.iter().enumerate() {
-        let p = &planned[*index];
+    for (at, p) in planned.iter().enumerate() {
         let key = p.key_param.and_then(|k| p.params[k].as_deref());
-        let joins = at > start && {
-            let first = &planned[pending[start]];
-            p.group_sql.is_some() && p.group_sql == first.group_sql && key.is_none_or(|k| !keys.contains(k))
-        };
+        let joins = at > start
+            && p.group_sql.is_some()
+            && p.group_sql == planned[start].group_sql
+            && key.is_none_or(|k| !keys.contains(k));
         if !joins {
             if at > start {
                 runs.push(start..at);
@@ -897,8 +895,8 @@ fn runs(planned: &[Planned], pending: &[usize]) -> Vec<std::ops::Range<usize>> {
             keys.insert(key);
         }
     }
-    if start < pending.len() {
-        runs.push(start..pending.len());
+    if start < planned.len() {
+        runs.push(start..planned.len());
     }
     runs
 }
