@@ -1,7 +1,7 @@
 //! One captured batch through map → validate → identify → merge → state, inside one
 //! write transaction. Runs on a blocking thread; the caller commits once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::RolloutConfig;
 use crate::connector::Checkpoint;
@@ -88,6 +88,7 @@ pub fn process(
     }
 
     let guarded = delete_guard_trips(tables, entity, system, records)?;
+    let mut tally = Tally::default();
     for record in records {
         if guarded && record.kind == ChangeKind::Delete {
             let reason = format!(
@@ -107,7 +108,7 @@ pub fn process(
             report.dead_letter_ids.push(id);
             continue;
         }
-        match process_record(rt, tables, entity, link, record, now)? {
+        match process_record(rt, tables, entity, link, record, now, &mut tally)? {
             RecordOutcome::Merged(wake) => {
                 report.merged += 1;
                 report.wake.extend(wake);
@@ -124,6 +125,7 @@ pub fn process(
     }
     metrics::counter!(m::CHANGES_CAPTURED, m::LABEL_SYSTEM => system.to_string(), m::LABEL_ENTITY => entity.name.clone())
         .increment(report.captured);
+    tally.emit(&entity.name);
     Ok(report)
 }
 
@@ -205,6 +207,7 @@ fn process_record(
     link: &LinkRuntime,
     record: &SourceRecord,
     now: TimeMs,
+    tally: &mut Tally,
 ) -> Result<RecordOutcome, StateError> {
     let system = link.config.system.as_str();
     let fields = match record.kind {
@@ -344,9 +347,7 @@ fn process_record(
     let mut wake = Vec::new();
     for (write, summary) in output.writes.iter().zip(decision.writes.iter_mut()) {
         if write.mode != WriteMode::Send {
-            metrics::counter!(m::WRITES, m::LABEL_SYSTEM => write.system.clone(), m::LABEL_ENTITY => entity.name.clone(),
-                m::LABEL_OP => summary.action.clone(), m::LABEL_OUTCOME => "dry_run")
-            .increment(1);
+            tally.dry_run(&write.system, &summary.action);
             continue;
         }
         let seq = tables.enqueue(OutboxEntry {
@@ -367,7 +368,7 @@ fn process_record(
     }
     tables.put_record(&entity.name, global_id, &new_state)?;
     tables.put_decision(&decision)?;
-    record_metrics(&decision);
+    tally.decision(&decision);
     Ok(RecordOutcome::Merged(wake))
 }
 
@@ -417,19 +418,61 @@ fn merge_change(
     })
 }
 
-fn record_metrics(decision: &merge::Decision) {
-    metrics::counter!(m::CHANGES_MERGED, m::LABEL_ENTITY => decision.entity.clone(), m::LABEL_OUTCOME => decision.outcome.as_str())
-        .increment(1);
-    for field in &decision.fields {
-        if field.conflict {
-            metrics::counter!(m::CONFLICTS, m::LABEL_ENTITY => decision.entity.clone(), m::LABEL_FIELD => field.field.clone())
-                .increment(1);
+/// The metrics of one batch's merges, counted as they happen and added to the
+/// registry once per batch rather than once per change.
+#[derive(Default)]
+struct Tally {
+    /// By outcome.
+    merged: BTreeMap<&'static str, u64>,
+    /// By field.
+    conflicts: BTreeMap<String, u64>,
+    /// By field and non-owner policy.
+    rejections: BTreeMap<(String, &'static str), u64>,
+    /// Writes a dry-run link would have made, by system and action.
+    dry_runs: BTreeMap<(String, String), u64>,
+}
+
+impl Tally {
+    fn decision(&mut self, decision: &merge::Decision) {
+        *self.merged.entry(decision.outcome.as_str()).or_default() += 1;
+        for field in &decision.fields {
+            if field.conflict {
+                *self.conflicts.entry(field.field.clone()).or_default() += 1;
+            }
+            if let Some(policy) = field.policy {
+                *self
+                    .rejections
+                    .entry((field.field.clone(), policy.as_str()))
+                    .or_default() += 1;
+            }
         }
-        if let Some(policy) = field.policy {
-            let policy = policy.as_str();
-            metrics::counter!(m::FIELD_REJECTIONS, m::LABEL_ENTITY => decision.entity.clone(),
-                m::LABEL_FIELD => field.field.clone(), m::LABEL_POLICY => policy)
-            .increment(1);
+    }
+
+    fn dry_run(&mut self, system: &str, action: &str) {
+        *self
+            .dry_runs
+            .entry((system.to_string(), action.to_string()))
+            .or_default() += 1;
+    }
+
+    fn emit(self, entity: &str) {
+        for (outcome, n) in self.merged {
+            metrics::counter!(m::CHANGES_MERGED, m::LABEL_ENTITY => entity.to_string(), m::LABEL_OUTCOME => outcome)
+                .increment(n);
+        }
+        for (field, n) in self.conflicts {
+            metrics::counter!(m::CONFLICTS, m::LABEL_ENTITY => entity.to_string(), m::LABEL_FIELD => field)
+                .increment(n);
+        }
+        for ((field, policy), n) in self.rejections {
+            metrics::counter!(m::FIELD_REJECTIONS, m::LABEL_ENTITY => entity.to_string(),
+                m::LABEL_FIELD => field, m::LABEL_POLICY => policy)
+            .increment(n);
+        }
+        for ((system, action), n) in self.dry_runs {
+            metrics::counter!(m::WRITES, m::LABEL_SYSTEM => system, m::LABEL_ENTITY => entity.to_string(),
+                m::LABEL_OP => action, m::LABEL_OUTCOME => "dry_run")
+            .increment(n);
         }
     }
 }

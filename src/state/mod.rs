@@ -701,6 +701,9 @@ pub struct WriteTables<'txn> {
     codec: &'txn Codec,
     /// Sequences advanced in this transaction, written back once by `flush`.
     sequence_cache: Vec<(&'static str, u64)>,
+    /// Record counts changed in this transaction, by (entity, system): the stored count
+    /// when first touched and the count now; written back once by `flush`.
+    count_cache: Vec<((String, String), u64)>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -719,6 +722,7 @@ impl<'txn> WriteTables<'txn> {
             counts: txn.open_table(COUNTS)?,
             codec,
             sequence_cache: Vec::new(),
+            count_cache: Vec::new(),
         })
     }
 
@@ -737,10 +741,14 @@ impl<'txn> WriteTables<'txn> {
         Ok(id)
     }
 
-    /// Writes the sequences advanced in this transaction; called once before commit.
+    /// Writes the sequences and counts changed in this transaction; called once before
+    /// commit.
     fn flush(&mut self) -> Result<(), StateError> {
         for (name, next) in std::mem::take(&mut self.sequence_cache) {
             self.sequences.insert(name, next)?;
+        }
+        for ((entity, system), count) in std::mem::take(&mut self.count_cache) {
+            self.counts.insert((entity.as_str(), system.as_str()), count)?;
         }
         Ok(())
     }
@@ -825,14 +833,30 @@ impl<'txn> WriteTables<'txn> {
         Ok(())
     }
 
+    /// How many records `system` holds of `entity`, with this transaction's changes.
     pub fn count(&self, entity: &str, system: &str) -> Result<u64, StateError> {
+        if let Some((_, count)) = self.count_cache.iter().find(|((e, s), _)| e == entity && s == system) {
+            return Ok(*count);
+        }
         Ok(self.counts.get((entity, system))?.map(|v| v.value()).unwrap_or(0))
     }
 
     fn add_count(&mut self, entity: &str, system: &str, delta: i64) -> Result<(), StateError> {
-        let current = self.count(entity, system)?;
-        self.counts
-            .insert((entity, system), current.saturating_add_signed(delta))?;
+        let slot = self
+            .count_cache
+            .iter()
+            .position(|((e, s), _)| e == entity && s == system);
+        let slot = match slot {
+            Some(i) => i,
+            None => {
+                let stored = self.counts.get((entity, system))?.map(|v| v.value()).unwrap_or(0);
+                self.count_cache
+                    .push(((entity.to_string(), system.to_string()), stored));
+                self.count_cache.len() - 1
+            }
+        };
+        let count = &mut self.count_cache[slot].1;
+        *count = count.saturating_add_signed(delta);
         Ok(())
     }
 
