@@ -1,12 +1,15 @@
 //! Secrets and record values stay where they belong. A real daemon runs with an admin
-//! token and a state key given by reference, on data that carries canary values; every
-//! output (debug logs, status, metrics, error bodies) and the raw state file are searched
-//! for the canaries. SIGHUP rotates the admin token with no restart.
+//! token, a state key and connector credentials (a PostgreSQL password, a REST bearer
+//! token; right ones and wrong ones) given by reference, on data that carries canary
+//! values; every output (debug logs, status, metrics, error bodies) and the raw state
+//! file are searched for the canaries. SIGHUP rotates the admin token with no restart.
 
 mod support;
 
 use std::path::Path;
 
+use concord::sim::crm::{CrmOptions, CrmSim};
+use support::pg::PgCluster;
 use support::*;
 
 const ADMIN_TOKEN: &str = "canary-admin-token-5b1e77d2";
@@ -126,4 +129,201 @@ fn secrets_and_values_never_leak_and_sighup_rotates_the_token() {
     assert_clean("the raw state file", &raw, &all);
     // The same search finds values that are stored in clear: the search works.
     assert!(raw.contains("hr.contact"), "checkpoint stream names are in clear");
+}
+
+const PG_PASSWORD: &str = "canary-pg-password-3d5a9c1e";
+const WRONG_PG_PASSWORD: &str = "canary-wrong-pg-password-77b2";
+const CRM_TOKEN: &str = "canary-crm-token-e4f80a6b";
+const WRONG_CRM_TOKEN: &str = "canary-wrong-crm-token-1c9d";
+
+/// A daemon that reads a PostgreSQL table through a least-privilege replication role and
+/// writes a REST CRM, next to a PostgreSQL system and a CRM system whose credentials are
+/// wrong. The right credentials work (the canary row reaches the CRM), the wrong ones
+/// fail with a reason in status; none of the four secrets, nor the admin token or the
+/// state key, nor the row's values, shows in the debug log, status, metrics or the
+/// state file.
+#[test]
+fn connector_credentials_never_leak_from_a_running_daemon() {
+    let io = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let crm = io
+        .block_on(CrmSim::start(CrmOptions {
+            token: CRM_TOKEN.into(),
+            ..CrmOptions::default()
+        }))
+        .unwrap();
+    let cluster = PgCluster::shared();
+    let db = io.block_on(cluster.fresh_db());
+    let role = io.block_on(async {
+        db.execute(
+            "CREATE TABLE contacts (id bigint PRIMARY KEY, email text NOT NULL, first_name text, last_name text);
+             CREATE PUBLICATION pub_contacts FOR TABLE contacts;",
+        )
+        .await;
+        let role = db.create_role("cdc", "REPLICATION").await;
+        db.execute(&format!(
+            "ALTER ROLE {name} PASSWORD '{PG_PASSWORD}'; GRANT SELECT ON contacts TO {name};",
+            name = role.name
+        ))
+        .await;
+        role
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    for (file, secret) in [
+        ("admin-token", ADMIN_TOKEN),
+        ("state-key", STATE_KEY),
+        ("pg-password", PG_PASSWORD),
+        ("pg-wrong-password", WRONG_PG_PASSWORD),
+        ("crm-token", CRM_TOKEN),
+        ("crm-wrong-token", WRONG_CRM_TOKEN),
+    ] {
+        std::fs::write(dir.path().join(file), format!("{secret}\n")).unwrap();
+    }
+    let config = dir.path().join("concord.toml");
+    std::fs::write(&config, credentials_config(&db, &role.name, &crm.base_url(), port)).unwrap();
+
+    let log = std::fs::File::create(dir.path().join("debug.log")).unwrap();
+    let mut child = concord(&["run", "--config"])
+        .arg(&config)
+        .env("CONCORD_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    io.block_on(db.execute("INSERT INTO contacts VALUES (1, 'zanzibarqux@example.com', 'Zanzibarqux', 'Quuxplorer')"));
+    let auth = bearer(ADMIN_TOKEN);
+    let ok = [("Authorization", auth.as_str())];
+    wait_for("the row to reach the CRM", 60, || {
+        crm.find_by_email("zanzibarqux@example.com")
+            .filter(|c| c.first_name.as_deref() == Some("Zanzibarqux"))
+    });
+    // Both wrong systems are refused, and status says why.
+    let status = wait_for("both refusals in status", 60, || {
+        let r = request_with(port, "GET", "/api/v1/status", &ok)?;
+        let json = r.json();
+        let error = |link: &str| json["links"][link]["last_error"].as_str().map(str::to_string);
+        let pg = error("app_wrong.contact")?;
+        let rest = error("crm_wrong.contact")?;
+        (pg.contains("password") && rest.contains("401")).then_some(r.body)
+    });
+    let metrics = wait_for("metrics", 30, || {
+        let r = request_with(port, "GET", "/metrics", &ok)?;
+        (r.status == 200 && r.body.contains("concord_http_requests_total")).then_some(r.body)
+    });
+
+    signal(&child, libc::SIGTERM);
+    let code = wait_for("exit", 30, || child.try_wait().unwrap());
+    assert!(code.success(), "exit status {code}");
+
+    let secrets = [
+        PG_PASSWORD,
+        WRONG_PG_PASSWORD,
+        CRM_TOKEN,
+        WRONG_CRM_TOKEN,
+        ADMIN_TOKEN,
+        STATE_KEY,
+    ];
+    let values = ["Zanzibarqux", "zanzibarqux@example.com", "Quuxplorer"];
+    let mut all: Vec<&str> = secrets.to_vec();
+    all.extend_from_slice(&values);
+    let log = std::fs::read_to_string(dir.path().join("debug.log")).unwrap();
+    assert!(log.contains("DEBUG"), "the daemon logged at debug level");
+    // The log names the failures, so it was searched where they are told.
+    assert!(
+        log.contains("app_wrong"),
+        "the log tells of the refused PostgreSQL system"
+    );
+    assert_clean("the debug log", &log, &all);
+    assert_clean("/api/v1/status", &status, &all);
+    assert_clean("/metrics", &metrics, &all);
+    let raw = std::fs::read(dir.path().join("state/concord.redb")).unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    assert_clean("the raw state file", &raw, &all);
+    assert!(raw.contains("app.contact"), "checkpoint stream names are in clear");
+}
+
+fn credentials_config(db: &support::pg::TestDb<'_>, user: &str, crm_url: &str, port: u16) -> String {
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/contact.schema.json");
+    let pg = |password_file: &str, slot: &str| {
+        format!(
+            "type = \"postgres\"\ndirection = \"read\"\nhost = \"{host}\"\nport = {pg_port}\ndatabase = \"{database}\"\n\
+             user = \"{user}\"\npassword = {{ file = \"{password_file}\" }}\ntls = \"disable\"\n\
+             slot = \"{slot}\"\npublication = \"pub_contacts\"\n",
+            host = db.cluster.host(),
+            pg_port = db.cluster.port(),
+            database = db.name,
+        )
+    };
+    let crm = |token_file: &str| {
+        format!(
+            r#"type = "rest"
+base_url = "{crm_url}"
+auth = {{ method = "bearer", token = {{ file = "{token_file}" }} }}
+timeout_ms = 2000
+
+[systems.{{name}}.objects.Contact]
+list = {{ path = "/services/data/v60.0/query" }}
+records = "/records"
+ignore_fields = ["attributes"]
+pagination = {{ style = "next_url", pointer = "/nextRecordsUrl" }}
+cursor = {{ field = "LastModifiedDate", param = "q", format = "rfc3339", lookback_secs = 2, template = "SELECT Id, FirstName, LastName, Email, LastModifiedDate FROM Contact WHERE LastModifiedDate >= {{cursor}} ORDER BY LastModifiedDate, Id" }}
+write = {{ create_path = "/services/data/v60.0/sobjects/Contact", item_path = "/services/data/v60.0/sobjects/Contact/{{id}}", update_method = "patch", created_id = "/id" }}
+"#
+        )
+    };
+    let link = |system: &str, object: &str, id: &str, map: &str, extra: &str| {
+        format!(
+            "[[links]]\nsystem = \"{system}\"\nentity = \"contact\"\nobject = \"{object}\"\nid_field = \"{id}\"\n{extra}map = [{map}]\n\n"
+        )
+    };
+    let pg_map = r#"{ canonical = "email", system = "email" }, { canonical = "first_name", system = "first_name" }, { canonical = "last_name", system = "last_name" }"#;
+    let crm_map = r#"{ canonical = "email", system = "Email" }, { canonical = "first_name", system = "FirstName" }, { canonical = "last_name", system = "LastName" }"#;
+    let capture = "capture = { interval_secs = 1 }\n";
+    format!(
+        r#"[state]
+dir = "state"
+encryption = {{ key = {{ file = "state-key" }} }}
+
+[admin]
+listen = "127.0.0.1:{port}"
+tokens = [{{ name = "ops", secret = {{ file = "admin-token" }} }}]
+
+[engine]
+backoff_min_ms = 50
+backoff_max_ms = 500
+
+[systems.app]
+{app}
+[systems.app_wrong]
+{app_wrong}
+[systems.crm]
+direction = "write"
+{crm_right}
+[systems.crm_wrong]
+direction = "read"
+{crm_wrong}
+[entities.contact]
+schema = "{schema}"
+match_keys = ["email"]
+
+{links}"#,
+        app = pg("pg-password", "concord_app"),
+        app_wrong = pg("pg-wrong-password", "concord_app_wrong"),
+        crm_right = crm("crm-token").replace("{name}", "crm"),
+        crm_wrong = crm("crm-wrong-token").replace("{name}", "crm_wrong"),
+        schema = schema.display(),
+        links = [
+            link("app", "contacts", "id", pg_map, capture),
+            link("app_wrong", "contacts", "id", pg_map, capture),
+            link("crm", "Contact", "Id", crm_map, ""),
+            link("crm_wrong", "Contact", "Id", crm_map, capture),
+        ]
+        .concat(),
+    )
 }
