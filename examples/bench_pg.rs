@@ -26,6 +26,7 @@
 //!    and concord captures it; its peak RSS (`VmHWM`) is reported.
 //!
 //! `BENCH_RUNS` (default 3) runs of steps 1 and 2; medians are printed with every run.
+//! `BENCH_BATCH` sets concord's `engine.batch_size` (default 1000).
 //! `BENCH_DURABLE_MS` sets concord's `state.durable_interval_ms` (group commit; default:
 //! the configuration's default).
 
@@ -105,6 +106,7 @@ fn write_config(bench: &Bench, name: &str, table: &str, publication: &str, slot:
     };
     let map = r#"map = [{ canonical = "email", system = "email" }, { canonical = "name", system = "name" }, { canonical = "title", system = "title" }]"#;
     let durable_ms = env_num("BENCH_DURABLE_MS", concord::config::DEFAULT_DURABLE_INTERVAL_MS);
+    let batch_size = env_num("BENCH_BATCH", 1000);
     let mut toml = format!(
         r#"[state]
 dir = "state"
@@ -114,7 +116,7 @@ durable_interval_ms = {durable_ms}
 listen = "127.0.0.1:{port}"
 
 [engine]
-batch_size = 1000
+batch_size = {batch_size}
 
 [systems.src]
 type = "postgres"
@@ -214,6 +216,19 @@ fn rss_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user and system, every thread) process `pid` has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; count the fields after its ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, in clock ticks.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 fn stop(mut child: Child) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe {
@@ -222,9 +237,9 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Runs concord on `config` until `slot` confirms `lsn`; returns the seconds taken and
-/// concord's peak RSS in MiB.
-async fn drain_slot(bench: &Bench, config: &Path, slot: &str, lsn: &str) -> (f64, f64) {
+/// Runs concord on `config` until `slot` confirms `lsn`; returns the seconds taken,
+/// concord's peak RSS in MiB and the CPU seconds it used.
+async fn drain_slot(bench: &Bench, config: &Path, slot: &str, lsn: &str) -> (f64, f64, f64) {
     let start = Instant::now();
     let child = bench.concord(config, false);
     let pid = child.id();
@@ -237,8 +252,9 @@ async fn drain_slot(bench: &Bench, config: &Path, slot: &str, lsn: &str) -> (f64
     }
     let secs = start.elapsed().as_secs_f64();
     let peak = rss_kb(pid, "VmHWM:") as f64 / 1024.0;
+    let cpu = cpu_secs(pid);
     stop(child);
-    (secs, peak)
+    (secs, peak, cpu)
 }
 
 /// Commit time (µs since the epoch) of each row's transaction, by email.
@@ -408,12 +424,14 @@ async fn main() {
             .expect("run pg_recvlogical");
         assert!(status.success(), "pg_recvlogical failed: {status}");
         let recv = start.elapsed().as_secs_f64();
-        let (secs, peak) = drain_slot(&bench, &capture_configs[run - 1], &format!("cap{run}_item"), &end_lsn).await;
+        let (secs, peak, cpu) =
+            drain_slot(&bench, &capture_configs[run - 1], &format!("cap{run}_item"), &end_lsn).await;
         println!(
-            "capture run {run}: pg_recvlogical {recv:.2} s ({:.0}/s), concord {secs:.2} s ({:.0}/s, {:.0}% of pg_recvlogical, peak RSS {peak:.0} MiB)",
+            "capture run {run}: pg_recvlogical {recv:.2} s ({:.0}/s), concord {secs:.2} s ({:.0}/s, {:.0}% of pg_recvlogical, peak RSS {peak:.0} MiB, CPU {:.1} µs/change)",
             changes / recv,
             changes / secs,
-            100.0 * recv / secs
+            100.0 * recv / secs,
+            cpu * 1e6 / changes
         );
         recv_rates.push(changes / recv);
         concord_rates.push(changes / secs);
@@ -441,8 +459,13 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = cpu_secs(child.id());
         stop(child);
-        println!("end to end run {run}: {secs:.2} s, {:.0} changes/s", changes / secs);
+        println!(
+            "end to end run {run}: {secs:.2} s, {:.0} changes/s, concord CPU {:.1} µs/change",
+            changes / secs,
+            cpu * 1e6 / changes
+        );
         e2e_rates.push(changes / secs);
     }
     println!("end to end median: {:.0} changes/s", median(&e2e_rates));
@@ -581,7 +604,7 @@ async fn main() {
         "large transaction: {rows} rows of ~1,900 bytes written in {:.1} s ({size} of WAL)",
         load.elapsed().as_secs_f64()
     );
-    let (secs, peak) = drain_slot(&bench, &config, "big_item", &big_lsn).await;
+    let (secs, peak, _) = drain_slot(&bench, &config, "big_item", &big_lsn).await;
     println!(
         "large transaction captured in {secs:.1} s ({:.0} rows/s); concord peak RSS {peak:.0} MiB",
         rows as f64 / secs
