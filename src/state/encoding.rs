@@ -48,6 +48,14 @@
 //!         | fields uN count, str each | seq opt<uN>
 //! ```
 //!
+//! Write attempts (`write_log` table), format byte [`WRITE_LOG_BINARY`], JSON before
+//! schema version 5:
+//!
+//! ```text
+//! id uN | time_ms iN | source_system str | target_system str | entity str
+//! | global_id 16 bytes LE | op str | outcome str | attempt uN | seq uN | error opt<str>
+//! ```
+//!
 //! Decoding uses checked reads only: a damaged row is an error, never a panic.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -55,7 +63,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::config::NonOwnerPolicy;
 use crate::merge::{Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMode, WriteSummary};
 use crate::model::{AgreedField, Base, ChangeKind, Fields, GlobalId, Provenance, RecordState, Shadow, TimeMs, Value};
-use crate::state::OutboxEntry;
+use crate::state::{OutboxEntry, WriteLogEntry};
 
 /// Format byte of the binary record layout. JSON rows start with `{` (0x7b).
 pub const RECORD_BINARY: u8 = 0x01;
@@ -63,6 +71,8 @@ pub const RECORD_BINARY: u8 = 0x01;
 pub const OUTBOX_BINARY: u8 = 0x01;
 /// Format byte of the binary decision layout.
 pub const DECISION_BINARY: u8 = 0x01;
+/// Format byte of the binary write-attempt layout.
+pub const WRITE_LOG_BINARY: u8 = 0x01;
 
 /// Why a stored value could not be decoded; names no value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -423,6 +433,64 @@ pub fn decode_decision(bytes: &[u8]) -> Result<Decision, FormatError> {
         flagged,
         writes,
     })
+}
+
+/// Encodes a write attempt in the binary layout.
+pub fn encode_write_log(e: &WriteLogEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.push(WRITE_LOG_BINARY);
+    put_uint(&mut out, e.id);
+    put_int(&mut out, e.time_ms);
+    put_str(&mut out, &e.source_system);
+    put_str(&mut out, &e.target_system);
+    put_str(&mut out, &e.entity);
+    out.extend_from_slice(&e.global_id.as_u128().to_le_bytes());
+    put_str(&mut out, &e.op);
+    put_str(&mut out, &e.outcome);
+    put_uint(&mut out, u64::from(e.attempt));
+    put_uint(&mut out, e.seq);
+    put_opt_str(&mut out, e.error.as_deref());
+    out
+}
+
+/// Decodes the binary layout (starting with [`WRITE_LOG_BINARY`]).
+pub fn decode_write_log(bytes: &[u8]) -> Result<WriteLogEntry, FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    let (id, time_ms) = write_log_head(&mut r)?;
+    let source_system = r.string()?;
+    let target_system = r.string()?;
+    let entity = r.string()?;
+    let raw: [u8; 16] = r.take(16)?.try_into().expect("took sixteen bytes");
+    let entry = WriteLogEntry {
+        id,
+        time_ms,
+        source_system,
+        target_system,
+        entity,
+        global_id: GlobalId::from_u128(u128::from_le_bytes(raw)),
+        op: r.string()?,
+        outcome: r.string()?,
+        attempt: u32::try_from(r.uint()?).map_err(|_| FormatError::VarintOverflow)?,
+        seq: r.uint()?,
+        error: r.opt_string()?,
+    };
+    if r.at != bytes.len() {
+        return Err(FormatError::Trailing);
+    }
+    Ok(entry)
+}
+
+/// The time of a binary write attempt, read without decoding the rest (retention).
+pub fn write_log_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
+    write_log_head(&mut Reader { bytes, at: 0 }).map(|(_, time_ms)| time_ms)
+}
+
+fn write_log_head(r: &mut Reader<'_>) -> Result<(u64, TimeMs), FormatError> {
+    match r.byte()? {
+        WRITE_LOG_BINARY => {}
+        other => return Err(FormatError::UnknownFormat(other)),
+    }
+    Ok((r.uint()?, r.int()?))
 }
 
 /// The time of a binary decision, read without decoding the rest (retention).
@@ -919,6 +987,27 @@ mod tests {
         for decision in sample_decisions() {
             check_layout(&decision, DECISION_BINARY, encode_decision, decode_decision);
             assert_eq!(decision_time(&encode_decision(&decision)).unwrap(), decision.time_ms);
+        }
+    }
+
+    #[test]
+    fn a_write_attempt_round_trips_and_is_smaller_than_json() {
+        let attempt = |error: Option<&str>| WriteLogEntry {
+            id: 90_210,
+            time_ms: 1_795_000_000_123,
+            source_system: "hr".into(),
+            target_system: "crm".into(),
+            entity: "contact".into(),
+            global_id: GlobalId::from_u128(0x0193_6a2f_0000_7000_8000_0000_0000_002a),
+            op: "update".into(),
+            outcome: if error.is_some() { "retry" } else { "ok" }.into(),
+            attempt: 3,
+            seq: 4_711,
+            error: error.map(str::to_string),
+        };
+        for entry in [attempt(None), attempt(Some("crm answered 503: try again later"))] {
+            check_layout(&entry, WRITE_LOG_BINARY, encode_write_log, decode_write_log);
+            assert_eq!(write_log_time(&encode_write_log(&entry)).unwrap(), entry.time_ms);
         }
     }
 

@@ -393,7 +393,7 @@ impl WriteTables<'_> {
         let mut writes = Vec::new();
         for row in self.write_log.iter()? {
             let (k, v) = row?;
-            let entry: WriteLogEntry = decode("write_log", v.value())?;
+            let entry = super::decode_write_log(v.value())?;
             if entry.entity == entity && entry.global_id == id {
                 writes.push(k.value());
             }

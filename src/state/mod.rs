@@ -631,6 +631,29 @@ pub(crate) fn unseal_decision(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result
     )
 }
 
+/// Decodes a stored write attempt: the binary layout, or the JSON of schema versions 1
+/// to 4. The write log holds no values, so it is not sealed.
+pub(crate) fn decode_write_log(bytes: &[u8]) -> Result<WriteLogEntry, StateError> {
+    if bytes.first() == Some(&b'{') {
+        return decode("write_log", bytes);
+    }
+    encoding::decode_write_log(bytes).map_err(|source| StateError::Format {
+        table: "write_log",
+        source,
+    })
+}
+
+/// The time of a stored write attempt, for retention.
+fn write_log_time(bytes: &[u8]) -> Result<TimeMs, StateError> {
+    if bytes.first() == Some(&b'{') {
+        return decode::<TimeOnly>("write_log", bytes).map(|t| t.time_ms);
+    }
+    encoding::write_log_time(bytes).map_err(|source| StateError::Format {
+        table: "write_log",
+        source,
+    })
+}
+
 /// The time of a stored decision, for retention.
 fn decision_time(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<TimeMs, StateError> {
     let json = |b: &[u8]| decode::<TimeOnly>("decisions", b).map(|t| t.time_ms);
@@ -935,7 +958,8 @@ impl<'txn> WriteTables<'txn> {
 
     pub fn log_write(&mut self, mut entry: WriteLogEntry) -> Result<(), StateError> {
         entry.id = self.next_id("write_log")?;
-        self.write_log.insert(entry.id, encode(&entry).as_slice())?;
+        self.write_log
+            .insert(entry.id, encoding::encode_write_log(&entry).as_slice())?;
         Ok(())
     }
 
@@ -953,7 +977,7 @@ impl<'txn> WriteTables<'txn> {
             decision_time(codec, &id_key(id), b)
         })?;
         removed += prune_table(&mut self.write_log, max_write_log, min_time_ms, |_, b| {
-            decode::<TimeOnly>("write_log", b).map(|t| t.time_ms)
+            write_log_time(b)
         })?;
         Ok(removed)
     }
@@ -1130,7 +1154,7 @@ impl ReadView {
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
             let (_, v) = row?;
-            let e: WriteLogEntry = decode("write_log", v.value())?;
+            let e = decode_write_log(v.value())?;
             if system.is_none_or(|s| s == e.target_system || s == e.source_system) {
                 out.push(e);
                 if out.len() >= limit {

@@ -13,15 +13,16 @@ use redb::TableDefinition;
 /// Version of the layout below. Bump it when a table's key or value changes meaning;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
 /// Version 2 stores record states in the binary layout of `encoding`; version 3 also
-/// outbox entries; version 4 also merge decisions.
-pub const SCHEMA_VERSION: u64 = 4;
+/// outbox entries; version 4 also merge decisions; version 5 also the write log.
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// Older versions this build still reads. Opening such a file marks it with
 /// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
 /// afterwards instead of misreading new rows. Version 1 stored record states, outbox
-/// entries and decisions as JSON, version 2 outbox entries and decisions, version 3
-/// decisions; `encoding` tells them apart by the first byte.
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 3] = [1, 2, 3];
+/// entries, decisions and the write log as JSON, version 2 outbox entries, decisions and
+/// the write log, version 3 decisions and the write log, version 4 the write log;
+/// `encoding` tells them apart by the first byte.
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 4] = [1, 2, 3, 4];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while

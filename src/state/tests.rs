@@ -504,6 +504,62 @@ fn a_version_3_file_with_json_decisions_is_read_pruned_and_upgraded() {
 }
 
 #[test]
+fn a_version_4_file_with_a_json_write_log_is_read_pruned_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let attempt = |id: u64| WriteLogEntry {
+        id,
+        time_ms: id as i64 * 1000,
+        source_system: "hr".into(),
+        target_system: "crm".into(),
+        entity: "contact".into(),
+        global_id: gid(id as u8),
+        op: "create".into(),
+        outcome: "ok".into(),
+        attempt: 1,
+        seq: id,
+        error: None,
+    };
+    {
+        // What a version-4 build left: a JSON write log and schema version 4.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 4).unwrap();
+        let mut table = txn.open_table(WRITE_LOG).unwrap();
+        for id in 1..=3 {
+            table
+                .insert(id, serde_json::to_vec(&attempt(id)).unwrap().as_slice())
+                .unwrap();
+        }
+        drop(table);
+        txn.open_table(SEQUENCES).unwrap().insert("write_log", 4).unwrap();
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    store
+        .write(|t| (4..=6).try_for_each(|id| t.log_write(attempt(id))))
+        .unwrap();
+    let txn = store.db.begin_read().unwrap();
+    assert_eq!(
+        txn.open_table(META)
+            .unwrap()
+            .get("schema_version")
+            .unwrap()
+            .map(|v| v.value()),
+        Some(SCHEMA_VERSION)
+    );
+    let table = txn.open_table(WRITE_LOG).unwrap();
+    assert_eq!(table.get(1).unwrap().unwrap().value()[0], b'{');
+    assert_eq!(table.get(4).unwrap().unwrap().value()[0], encoding::WRITE_LOG_BINARY);
+    drop((table, txn));
+    let listed = store.read().unwrap().write_log(None, 10).unwrap();
+    assert_eq!(listed, (1..=6).rev().map(attempt).collect::<Vec<_>>());
+    // Retention reads the time of both forms: nothing older than 2.5 s stays.
+    assert_eq!(store.write(|t| t.prune(100, 100, 2_500)).unwrap(), 2);
+    let listed = store.read().unwrap().write_log(None, 10).unwrap();
+    assert_eq!(listed, (3..=6).rev().map(attempt).collect::<Vec<_>>());
+}
+
+#[test]
 fn a_damaged_record_row_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path(), 4).unwrap();
