@@ -405,14 +405,7 @@ async fn a_running_daemon_never_shows_the_postgres_password() {
     // Runs the daemon with debug logging until `done` accepts the status; returns the
     // log, the last status and the metrics.
     let run = |log_name: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
-        let log = std::fs::File::create(dir.path().join(log_name)).unwrap();
-        let mut child = support::concord(&["run", "--config"])
-            .arg(&config)
-            .env("CONCORD_LOG", "debug")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = support::start_debug_logged(&config, &dir.path().join(log_name));
         let status = support::wait_for("the daemon's status", 60, || {
             let r = support::request(port, "GET", "/api/v1/status")?;
             (r.status == 200 && done(&r.json())).then_some(r.body)

@@ -61,14 +61,7 @@ fn secrets_and_values_never_leak_and_sighup_rotates_the_token() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let config = secured_copy(dir.path(), port);
-    let log = std::fs::File::create(dir.path().join("debug.log")).unwrap();
-    let mut child = concord(&["run", "--config"])
-        .arg(&config)
-        .env("CONCORD_LOG", "debug")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = start_debug_logged(&config, &dir.path().join("debug.log"));
 
     let auth = bearer(ADMIN_TOKEN);
     let ok = [("Authorization", auth.as_str())];
@@ -187,14 +180,7 @@ fn connector_credentials_never_leak_from_a_running_daemon() {
     let config = dir.path().join("concord.toml");
     std::fs::write(&config, credentials_config(&db, &role.name, &crm.base_url(), port)).unwrap();
 
-    let log = std::fs::File::create(dir.path().join("debug.log")).unwrap();
-    let mut child = concord(&["run", "--config"])
-        .arg(&config)
-        .env("CONCORD_LOG", "debug")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = start_debug_logged(&config, &dir.path().join("debug.log"));
 
     io.block_on(db.execute("INSERT INTO contacts VALUES (1, 'zanzibarqux@example.com', 'Zanzibarqux', 'Quuxplorer')"));
     let auth = bearer(ADMIN_TOKEN);

@@ -337,7 +337,7 @@ pub fn encode_decision(d: &Decision) -> Vec<u8> {
 /// Decodes the binary layout (starting with [`DECISION_BINARY`]).
 pub fn decode_decision(bytes: &[u8]) -> Result<Decision, FormatError> {
     let mut r = Reader { bytes, at: 0 };
-    let (id, time_ms) = decision_head(&mut r)?;
+    let (id, time_ms) = log_head(&mut r, DECISION_BINARY)?;
     let entity = r.string()?;
     let raw: [u8; 16] = r.take(16)?.try_into().expect("took sixteen bytes");
     let global_id = GlobalId::from_u128(u128::from_le_bytes(raw));
@@ -456,7 +456,7 @@ pub fn encode_write_log(e: &WriteLogEntry) -> Vec<u8> {
 /// Decodes the binary layout (starting with [`WRITE_LOG_BINARY`]).
 pub fn decode_write_log(bytes: &[u8]) -> Result<WriteLogEntry, FormatError> {
     let mut r = Reader { bytes, at: 0 };
-    let (id, time_ms) = write_log_head(&mut r)?;
+    let (id, time_ms) = log_head(&mut r, WRITE_LOG_BINARY)?;
     let source_system = r.string()?;
     let target_system = r.string()?;
     let entity = r.string()?;
@@ -482,25 +482,19 @@ pub fn decode_write_log(bytes: &[u8]) -> Result<WriteLogEntry, FormatError> {
 
 /// The time of a binary write attempt, read without decoding the rest (retention).
 pub fn write_log_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
-    write_log_head(&mut Reader { bytes, at: 0 }).map(|(_, time_ms)| time_ms)
-}
-
-fn write_log_head(r: &mut Reader<'_>) -> Result<(u64, TimeMs), FormatError> {
-    match r.byte()? {
-        WRITE_LOG_BINARY => {}
-        other => return Err(FormatError::UnknownFormat(other)),
-    }
-    Ok((r.uint()?, r.int()?))
+    log_head(&mut Reader { bytes, at: 0 }, WRITE_LOG_BINARY).map(|(_, time_ms)| time_ms)
 }
 
 /// The time of a binary decision, read without decoding the rest (retention).
 pub fn decision_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
-    decision_head(&mut Reader { bytes, at: 0 }).map(|(_, time_ms)| time_ms)
+    log_head(&mut Reader { bytes, at: 0 }, DECISION_BINARY).map(|(_, time_ms)| time_ms)
 }
 
-fn decision_head(r: &mut Reader<'_>) -> Result<(u64, TimeMs), FormatError> {
+/// The head every id-keyed log row (decisions, write attempts) starts with: its format
+/// byte, which must be `format`, then its id and time.
+fn log_head(r: &mut Reader<'_>, format: u8) -> Result<(u64, TimeMs), FormatError> {
     match r.byte()? {
-        DECISION_BINARY => {}
+        f if f == format => {}
         other => return Err(FormatError::UnknownFormat(other)),
     }
     Ok((r.uint()?, r.int()?))

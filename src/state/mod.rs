@@ -634,24 +634,18 @@ pub(crate) fn unseal_decision(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result
 /// Decodes a stored write attempt: the binary layout, or the JSON of schema versions 1
 /// to 4. The write log holds no values, so it is not sealed.
 pub(crate) fn decode_write_log(bytes: &[u8]) -> Result<WriteLogEntry, StateError> {
-    if bytes.first() == Some(&b'{') {
-        return decode("write_log", bytes);
-    }
-    encoding::decode_write_log(bytes).map_err(|source| StateError::Format {
-        table: "write_log",
-        source,
-    })
+    either_layout(
+        "write_log",
+        bytes,
+        |b| decode("write_log", b),
+        encoding::decode_write_log,
+    )
 }
 
 /// The time of a stored write attempt, for retention.
 fn write_log_time(bytes: &[u8]) -> Result<TimeMs, StateError> {
-    if bytes.first() == Some(&b'{') {
-        return decode::<TimeOnly>("write_log", bytes).map(|t| t.time_ms);
-    }
-    encoding::write_log_time(bytes).map_err(|source| StateError::Format {
-        table: "write_log",
-        source,
-    })
+    let json = |b: &[u8]| decode::<TimeOnly>("write_log", b).map(|t| t.time_ms);
+    either_layout("write_log", bytes, json, encoding::write_log_time)
 }
 
 /// The time of a stored decision, for retention.
@@ -672,9 +666,7 @@ fn unseal_record(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<RecordState,
     )
 }
 
-/// Opens a stored value of `table` and decodes it with `json` when it is the JSON of an
-/// older schema version (it starts with `{`), with `binary` when it is a layout of
-/// `encoding` (it starts with that layout's format byte).
+/// Opens a sealed value of `table` and decodes it as [`either_layout`] does.
 fn unseal_either<T>(
     codec: &Codec,
     table: &'static str,
@@ -683,11 +675,22 @@ fn unseal_either<T>(
     json: impl FnOnce(&[u8]) -> Result<T, StateError>,
     binary: impl FnOnce(&[u8]) -> Result<T, encoding::FormatError>,
 ) -> Result<T, StateError> {
-    let plain = codec.open(table, key, bytes)?;
+    either_layout(table, &codec.open(table, key, bytes)?, json, binary)
+}
+
+/// Decodes a plain value of `table` with `json` when it is the JSON of an older schema
+/// version (it starts with `{`), with `binary` when it is a layout of `encoding` (it
+/// starts with that layout's format byte).
+fn either_layout<T>(
+    table: &'static str,
+    plain: &[u8],
+    json: impl FnOnce(&[u8]) -> Result<T, StateError>,
+    binary: impl FnOnce(&[u8]) -> Result<T, encoding::FormatError>,
+) -> Result<T, StateError> {
     if plain.first() == Some(&b'{') {
-        return json(&plain);
+        return json(plain);
     }
-    binary(&plain).map_err(|source| StateError::Format { table, source })
+    binary(plain).map_err(|source| StateError::Format { table, source })
 }
 
 /// The redb encoding of a row key: the associated data that binds a sealed value to
@@ -724,8 +727,8 @@ pub struct WriteTables<'txn> {
     codec: &'txn Codec,
     /// Sequences advanced in this transaction, written back once by `flush`.
     sequence_cache: Vec<(&'static str, u64)>,
-    /// Record counts changed in this transaction, by (entity, system): the stored count
-    /// when first touched and the count now; written back once by `flush`.
+    /// Record counts changed in this transaction, by (entity, system); written back once
+    /// by `flush`.
     count_cache: Vec<((String, String), u64)>,
 }
 
@@ -865,21 +868,15 @@ impl<'txn> WriteTables<'txn> {
     }
 
     fn add_count(&mut self, entity: &str, system: &str, delta: i64) -> Result<(), StateError> {
-        let slot = self
+        let count = self.count(entity, system)?.saturating_add_signed(delta);
+        match self
             .count_cache
-            .iter()
-            .position(|((e, s), _)| e == entity && s == system);
-        let slot = match slot {
-            Some(i) => i,
-            None => {
-                let stored = self.counts.get((entity, system))?.map(|v| v.value()).unwrap_or(0);
-                self.count_cache
-                    .push(((entity.to_string(), system.to_string()), stored));
-                self.count_cache.len() - 1
-            }
-        };
-        let count = &mut self.count_cache[slot].1;
-        *count = count.saturating_add_signed(delta);
+            .iter_mut()
+            .find(|((e, s), _)| e == entity && s == system)
+        {
+            Some((_, kept)) => *kept = count,
+            None => self.count_cache.push(((entity.to_string(), system.to_string()), count)),
+        }
         Ok(())
     }
 

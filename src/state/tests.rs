@@ -439,6 +439,18 @@ fn a_version_2_file_with_json_outbox_entries_is_read_and_upgraded() {
     assert!(!store.write(|t| t.delete_outbox("crm", 3)).unwrap());
 }
 
+/// After an older file was opened and rows 4 on were written to `table`: the file is
+/// marked with the current schema version, row 1 is still the old JSON and row 4 is in
+/// the binary layout `format`.
+fn assert_upgraded(store: &StateStore, table: redb::TableDefinition<u64, &[u8]>, format: u8) {
+    let txn = store.db.begin_read().unwrap();
+    let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
+    assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
+    let table = txn.open_table(table).unwrap();
+    assert_eq!(table.get(1).unwrap().unwrap().value()[0], b'{');
+    assert_eq!(table.get(4).unwrap().unwrap().value()[0], format);
+}
+
 #[test]
 fn a_version_3_file_with_json_decisions_is_read_pruned_and_upgraded() {
     let dir = tempfile::tempdir().unwrap();
@@ -482,19 +494,7 @@ fn a_version_3_file_with_json_decisions_is_read_pruned_and_upgraded() {
     store
         .write(|t| (4..=6).try_for_each(|id| t.put_decision(&decision(id))))
         .unwrap();
-    let txn = store.db.begin_read().unwrap();
-    assert_eq!(
-        txn.open_table(META)
-            .unwrap()
-            .get("schema_version")
-            .unwrap()
-            .map(|v| v.value()),
-        Some(SCHEMA_VERSION)
-    );
-    let table = txn.open_table(DECISIONS).unwrap();
-    assert_eq!(table.get(1).unwrap().unwrap().value()[0], b'{');
-    assert_eq!(table.get(4).unwrap().unwrap().value()[0], encoding::DECISION_BINARY);
-    drop((table, txn));
+    assert_upgraded(&store, DECISIONS, encoding::DECISION_BINARY);
     let listed = store.read().unwrap().decisions(&DecisionFilter::default(), 10).unwrap();
     assert_eq!(listed, (1..=6).rev().map(decision).collect::<Vec<_>>());
     // Retention reads the time of both forms: nothing older than 2.5 s stays.
@@ -538,19 +538,7 @@ fn a_version_4_file_with_a_json_write_log_is_read_pruned_and_upgraded() {
     store
         .write(|t| (4..=6).try_for_each(|id| t.log_write(attempt(id))))
         .unwrap();
-    let txn = store.db.begin_read().unwrap();
-    assert_eq!(
-        txn.open_table(META)
-            .unwrap()
-            .get("schema_version")
-            .unwrap()
-            .map(|v| v.value()),
-        Some(SCHEMA_VERSION)
-    );
-    let table = txn.open_table(WRITE_LOG).unwrap();
-    assert_eq!(table.get(1).unwrap().unwrap().value()[0], b'{');
-    assert_eq!(table.get(4).unwrap().unwrap().value()[0], encoding::WRITE_LOG_BINARY);
-    drop((table, txn));
+    assert_upgraded(&store, WRITE_LOG, encoding::WRITE_LOG_BINARY);
     let listed = store.read().unwrap().write_log(None, 10).unwrap();
     assert_eq!(listed, (1..=6).rev().map(attempt).collect::<Vec<_>>());
     // Retention reads the time of both forms: nothing older than 2.5 s stays.

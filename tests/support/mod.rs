@@ -59,6 +59,18 @@ pub fn start(config: &Path, once: bool) -> Child {
     cmd.stdout(Stdio::null()).stderr(log).spawn().expect("concord starts")
 }
 
+/// Starts `concord run` on a configuration, logging at debug level to `log`.
+pub fn start_debug_logged(config: &Path, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    concord(&["run", "--config"])
+        .arg(config)
+        .env("CONCORD_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("concord starts")
+}
+
 /// A response: status code and body.
 pub struct Response {
     pub status: u16,
