@@ -11,6 +11,7 @@
 pub mod crypto;
 pub mod encoding;
 mod maintenance;
+mod sync_behind;
 pub mod tables;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::merge::{Decision, WriteAction};
 use crate::model::{GlobalId, RecordState, SourceRecord, SourceReject, TimeMs};
+use sync_behind::{SyncBehind, SyncBehindFile};
 use tables::*;
 
 pub use crypto::{Codec, Kek, KekError};
@@ -76,6 +78,8 @@ pub enum StateError {
     Storage(#[from] redb::StorageError),
     #[error("state store commit failed")]
     Commit(#[from] redb::CommitError),
+    #[error("state file sync failed")]
+    Sync(#[source] std::io::Error),
     #[error("state store value in table {table} cannot be decoded")]
     Decode {
         table: &'static str,
@@ -302,20 +306,31 @@ pub struct CommitToken(u64);
 /// Lazy commits are counted; the count is taken inside the write transaction, so a
 /// durable commit, which cannot begin before an earlier writer has committed, covers
 /// every lazy commit counted before it began.
+///
+/// A durable commit's sync runs behind it ([`sync_behind`]): the commit covers its lazy
+/// commits at once, and they are durable when its sync generation has finished.
 struct GroupCommit {
     /// Lazy commits begun so far.
     lazy: AtomicU64,
-    /// The `lazy` count covered by the last durable commit.
+    /// The `lazy` count covered by the last durable commit, synced or not.
+    covered: AtomicU64,
+    /// The `lazy` count covered by a durable commit whose sync has finished.
     durable: AtomicU64,
+    /// Durable commits whose sync may still run: (sync generation, `lazy` count covered).
+    syncing: Mutex<std::collections::VecDeque<(u64, u64)>>,
+    sync: SyncBehind,
     last_durable: Mutex<Instant>,
     interval_ms: AtomicU64,
 }
 
 impl GroupCommit {
-    fn new() -> GroupCommit {
+    fn new(sync: SyncBehind) -> GroupCommit {
         GroupCommit {
             lazy: AtomicU64::new(0),
+            covered: AtomicU64::new(0),
             durable: AtomicU64::new(0),
+            syncing: Mutex::default(),
+            sync,
             last_durable: Mutex::new(Instant::now()),
             interval_ms: AtomicU64::new(0),
         }
@@ -329,10 +344,37 @@ impl GroupCommit {
         *self.last_durable.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a durable commit that covers `covered` lazy commits.
-    fn durable_done(&self, covered: u64) {
+    /// Records a durable commit that covers `covered` lazy commits, durable once the
+    /// sync asked for so far has finished.
+    fn durable_committed(&self, covered: u64) {
         *self.last_durable.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        self.durable.fetch_max(covered, Ordering::SeqCst);
+        self.covered.fetch_max(covered, Ordering::SeqCst);
+        let generation = self.sync.requested();
+        self.syncing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((generation, covered));
+    }
+
+    /// The `lazy` count covered by finished syncs.
+    fn durable(&self) -> u64 {
+        let completed = self.sync.completed();
+        let mut syncing = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(&(generation, covered)) = syncing.front() {
+            if generation > completed {
+                break;
+            }
+            self.durable.fetch_max(covered, Ordering::SeqCst);
+            syncing.pop_front();
+        }
+        self.durable.load(Ordering::SeqCst)
+    }
+
+    /// Waits until every sync asked for so far has finished.
+    fn wait_synced(&self) -> Result<(), StateError> {
+        self.sync.wait_for(self.sync.requested()).map_err(StateError::Sync)?;
+        self.durable();
+        Ok(())
     }
 }
 
@@ -352,21 +394,30 @@ impl StateStore {
             source,
         })?;
         let path = dir.join(STATE_FILE);
+        let open_error = |source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StateError::InUse { path: path.clone() },
+            source => StateError::Open {
+                path: path.clone(),
+                source,
+            },
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| open_error(e.into()))?;
+        let (backend, sync) = SyncBehindFile::new(file).map_err(open_error)?;
         let db = Database::builder()
             .set_cache_size((cache_mb as usize).saturating_mul(1024 * 1024))
-            .create(&path)
-            .map_err(|source| match source {
-                redb::DatabaseError::DatabaseAlreadyOpen => StateError::InUse { path: path.clone() },
-                source => StateError::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+            .create_with_backend(backend)
+            .map_err(open_error)?;
         let mut store = StateStore {
             db: Arc::new(db),
             path,
             codec: Arc::new(Codec::plain()),
-            group: Arc::new(GroupCommit::new()),
+            group: Arc::new(GroupCommit::new(sync)),
             read_ahead: Arc::default(),
         };
         store.init()?;
@@ -430,22 +481,33 @@ impl StateStore {
         Ok(())
     }
 
-    /// Runs `f` in one write transaction and commits it once, durably, if `f` succeeds.
+    /// Runs `f` in one write transaction and commits it once, durably, if `f` succeeds:
+    /// returns once the commit is synced.
     pub fn write<T, E: From<StateError>>(&self, f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>) -> Result<T, E> {
-        self.commit_with(false, f).map(|(result, _)| result)
+        let (result, _) = self.commit_with(false, f)?;
+        self.group.wait_synced()?;
+        Ok(result)
     }
 
     /// Like [`write`](Self::write) for a captured batch: with `lazy` and a durable
     /// interval set, the commit skips the fsync unless the last durable commit is older
-    /// than the interval. The token tells when the batch is durable; acknowledge its
-    /// source only then.
+    /// than the interval, and when it does sync, returns without waiting for the sync.
+    /// The token tells when the batch is durable; acknowledge its source only then.
+    /// Without `lazy`, or without an interval, it returns once the batch is durable.
     pub fn write_batch<T, E: From<StateError>>(
         &self,
         lazy: bool,
         f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>,
     ) -> Result<(T, CommitToken), E> {
         let interval = self.group.interval();
-        let lazy = lazy && !interval.is_zero() && self.group.last_durable().elapsed() < interval;
+        if !lazy || interval.is_zero() {
+            let committed = self.commit_with(false, f)?;
+            self.group.wait_synced()?;
+            return Ok(committed);
+        }
+        // A lazy batch due for durability commits durably and goes on while its sync
+        // runs; the token tells when it is done.
+        let lazy = self.group.last_durable().elapsed() < interval;
         self.commit_with(lazy, f)
     }
 
@@ -507,12 +569,18 @@ impl StateStore {
             result
         };
         let started = Instant::now();
+        let asked_before = self.group.sync.requested();
         txn.commit().map_err(StateError::from)?;
         metrics::histogram!(crate::metrics::STATE_COMMIT_DURATION,
             crate::metrics::LABEL_DURABILITY => if lazy { "lazy" } else { "durable" })
         .record(started.elapsed().as_secs_f64());
         if !lazy {
-            self.group.durable_done(token);
+            // A durable commit asks for its sync; should one ever not, ask here, so its
+            // tokens never count as durable on an earlier sync.
+            if self.group.sync.requested() == asked_before {
+                self.group.sync.request().map_err(StateError::Sync)?;
+            }
+            self.group.durable_committed(token);
         }
         Ok((result, CommitToken(token)))
     }
@@ -541,7 +609,7 @@ impl StateStore {
 
     /// Whether the commit that returned `token` is durable.
     pub fn is_durable(&self, token: CommitToken) -> bool {
-        self.group.durable.load(Ordering::SeqCst) >= token.0
+        self.group.durable() >= token.0
     }
 
     /// A token covering every commit visible to a read view taken before this call.
@@ -549,9 +617,10 @@ impl StateStore {
         CommitToken(self.group.lazy.load(Ordering::SeqCst))
     }
 
-    /// Whether lazy commits wait for a durable one.
+    /// Whether lazy commits wait for a durable commit to cover them (one that is
+    /// syncing covers them already).
     pub fn durable_pending(&self) -> bool {
-        self.group.durable.load(Ordering::SeqCst) < self.group.lazy.load(Ordering::SeqCst)
+        self.group.covered.load(Ordering::SeqCst) < self.group.lazy.load(Ordering::SeqCst)
     }
 
     /// When the last durable commit happened.
@@ -559,14 +628,13 @@ impl StateStore {
         self.group.last_durable()
     }
 
-    /// Makes every commit so far durable: an empty durable commit when lazy ones wait,
-    /// nothing otherwise. Blocking.
+    /// Makes every commit so far durable: an empty durable commit when lazy ones wait
+    /// for one, then a wait for the syncs under way. Blocking.
     pub fn make_durable(&self) -> Result<(), StateError> {
-        if !self.durable_pending() {
-            return Ok(());
+        if self.durable_pending() {
+            self.commit_with(false, |_| Ok::<_, StateError>(()))?;
         }
-        self.commit_with(false, |_| Ok::<_, StateError>(()))?;
-        Ok(())
+        self.group.wait_synced()
     }
 
     /// A consistent read-only view.
