@@ -44,9 +44,12 @@ pub const WRITES: &str = "concord_writes_total";
 pub const SOURCE_LAG: &str = "concord_source_lag_seconds";
 /// From source commit to applied in the target system, by target system.
 pub const END_TO_END_LATENCY: &str = "concord_end_to_end_latency_seconds";
-/// Duration of one state store commit, by durability: `durable` (fsynced) or `lazy` (a
-/// batch commit of a group, made durable by the next durable commit).
+/// Duration of one state store commit, by durability: `durable` (its pages written and
+/// its sync asked for, which runs behind it: [`STATE_SYNC_DURATION`]) or `lazy` (a batch
+/// commit of a group, made durable by the next durable commit).
 pub const STATE_COMMIT_DURATION: &str = "concord_state_commit_duration_seconds";
+/// Duration of one sync (`fdatasync`) of the state file, run behind the writer.
+pub const STATE_SYNC_DURATION: &str = "concord_state_sync_duration_seconds";
 /// Export files finished, by system and outcome (processed, failed).
 pub const FILES: &str = "concord_files_total";
 /// Unix time of the last successful poll (even one that found nothing) or write, by system.
@@ -90,6 +93,7 @@ pub const ALL: &[&str] = &[
     SOURCE_LAG,
     END_TO_END_LATENCY,
     STATE_COMMIT_DURATION,
+    STATE_SYNC_DURATION,
     FILES,
     LAST_SUCCESS,
     SYSTEM_ERRORS,
@@ -110,7 +114,12 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 /// Every histogram name, so the exporter renders each as a histogram with
 /// [`LATENCY_BUCKETS`].
-pub const HISTOGRAMS: &[&str] = &[END_TO_END_LATENCY, STATE_COMMIT_DURATION, HTTP_REQUEST_DURATION];
+pub const HISTOGRAMS: &[&str] = &[
+    END_TO_END_LATENCY,
+    STATE_COMMIT_DURATION,
+    STATE_SYNC_DURATION,
+    HTTP_REQUEST_DURATION,
+];
 
 /// Registers help text and units with the recorder. Call once after installing it.
 pub fn describe() {
@@ -156,6 +165,11 @@ pub fn describe() {
         STATE_COMMIT_DURATION,
         Unit::Seconds,
         "Duration of one state store commit."
+    );
+    describe_histogram!(
+        STATE_SYNC_DURATION,
+        Unit::Seconds,
+        "Duration of one sync of the state file, run behind the writer."
     );
     describe_counter!(FILES, Unit::Count, "Export files finished, by outcome.");
     describe_gauge!(

@@ -171,6 +171,7 @@ fn metrics_pass_promtool_and_are_all_declared() {
         "concord_conflicts_total{entity=\"contact\",field=\"last_name\"}",
         "concord_end_to_end_latency_seconds_bucket{system=\"directory\",le=",
         "concord_state_commit_duration_seconds_bucket{durability=\"durable\",le=",
+        "concord_state_sync_duration_seconds_bucket{le=",
         "concord_source_lag_seconds{system=\"hr\",entity=\"contact\"}",
         "concord_dlq_entries{system=\"hr\"} 1",
         "concord_link_up{link=\"hr.contact\"} 1",

@@ -152,7 +152,9 @@ impl Shared {
             if state.requested > state.completed && state.failed.is_none() {
                 let target = state.requested;
                 drop(state);
+                let started = std::time::Instant::now();
                 let result = self.file.sync_data();
+                metrics::histogram!(crate::metrics::STATE_SYNC_DURATION).record(started.elapsed().as_secs_f64());
                 state = self.lock();
                 match result {
                     Ok(()) => state.completed = target,
