@@ -27,6 +27,8 @@
 //!
 //! `BENCH_RUNS` (default 3) runs of steps 1 and 2; medians are printed with every run.
 //! `BENCH_BATCH` sets concord's `engine.batch_size` (default 1000).
+//! `BENCH_WRITE_BATCH` sets the target system's `write_batch_size`, the outbox entries
+//! per applier round (default: the configuration's default for PostgreSQL).
 //! `BENCH_DURABLE_MS` sets concord's `state.durable_interval_ms` (group commit; default:
 //! the configuration's default).
 
@@ -141,12 +143,19 @@ capture = {{ interval_secs = 10 }}
         src = system("bench_src"),
     );
     if let Some(sink) = sink {
+        let write_batch = match std::env::var("BENCH_WRITE_BATCH") {
+            Ok(n) => format!(
+                "write_batch_size = {}\n",
+                n.parse::<u64>().expect("BENCH_WRITE_BATCH is a number")
+            ),
+            Err(_) => String::new(),
+        };
         toml.push_str(&format!(
             r#"
 [systems.dst]
 type = "postgres"
 direction = "write"
-{dst}
+{write_batch}{dst}
 
 [[links]]
 system = "dst"
@@ -460,9 +469,10 @@ async fn main() {
         }
         let secs = start.elapsed().as_secs_f64();
         let cpu = cpu_secs(child.id());
+        let peak = rss_kb(child.id(), "VmHWM:") as f64 / 1024.0;
         stop(child);
         println!(
-            "end to end run {run}: {secs:.2} s, {:.0} changes/s, concord CPU {:.1} µs/change",
+            "end to end run {run}: {secs:.2} s, {:.0} changes/s, concord CPU {:.1} µs/change, peak RSS {peak:.0} MiB",
             changes / secs,
             cpu * 1e6 / changes
         );

@@ -35,6 +35,8 @@ struct Setup {
     title_policy: &'static str,
     /// Extra lines on `b`'s link.
     b_link: Vec<String>,
+    /// Extra lines under `[systems.b]`.
+    b_system: Vec<String>,
 }
 
 impl Setup {
@@ -43,6 +45,7 @@ impl Setup {
             engine: Vec::new(),
             title_policy: "revert",
             b_link: Vec::new(),
+            b_system: Vec::new(),
         }
     }
     fn engine(mut self, line: &str) -> Self {
@@ -55,6 +58,10 @@ impl Setup {
     }
     fn b_link(mut self, line: &str) -> Self {
         self.b_link.push(line.to_string());
+        self
+    }
+    fn b_system(mut self, line: &str) -> Self {
+        self.b_system.push(line.to_string());
         self
     }
 
@@ -78,6 +85,7 @@ inbox = "in/a"
 type = "file"
 inbox = "in/b"
 export_dir = "out/b"
+{b_system}
 
 [entities.contact]
 schema = "contact.schema.json"
@@ -125,6 +133,7 @@ map = [
             engine = self.engine.join("\n"),
             policy = self.title_policy,
             b_link = self.b_link.join("\n"),
+            b_system = self.b_system.join("\n"),
         )
     }
 
@@ -410,6 +419,28 @@ async fn initial_sync_reaches_the_target_and_records_its_ids() {
     let status = engine.status().snapshot();
     assert_eq!(status.systems["b"].writes_ok, 5);
     assert_eq!(status.links["a.contact"].captured, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_applier_round_takes_at_most_the_systems_write_batch_size() {
+    // Each capture batch commits 4 outbox entries at once; b's rounds take at most
+    // engine.batch_size of them by default (b is a file system) and at most its own
+    // write_batch_size when set.
+    for (setup, limit) in [
+        (Setup::new().engine("batch_size = 4"), 4),
+        (
+            Setup::new().engine("batch_size = 4").b_system("write_batch_size = 2"),
+            2,
+        ),
+    ] {
+        let h = setup.build();
+        h.push("a", (1..=12).map(contact));
+        h.run().await;
+        let t = h.target("b");
+        assert_eq!(t.records.len(), 12);
+        assert_eq!(t.rounds.iter().sum::<usize>(), 12, "{:?}", t.rounds);
+        assert!(t.rounds.iter().all(|&n| n <= limit), "limit {limit}: {:?}", t.rounds);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

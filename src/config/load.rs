@@ -75,4 +75,42 @@ mod tests {
         assert!(err.contains("line 4"), "{err}");
         assert!(!err.contains("canary-secret-value"), "{err}");
     }
+
+    #[test]
+    fn an_applier_round_defaults_to_the_batch_size_and_to_4000_toward_postgres() {
+        let config = parse(
+            r#"
+            [state]
+            dir = "state"
+
+            [engine]
+            batch_size = 300
+
+            [systems.files]
+            type = "file"
+            export_dir = "out"
+
+            [systems.app]
+            type = "postgres"
+            host = "db"
+            database = "app"
+            user = "concord"
+
+            [systems.app_small]
+            type = "postgres"
+            host = "db"
+            database = "app"
+            user = "concord"
+            write_batch_size = 100
+
+            [entities]
+            "#,
+        )
+        .unwrap();
+        let round = |name: &str| config.systems[name].write_batch_size(&config.engine);
+        assert_eq!(round("files"), 300);
+        assert_eq!(round("app"), super::super::DEFAULT_POSTGRES_WRITE_BATCH_SIZE);
+        assert_eq!(round("app"), 4000);
+        assert_eq!(round("app_small"), 100);
+    }
 }

@@ -33,6 +33,11 @@ pub fn json_schema() -> serde_json::Value {
 /// the fsync of a commit (about a millisecond) is shared by many changes, small enough
 /// that a batch is a fraction of a second of work.
 pub const DEFAULT_BATCH_SIZE: usize = 500;
+
+/// Outbox entries an applier takes per round toward a PostgreSQL system, where a round
+/// is one transaction of multi-row statements: large rounds make few commits, and the
+/// rows of a round are written in order whatever its size.
+pub const DEFAULT_POSTGRES_WRITE_BATCH_SIZE: usize = 4000;
 /// Default admin listener: loopback only, so nothing is exposed without a decision.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
 /// Default number of attempts before a write goes to the dead-letter queue.
@@ -224,6 +229,23 @@ pub struct SystemConfig {
     /// What this system is, for the inventory (`concord plan`).
     #[serde(default)]
     pub description: Option<String>,
+    /// Outbox entries taken per applier round toward this system (see
+    /// [`write_batch_size`](Self::write_batch_size) for the default).
+    #[serde(default)]
+    pub write_batch_size: Option<usize>,
+}
+
+impl SystemConfig {
+    /// Outbox entries per applier round: the configured size, or
+    /// [`DEFAULT_POSTGRES_WRITE_BATCH_SIZE`] toward PostgreSQL (one transaction per
+    /// round) and `engine.batch_size` toward the others (a round toward a rate-limited API
+    /// or an export file stays short).
+    pub fn write_batch_size(&self, engine: &EngineConfig) -> usize {
+        self.write_batch_size.unwrap_or(match self.connector {
+            ConnectorConfig::Postgres(_) => DEFAULT_POSTGRES_WRITE_BATCH_SIZE,
+            _ => engine.batch_size,
+        })
+    }
 }
 
 /// The connector type picks the code that talks to a system. A closed set: adding a

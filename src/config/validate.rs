@@ -199,6 +199,9 @@ impl<'a> Checker<'a> {
         if !is_plain_name(name) {
             self.report(&path, "name must be letters, digits, '_' or '-'");
         }
+        if system.write_batch_size == Some(0) {
+            self.report(format!("{path}.write_batch_size"), "must be > 0");
+        }
         if let Some(rate) = &system.rate_limit {
             if rate.per_second.is_nan() || rate.per_second <= 0.0 {
                 self.report(format!("{path}.rate_limit.per_second"), "must be > 0");
@@ -1009,6 +1012,7 @@ mod tests {
             type = "file"
             direction = "read"
             rate_limit = { per_second = 0, burst = 0 }
+            write_batch_size = 0
             auth = { method = "bearer", token = { env = "" } }
 
             [systems.crm]
@@ -1165,6 +1169,7 @@ mod tests {
             r#"systems.hr.inbox: must be set: links[0] captures from this system"#,
             r#"systems.hr.rate_limit.burst: must be > 0"#,
             r#"systems.hr.rate_limit.per_second: must be > 0"#,
+            r#"systems.hr.write_batch_size: must be > 0"#,
             r#"systems.lms.auth: set header or query, not both"#,
             r#"systems.lms.auth.key.file: must not be empty"#,
             r#"systems.lms.max_file_bytes: must be > 0"#,

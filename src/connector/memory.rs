@@ -72,6 +72,9 @@ pub struct MemoryTarget {
     /// Every write handed to the sink, in order, failed ones included (when
     /// `record_attempts` is set).
     pub attempts: Vec<Attempt>,
+    /// The number of writes in each `apply` call (each applier round), in order (when
+    /// `record_attempts` is set).
+    pub rounds: Vec<usize>,
     /// Notified (one stored permit) after each `apply` call, so a test can wait for
     /// the applier to reach the system instead of polling.
     pub applied: Arc<Notify>,
@@ -101,6 +104,9 @@ impl MemorySink {
 
     pub async fn apply(&mut self, writes: Vec<Write>) -> Vec<Result<WriteAck, ConnectorError>> {
         let mut t = self.target.lock().expect("memory sink lock is never poisoned");
+        if t.record_attempts {
+            t.rounds.push(writes.len());
+        }
         let results = writes
             .into_iter()
             .map(|w| {

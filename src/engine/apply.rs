@@ -392,9 +392,14 @@ fn note_error(s: &mut super::status::SystemStatus, error: &str) {
 fn plan_batch(shared: &Shared, system: &str, in_flight: &InFlight) -> Result<(Vec<Planned>, CommitToken), StateError> {
     let view = shared.store.read()?;
     let token = shared.store.latest_token();
-    let entries = view.outbox_skipping(system, shared.rt.config.engine.batch_size, |seq| {
-        in_flight.seqs.contains(&seq)
-    })?;
+    let engine = &shared.rt.config.engine;
+    let round = shared
+        .rt
+        .config
+        .systems
+        .get(system)
+        .map_or(engine.batch_size, |s| s.write_batch_size(engine));
+    let entries = view.outbox_skipping(system, round, |seq| in_flight.seqs.contains(&seq))?;
     let mut groups: Vec<Group> = Vec::new();
     let mut by_record: HashMap<(String, GlobalId), usize> = HashMap::new();
     for entry in entries {
