@@ -33,7 +33,6 @@ pub fn json_schema() -> serde_json::Value {
 /// the fsync of a commit (about a millisecond) is shared by many changes, small enough
 /// that a batch is a fraction of a second of work.
 pub const DEFAULT_BATCH_SIZE: usize = 500;
-
 /// Outbox entries an applier takes per round toward a PostgreSQL system, where a round
 /// is one transaction of multi-row statements: large rounds make few commits, and the
 /// rows of a round are written in order whatever its size.
