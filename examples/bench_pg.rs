@@ -143,12 +143,9 @@ capture = {{ interval_secs = 10 }}
         src = system("bench_src"),
     );
     if let Some(sink) = sink {
-        let write_batch = match std::env::var("BENCH_WRITE_BATCH") {
-            Ok(n) => format!(
-                "write_batch_size = {}\n",
-                n.parse::<u64>().expect("BENCH_WRITE_BATCH is a number")
-            ),
-            Err(_) => String::new(),
+        let write_batch = match env_num("BENCH_WRITE_BATCH", 0) {
+            0 => String::new(),
+            n => format!("write_batch_size = {n}\n"),
         };
         toml.push_str(&format!(
             r#"

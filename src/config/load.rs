@@ -109,7 +109,6 @@ mod tests {
         .unwrap();
         let round = |name: &str| config.systems[name].write_batch_size(&config.engine);
         assert_eq!(round("files"), 300);
-        assert_eq!(round("app"), super::super::DEFAULT_POSTGRES_WRITE_BATCH_SIZE);
         assert_eq!(round("app"), 4000);
         assert_eq!(round("app_small"), 100);
     }
