@@ -54,7 +54,7 @@ pub const DEFAULT_RETENTION_DAYS: u64 = 30;
 /// Default capture interval for polled sources.
 pub const DEFAULT_CAPTURE_INTERVAL_SECS: u64 = 10;
 /// redb page cache; bounds the memory the state store may use.
-pub const DEFAULT_STATE_CACHE_MB: u64 = 32;
+pub const DEFAULT_STATE_CACHE_MB: u64 = 48;
 /// Longest a captured batch's commit waits for its fsync (group commit).
 pub const DEFAULT_DURABLE_INTERVAL_MS: u64 = 100;
 /// Upper bound of `state.durable_interval_ms`.
