@@ -24,6 +24,8 @@ pub type TimeMs = i64;
 pub struct GlobalId(pub uuid::Uuid);
 
 impl GlobalId {
+    /// A new time-ordered id. The random bits come from the thread's generator (the
+    /// `fast-rng` feature of `uuid`), not one system call per id.
     pub fn new_v7() -> Self {
         GlobalId(uuid::Uuid::now_v7())
     }

@@ -293,11 +293,12 @@ fn process_record(
 
     // Rollout on capture: a record outside this link's rollout is not taken from it.
     // Its match keys are the agreed ones when concord knows the record.
-    let rollout_keys = match &state {
-        Some(s) if record.kind == ChangeKind::Delete || keys.is_empty() => key_values(entity, |k| s.base.value(k)),
-        _ => keys.clone(),
+    let agreed_keys = state.as_ref().map(|s| key_values(entity, |k| s.base.value(k)));
+    let rollout_keys = match &agreed_keys {
+        Some(agreed) if record.kind == ChangeKind::Delete || keys.is_empty() => agreed,
+        _ => &keys,
     };
-    if !rollout_selects(link.config.rollout.as_ref(), &rollout_keys) {
+    if !rollout_selects(link.config.rollout.as_ref(), rollout_keys) {
         return Ok(RecordOutcome::Skipped);
     }
 
@@ -311,7 +312,18 @@ fn process_record(
         source_time_ms: record.source_time_ms.unwrap_or(now),
     };
     let decision_id = tables.next_id("decision")?;
-    let output = merge_change(rt, entity, &change, global_id, state.as_ref(), decision_id, now);
+    // Rollout of writes is decided on the agreed match keys, or the change's when new.
+    let write_keys = agreed_keys.as_deref().unwrap_or(&keys);
+    let output = merge_change(
+        rt,
+        entity,
+        &change,
+        global_id,
+        state.as_ref(),
+        write_keys,
+        decision_id,
+        now,
+    );
     let mut decision = output.decision;
     let mut new_state = output.state;
 
@@ -372,21 +384,19 @@ fn process_record(
     Ok(RecordOutcome::Merged(wake))
 }
 
-/// Builds the merge's view of every target and merges.
+/// Builds the merge's view of every target and merges; `keys` decide each target's
+/// rollout.
+#[allow(clippy::too_many_arguments)]
 fn merge_change(
     rt: &Runtime,
     entity: &EntityRuntime,
     change: &Change,
     global_id: GlobalId,
     state: Option<&RecordState>,
+    keys: &[(String, String)],
     decision_id: u64,
     now: TimeMs,
 ) -> merge::MergeOutput {
-    // Rollout of writes is decided on the agreed match keys, or the change's when new.
-    let keys = match state {
-        Some(s) => key_values(entity, |k| s.base.value(k)),
-        None => key_values(entity, |k| change.fields.get(k)),
-    };
     let targets: Vec<Target<'_>> = entity
         .links
         .iter()
@@ -400,7 +410,7 @@ fn merge_change(
             on_delete: &l.config.on_delete,
             mode: if l.config.dry_run {
                 WriteMode::DryRun
-            } else if !rollout_selects(l.config.rollout.as_ref(), &keys) {
+            } else if !rollout_selects(l.config.rollout.as_ref(), keys) {
                 WriteMode::OutsideRollout
             } else {
                 WriteMode::Send

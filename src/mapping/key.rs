@@ -18,24 +18,56 @@ use crate::config::RolloutConfig;
 /// lower-cased; `e164` or `phone` keeps only the digits, behind a `+`; anything else is
 /// trimmed, has internal whitespace collapsed to one space, and is lower-cased.
 pub fn normalise_key(value: &Value, format: Option<&str>) -> Option<String> {
-    let text = match value {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
+    let number;
+    let text: &str = match value {
+        Value::String(s) => s,
+        Value::Number(n) => {
+            number = n.to_string();
+            &number
+        }
+        Value::Bool(b) => {
+            if *b {
+                "true"
+            } else {
+                "false"
+            }
+        }
         Value::Null | Value::Array(_) | Value::Object(_) => return None,
     };
     let key = match format {
-        Some("email") => text.trim().to_lowercase(),
+        Some("email") => lowercase(text.trim().to_string()),
         Some("e164" | "phone") => {
-            let digits: String = text.chars().filter(char::is_ascii_digit).collect();
-            if digits.is_empty() {
+            let mut key = String::with_capacity(text.len() + 1);
+            key.push('+');
+            key.extend(text.chars().filter(char::is_ascii_digit));
+            if key.len() == 1 {
                 return None;
             }
-            format!("+{digits}")
+            key
         }
-        _ => text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase(),
+        _ => {
+            let mut key = String::with_capacity(text.len());
+            for word in text.split_whitespace() {
+                if !key.is_empty() {
+                    key.push(' ');
+                }
+                key.push_str(word);
+            }
+            lowercase(key)
+        }
     };
     (!key.is_empty()).then_some(key)
+}
+
+/// Lower-cases in place when the text is ASCII (the common case, and the same result),
+/// by Unicode's rules otherwise.
+fn lowercase(mut text: String) -> String {
+    if text.is_ascii() {
+        text.make_ascii_lowercase();
+        text
+    } else {
+        text.to_lowercase()
+    }
 }
 
 /// Whether the record with normalised match key `key` is in `rollout`.
@@ -90,6 +122,10 @@ mod tests {
             (json!("n/a"), Some("phone"), None),
             (json!("  EMP   0042\tX "), None, Some("emp 0042 x")),
             (json!("E-17"), Some("date"), Some("e-17")),
+            // Beyond ASCII, Unicode's lower case.
+            (json!(" ÉLODIE@Exämple.org"), Some("email"), Some("élodie@exämple.org")),
+            (json!("  Straße  ÖL "), None, Some("straße öl")),
+            (json!("ΣΟΦΙΑ"), None, Some("σοφια")),
             (json!(42), None, Some("42")),
             (json!(4.5), None, Some("4.5")),
             (json!(17), Some("email"), Some("17")),
