@@ -565,15 +565,14 @@ fn settle(
             match result {
                 Ok(ack) => {
                     ok += 1;
-                    if let Some(mut state) = t.record(&group.entity, group.global_id)? {
-                        let deleted = matches!(group.action, WriteAction::Delete);
+                    let deleted = matches!(group.action, WriteAction::Delete);
+                    let confirm = |shadow: &mut crate::model::Shadow| {
                         // The identity row exists already when the shadow holds this id.
-                        let known = state
-                            .shadows
-                            .get(system)
-                            .is_some_and(|s| !s.deleted && s.local_id.as_deref() == Some(ack.local_id.as_str()));
-                        merge::confirm_write(&mut state, system, &written, &ack.local_id, ack.version.clone(), deleted);
-                        t.put_record(&group.entity, group.global_id, &state)?;
+                        let known = !shadow.deleted && shadow.local_id.as_deref() == Some(ack.local_id.as_str());
+                        merge::confirm_shadow(shadow, &written, &ack.local_id, ack.version.clone(), deleted);
+                        known
+                    };
+                    if let Some(known) = t.update_shadow(&group.entity, group.global_id, system, confirm)? {
                         if deleted {
                             t.remove_identity(&group.entity, system, &ack.local_id)?;
                         } else if !known {

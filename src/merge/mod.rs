@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{DefaultPolicy, EntityConfig, NonOwnerPolicy, OnDelete};
-use crate::model::{AgreedField, Change, ChangeKind, Fields, GlobalId, Provenance, RecordState, TimeMs, Value};
+use crate::model::{AgreedField, Change, ChangeKind, Fields, GlobalId, Provenance, RecordState, Shadow, TimeMs, Value};
 
 /// The rule that decided one field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -669,7 +669,15 @@ pub fn confirm_write(
     deleted: bool,
 ) {
     let shadow = state.shadows.entry(system.to_string()).or_default();
-    shadow.local_id = Some(local_id.to_string());
+    confirm_shadow(shadow, written, local_id, version, deleted);
+}
+
+/// [`confirm_write`] on the system's shadow alone, for a caller that changes the
+/// shadow in place (`WriteTables::update_shadow`).
+pub fn confirm_shadow(shadow: &mut Shadow, written: &Fields, local_id: &str, version: Option<String>, deleted: bool) {
+    if shadow.local_id.as_deref() != Some(local_id) {
+        shadow.local_id = Some(local_id.to_string());
+    }
     if version.is_some() {
         shadow.version = version;
     }
@@ -677,7 +685,12 @@ pub fn confirm_write(
         if shadow.pending.get(name) == Some(value) {
             shadow.pending.remove(name);
         }
-        shadow.fields.insert(name.clone(), value.clone());
+        match shadow.fields.get_mut(name) {
+            Some(held) => held.clone_from(value),
+            None => {
+                shadow.fields.insert(name.clone(), value.clone());
+            }
+        }
     }
     shadow.deleted = deleted;
 }

@@ -114,16 +114,7 @@ pub fn encode_record(state: &RecordState) -> Vec<u8> {
     }
     put_uint(&mut out, state.shadows.len() as u64);
     for (system, shadow) in &state.shadows {
-        put_str(&mut out, system);
-        put_opt_str(&mut out, shadow.local_id.as_deref());
-        put_fields(&mut out, &shadow.fields);
-        put_opt_str(&mut out, shadow.version.as_deref());
-        put_fields(&mut out, &shadow.pending);
-        put_uint(&mut out, shadow.diverged.len() as u64);
-        for field in &shadow.diverged {
-            put_str(&mut out, field);
-        }
-        out.push(shadow.deleted as u8);
+        put_shadow(&mut out, system, shadow);
     }
     put_uint(&mut out, state.match_keys.len() as u64);
     for (key, value) in &state.match_keys {
@@ -159,26 +150,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
     let mut shadows = BTreeMap::new();
     for _ in 0..r.count()? {
         let system = r.string()?;
-        let local_id = r.opt_string()?;
-        let fields = r.fields()?;
-        let version = r.opt_string()?;
-        let pending = r.fields()?;
-        let mut diverged = BTreeSet::new();
-        for _ in 0..r.count()? {
-            diverged.insert(r.string()?);
-        }
-        let deleted = r.bool()?;
-        shadows.insert(
-            system,
-            Shadow {
-                local_id,
-                fields,
-                version,
-                pending,
-                diverged,
-                deleted,
-            },
-        );
+        shadows.insert(system, r.shadow_body()?);
     }
     let mut match_keys = BTreeMap::new();
     for _ in 0..r.count()? {
@@ -196,6 +168,85 @@ pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
         return Err(FormatError::Trailing);
     }
     Ok(state)
+}
+
+/// Changes one system's shadow in an encoded record without decoding the rest: the
+/// base, the other shadows and the match keys are walked over and copied as they
+/// are, and only `system`'s shadow is decoded, handed to `change` (a default shadow
+/// when the record has none for the system yet) and encoded again. The result is
+/// what [`encode_record`] gives for the whole record decoded, changed the same way
+/// and encoded. Confirming a write touches one shadow of a record that may hold
+/// many, and this keeps that from costing a decode of all of them.
+///
+/// The bytes walked over are checked for structure (lengths, tags, varints), not for
+/// UTF-8 or rule codes: they are copied unchanged, and the next full decode checks
+/// them as it always does.
+pub fn update_shadow<T>(
+    bytes: &[u8],
+    system: &str,
+    change: impl FnOnce(&mut Shadow) -> T,
+) -> Result<(Vec<u8>, T), FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    match r.byte()? {
+        RECORD_BINARY => {}
+        other => return Err(FormatError::UnknownFormat(other)),
+    }
+    r.bool()?;
+    for _ in 0..r.count()? {
+        r.skip_str()?;
+        r.skip_value(0)?;
+        r.skip_str()?;
+        r.skip_opt_str()?;
+        r.uint()?;
+        r.byte()?;
+        r.uint()?;
+    }
+    let count_at = r.at;
+    let count = r.count()?;
+    let shadows_at = r.at;
+    // The system's shadow: its bytes and decoded value when it has one, else where a
+    // new one goes to keep the systems in ascending order.
+    let mut old: Option<(usize, usize, Shadow)> = None;
+    let mut insert_at: Option<usize> = None;
+    for _ in 0..count {
+        let start = r.at;
+        let name = r.str()?;
+        match name.cmp(system) {
+            std::cmp::Ordering::Equal => {
+                let shadow = r.shadow_body()?;
+                old = Some((start, r.at, shadow));
+                continue;
+            }
+            std::cmp::Ordering::Greater if insert_at.is_none() => insert_at = Some(start),
+            _ => {}
+        }
+        r.skip_shadow_body()?;
+    }
+    let shadows_end = r.at;
+    for _ in 0..r.count()? {
+        r.skip_str()?;
+        r.skip_str()?;
+    }
+    r.int()?;
+    r.int()?;
+    if r.at != bytes.len() {
+        return Err(FormatError::Trailing);
+    }
+    let (start, end, mut shadow, new_count) = match old {
+        Some((start, end, shadow)) => (start, end, shadow, count),
+        None => {
+            let at = insert_at.unwrap_or(shadows_end);
+            (at, at, Shadow::default(), count + 1)
+        }
+    };
+    let answer = change(&mut shadow);
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    out.extend_from_slice(&bytes[..count_at]);
+    put_uint(&mut out, new_count);
+    out.extend_from_slice(&bytes[shadows_at..start]);
+    put_shadow(&mut out, system, &shadow);
+    out.extend_from_slice(&bytes[end..]);
+    Ok((out, answer))
 }
 
 /// Encodes a pending write in the binary layout.
@@ -565,6 +616,19 @@ fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
+fn put_shadow(out: &mut Vec<u8>, system: &str, shadow: &Shadow) {
+    put_str(out, system);
+    put_opt_str(out, shadow.local_id.as_deref());
+    put_fields(out, &shadow.fields);
+    put_opt_str(out, shadow.version.as_deref());
+    put_fields(out, &shadow.pending);
+    put_uint(out, shadow.diverged.len() as u64);
+    for field in &shadow.diverged {
+        put_str(out, field);
+    }
+    out.push(shadow.deleted as u8);
+}
+
 fn put_fields(out: &mut Vec<u8>, fields: &Fields) {
     put_uint(out, fields.len() as u64);
     for (name, value) in fields {
@@ -618,7 +682,7 @@ struct Reader<'a> {
     at: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn byte(&mut self) -> Result<u8, FormatError> {
         let b = *self.bytes.get(self.at).ok_or(FormatError::Truncated)?;
         self.at += 1;
@@ -667,12 +731,103 @@ impl Reader<'_> {
         Ok(n)
     }
 
-    fn string(&mut self) -> Result<String, FormatError> {
+    /// The bytes of a length-prefixed string, unchecked.
+    fn str_bytes(&mut self) -> Result<&'a [u8], FormatError> {
         let n = usize::try_from(self.uint()?).map_err(|_| FormatError::Truncated)?;
-        let bytes = self.take(n)?;
-        std::str::from_utf8(bytes)
-            .map(str::to_owned)
-            .map_err(|_| FormatError::Utf8)
+        let end = self.at.checked_add(n).ok_or(FormatError::Truncated)?;
+        let slice = self.bytes.get(self.at..end).ok_or(FormatError::Truncated)?;
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn str(&mut self) -> Result<&'a str, FormatError> {
+        std::str::from_utf8(self.str_bytes()?).map_err(|_| FormatError::Utf8)
+    }
+
+    fn string(&mut self) -> Result<String, FormatError> {
+        self.str().map(str::to_owned)
+    }
+
+    fn skip_str(&mut self) -> Result<(), FormatError> {
+        self.str_bytes().map(drop)
+    }
+
+    fn skip_opt_str(&mut self) -> Result<(), FormatError> {
+        match self.byte()? {
+            0 => Ok(()),
+            1 => self.skip_str(),
+            other => Err(FormatError::UnknownTag(other)),
+        }
+    }
+
+    /// A shadow after its system's name.
+    fn shadow_body(&mut self) -> Result<Shadow, FormatError> {
+        let local_id = self.opt_string()?;
+        let fields = self.fields()?;
+        let version = self.opt_string()?;
+        let pending = self.fields()?;
+        let mut diverged = BTreeSet::new();
+        for _ in 0..self.count()? {
+            diverged.insert(self.string()?);
+        }
+        let deleted = self.bool()?;
+        Ok(Shadow {
+            local_id,
+            fields,
+            version,
+            pending,
+            diverged,
+            deleted,
+        })
+    }
+
+    fn skip_shadow_body(&mut self) -> Result<(), FormatError> {
+        self.skip_opt_str()?;
+        self.skip_fields()?;
+        self.skip_opt_str()?;
+        self.skip_fields()?;
+        for _ in 0..self.count()? {
+            self.skip_str()?;
+        }
+        self.bool().map(drop)
+    }
+
+    fn skip_fields(&mut self) -> Result<(), FormatError> {
+        for _ in 0..self.count()? {
+            self.skip_str()?;
+            self.skip_value(0)?;
+        }
+        Ok(())
+    }
+
+    /// Walks over a value as [`Reader::value`] reads it, checking its structure.
+    fn skip_value(&mut self, depth: u32) -> Result<(), FormatError> {
+        if depth > MAX_DEPTH {
+            return Err(FormatError::TooDeep);
+        }
+        match self.byte()? {
+            0..=2 => {}
+            3 | 4 => {
+                self.uint()?;
+            }
+            5 => {
+                self.take(8)?;
+            }
+            6 => self.skip_str()?,
+            7 => {
+                for _ in 0..self.count()? {
+                    self.skip_value(depth + 1)?;
+                }
+            }
+            8 => {
+                for _ in 0..self.count()? {
+                    self.skip_str()?;
+                    self.skip_value(depth + 1)?;
+                }
+            }
+            other => return Err(FormatError::UnknownTag(other)),
+        }
+        Ok(())
     }
 
     fn opt_string(&mut self) -> Result<Option<String>, FormatError> {
@@ -1002,6 +1157,175 @@ mod tests {
         for entry in [attempt(None), attempt(Some("crm answered 503: try again later"))] {
             check_layout(&entry, WRITE_LOG_BINARY, encode_write_log, decode_write_log);
             assert_eq!(write_log_time(&encode_write_log(&entry)).unwrap(), entry.time_ms);
+        }
+    }
+
+    /// What `update_shadow` must equal: the record decoded, changed, encoded.
+    fn changed_the_long_way(state: &RecordState, system: &str, change: impl FnOnce(&mut Shadow)) -> Vec<u8> {
+        let mut state = state.clone();
+        change(state.shadows.entry(system.to_string()).or_default());
+        encode_record(&state)
+    }
+
+    fn confirm(shadow: &mut Shadow) -> Shadow {
+        let before = shadow.clone();
+        shadow.local_id = Some("id-9".into());
+        shadow.pending.remove("Email");
+        shadow.fields.insert("Email".into(), json!("user1@example.com"));
+        shadow.version = Some("v10".into());
+        shadow.deleted = false;
+        before
+    }
+
+    #[test]
+    fn one_shadow_changes_in_place_as_a_full_round_trip_would() {
+        let state = sample();
+        let bytes = encode_record(&state);
+        // Before the first system, each existing one, between them, after the last.
+        for system in ["a", "crm", "erp", "hr", "zz"] {
+            let (out, before) = update_shadow(&bytes, system, confirm).unwrap();
+            assert_eq!(
+                out,
+                changed_the_long_way(&state, system, |s| drop(confirm(s))),
+                "{system}"
+            );
+            assert_eq!(
+                before,
+                state.shadows.get(system).cloned().unwrap_or_default(),
+                "{system}"
+            );
+            let decoded = decode_record(&out).unwrap();
+            assert_eq!(decoded.shadows[system].local_id.as_deref(), Some("id-9"));
+            assert_eq!(decoded.base, state.base);
+        }
+        let empty = RecordState {
+            created_ms: 3,
+            ..RecordState::default()
+        };
+        let (out, _) = update_shadow(&encode_record(&empty), "hr", confirm).unwrap();
+        assert_eq!(out, changed_the_long_way(&empty, "hr", |s| drop(confirm(s))));
+    }
+
+    #[test]
+    fn update_shadow_refuses_damage_and_never_panics() {
+        let bytes = encode_record(&sample());
+        for end in 0..bytes.len() {
+            assert!(
+                update_shadow(&bytes[..end], "crm", confirm).is_err(),
+                "truncated at {end}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            update_shadow(&longer, "crm", confirm).map(drop),
+            Err(FormatError::Trailing)
+        );
+        assert_eq!(
+            update_shadow(b"{}", "crm", confirm).map(drop),
+            Err(FormatError::UnknownFormat(b'{'))
+        );
+        for i in 1..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut damaged = bytes.clone();
+                damaged[i] ^= flip;
+                let _ = update_shadow(&damaged, "hr", confirm);
+            }
+        }
+    }
+
+    fn value_strategy() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            "[a-zé ]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 3, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-c]{1,2}", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn fields_strategy() -> impl proptest::strategy::Strategy<Value = Fields> {
+        proptest::collection::btree_map("[A-Za-z]{1,6}", value_strategy(), 0..4)
+    }
+
+    fn shadow_strategy() -> impl proptest::strategy::Strategy<Value = Shadow> {
+        use proptest::prelude::*;
+        (
+            proptest::option::of("[a-z0-9-]{1,10}"),
+            fields_strategy(),
+            proptest::option::of("[0-9]{1,4}"),
+            fields_strategy(),
+            proptest::collection::btree_set("[A-Za-z]{1,6}", 0..3),
+            any::<bool>(),
+        )
+            .prop_map(|(local_id, fields, version, pending, diverged, deleted)| Shadow {
+                local_id,
+                fields,
+                version,
+                pending,
+                diverged,
+                deleted,
+            })
+    }
+
+    fn record_strategy() -> impl proptest::strategy::Strategy<Value = RecordState> {
+        use proptest::prelude::*;
+        let provenance = (
+            "[a-z]{1,4}",
+            proptest::option::of("[0-9]{1,3}"),
+            any::<i64>(),
+            0u8..13,
+            any::<u64>(),
+        )
+            .prop_map(|(system, version, source_time_ms, rule, decision)| Provenance {
+                system,
+                version,
+                source_time_ms,
+                rule: rule_from_code(rule).expect("codes 0 to 12 are rules"),
+                decision,
+            });
+        let agreed = (value_strategy(), provenance).prop_map(|(value, from)| AgreedField { value, from });
+        (
+            proptest::collection::btree_map("[a-z]{1,6}", agreed, 0..4),
+            any::<bool>(),
+            proptest::collection::btree_map("(crm|hr|lms|pg|zz)", shadow_strategy(), 0..4),
+            proptest::collection::btree_map("[a-z]{1,5}", "[a-z@.]{0,10}", 0..3),
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(fields, deleted, shadows, match_keys, created_ms, updated_ms)| RecordState {
+                    base: Base { fields, deleted },
+                    shadows,
+                    match_keys,
+                    created_ms,
+                    updated_ms,
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn update_shadow_equals_decode_change_encode(
+            state in record_strategy(),
+            system in "(a|crm|erp|hr|lms|pg|zz)",
+            new in shadow_strategy(),
+        ) {
+            let bytes = encode_record(&state);
+            let replace = |s: &mut Shadow| std::mem::replace(s, new.clone());
+            let (out, before) = update_shadow(&bytes, &system, replace).unwrap();
+            let expected = changed_the_long_way(&state, &system, |s| *s = new.clone());
+            proptest::prop_assert_eq!(out, expected);
+            proptest::prop_assert_eq!(before, state.shadows.get(&system).cloned().unwrap_or_default());
         }
     }
 

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::merge::{Decision, WriteAction};
-use crate::model::{GlobalId, RecordState, SourceRecord, SourceReject, TimeMs};
+use crate::model::{GlobalId, RecordState, Shadow, SourceRecord, SourceReject, TimeMs};
 use sync_behind::{SyncBehind, SyncBehindFile};
 use tables::*;
 
@@ -863,6 +863,39 @@ impl<'txn> WriteTables<'txn> {
         let sealed = self.codec.seal("records", &key, encoding::encode_record(state));
         self.records.insert((entity, id.as_u128()), sealed.as_slice())?;
         Ok(())
+    }
+
+    /// Changes one system's shadow of a stored record (see
+    /// [`encoding::update_shadow`]: the rest of the record is copied, not decoded).
+    /// `None` when the record does not exist; else what `change` returned.
+    pub fn update_shadow<T>(
+        &mut self,
+        entity: &str,
+        id: GlobalId,
+        system: &str,
+        change: impl FnOnce(&mut Shadow) -> T,
+    ) -> Result<Option<T>, StateError> {
+        let key = record_key(entity, id.as_u128());
+        let (changed, answer) = {
+            let Some(stored) = self.records.get((entity, id.as_u128()))? else {
+                return Ok(None);
+            };
+            let plain = self.codec.open("records", &key, stored.value())?;
+            if plain.first() == Some(&b'{') {
+                // The JSON of schema version 1: the long way, once; the row is binary after.
+                let mut state: RecordState = decode("records", &plain)?;
+                let answer = change(state.shadows.entry(system.to_string()).or_default());
+                (encoding::encode_record(&state), answer)
+            } else {
+                encoding::update_shadow(&plain, system, change).map_err(|source| StateError::Format {
+                    table: "records",
+                    source,
+                })?
+            }
+        };
+        let sealed = self.codec.seal("records", &key, changed);
+        self.records.insert((entity, id.as_u128()), sealed.as_slice())?;
+        Ok(Some(answer))
     }
 
     pub fn remove_record(&mut self, entity: &str, id: GlobalId) -> Result<(), StateError> {

@@ -390,6 +390,66 @@ fn a_version_1_file_with_json_records_is_read_and_upgraded() {
 }
 
 #[test]
+fn a_shadow_changes_in_place_in_binary_json_and_sealed_rows() {
+    let mut state = RecordState::default();
+    state.shadows.entry("hr".into()).or_default().local_id = Some("e1".into());
+    state.match_keys.insert("email".into(), "a@example.com".into());
+    state.created_ms = 7;
+    let confirm = |s: &mut crate::model::Shadow| {
+        let before = s.local_id.clone();
+        s.local_id = Some("c9".into());
+        s.fields.insert("Title".into(), serde_json::json!("Engineer"));
+        before
+    };
+    let mut expected = state.clone();
+    confirm(expected.shadows.entry("crm".into()).or_default());
+    let raw_first_byte = |store: &StateStore, id: GlobalId| {
+        let txn = store.db.begin_read().unwrap();
+        let table = txn.open_table(RECORDS).unwrap();
+        table.get(("contact", id.as_u128())).unwrap().unwrap().value()[0]
+    };
+
+    for kek in [None, Some(Kek::random())] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open_with(dir.path(), 4, kek.as_ref()).unwrap();
+        let (binary, json, missing) = (GlobalId::new_v7(), GlobalId::new_v7(), GlobalId::new_v7());
+        store.write(|t| t.put_record("contact", binary, &state)).unwrap();
+        if kek.is_none() {
+            // A row as schema version 1 wrote it.
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(RECORDS)
+                .unwrap()
+                .insert(
+                    ("contact", json.as_u128()),
+                    serde_json::to_vec(&state).unwrap().as_slice(),
+                )
+                .unwrap();
+            txn.commit().unwrap();
+        } else {
+            store.write(|t| t.put_record("contact", json, &state)).unwrap();
+        }
+        let answers = store
+            .write(|t| {
+                Ok::<_, StateError>([
+                    t.update_shadow("contact", binary, "crm", confirm)?,
+                    t.update_shadow("contact", json, "crm", confirm)?,
+                    t.update_shadow("contact", missing, "crm", confirm)?,
+                ])
+            })
+            .unwrap();
+        assert_eq!(answers, [Some(None), Some(None), None]);
+        let view = store.read().unwrap();
+        for id in [binary, json] {
+            assert_eq!(view.record("contact", id).unwrap(), Some(expected.clone()));
+            if kek.is_none() {
+                assert_eq!(raw_first_byte(&store, id), encoding::RECORD_BINARY);
+            }
+        }
+        assert_eq!(view.record("contact", missing).unwrap(), None);
+    }
+}
+
+#[test]
 fn a_version_2_file_with_json_outbox_entries_is_read_and_upgraded() {
     let dir = tempfile::tempdir().unwrap();
     let entry = OutboxEntry {

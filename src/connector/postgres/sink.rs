@@ -909,8 +909,8 @@ async fn run_grouped(
     planned: &[Planned],
     runs: &[std::ops::Range<usize>],
 ) -> Result<Option<Vec<RowDone>>, ConnectorError> {
-    // The n-th array of a run holds the n-th parameter of each of its rows.
-    let arrays: Vec<Vec<Vec<Option<String>>>> = runs
+    // The n-th array of a run holds the n-th parameter of each of its rows, borrowed.
+    let arrays: Vec<Vec<Vec<Option<&str>>>> = runs
         .iter()
         .map(|run| {
             if run.len() == 1 {
@@ -918,7 +918,7 @@ async fn run_grouped(
             }
             let width = planned[run.start].params.len();
             (0..width)
-                .map(|n| planned[run.clone()].iter().map(|p| p.params[n].clone()).collect())
+                .map(|n| planned[run.clone()].iter().map(|p| p.params[n].as_deref()).collect())
                 .collect()
         })
         .collect();
