@@ -120,8 +120,10 @@ pub struct PostgresSink {
     tables: HashMap<String, Arc<Table>>,
     /// Prepared statements by SQL text, valid on `client` only.
     statements: HashMap<String, Statement>,
-    /// The group statement of each row statement (`None`: it runs alone), by its text.
-    group_statements: HashMap<String, Option<String>>,
+    /// The statement texts of each row shape ([`Shape::key`]): the row statement and
+    /// the statement for a run of such rows (`None`: each runs alone). Built once per
+    /// shape, not per row; cleared with the catalog.
+    shapes: HashMap<String, (String, Option<String>)>,
     /// Rows read again after creates refused because the row already exists, for the
     /// engine to merge before it plans the write again; see [`PostgresSink::take_rereads`].
     rereads: Vec<Reread>,
@@ -199,17 +201,34 @@ struct Shape<'a> {
 }
 
 impl Shape<'_> {
-    /// The statement text and its parameters, one per value, the same in both forms.
-    /// The `Arrays` form returns the ordinality first for updates and deletes (they
-    /// may skip rows) and follows it for creates (every row is inserted, in order).
-    fn statement(&self, form: Form) -> (String, Vec<Option<String>>) {
+    /// What the statement text depends on: the table, the operation, the columns
+    /// written, whether a version guards the write or is bumped. Not the values.
+    fn key(&self) -> String {
+        let mut key = String::with_capacity(64);
+        key.push_str(&self.table.label);
+        key.push('\0');
+        key.push_str(self.op.as_str());
+        key.push(if self.guard.is_some() { 'g' } else { '-' });
+        key.push(if self.bump.is_some() { 'b' } else { '-' });
+        for (name, _, _) in self.fields {
+            key.push('\0');
+            key.push_str(name);
+        }
+        key
+    }
+
+    /// The statement text; its parameters are [`Shape::params`], the same in both
+    /// forms. The `Arrays` form returns the ordinality first for updates and deletes
+    /// (they may skip rows) and follows it for creates (every row is inserted, in
+    /// order).
+    fn statement(&self, form: Form) -> String {
         let table = self.table;
-        let mut params: Vec<Option<String>> = Vec::new();
-        let mut param = |column: &Column, value: &Value| {
-            params.push(values::to_pg_text(&column.kind, value));
+        let mut count = 0;
+        let mut param = |column: &Column| {
+            count += 1;
             match form {
-                Form::Row => format!("${}::text::{}", params.len(), column.cast),
-                Form::Arrays => format!("u.p{}::{}", params.len(), column.cast),
+                Form::Row => format!("${count}::text::{}", column.cast),
+                Form::Arrays => format!("u.p{count}::{}", column.cast),
             }
         };
         let id = quote_ident(&table.id);
@@ -221,11 +240,7 @@ impl Shape<'_> {
         let (mut sql, guard_check) = match self.op {
             WriteOp::Create => {
                 let names: Vec<String> = self.fields.iter().map(|(name, _, _)| quote_ident(name)).collect();
-                let exprs: Vec<String> = self
-                    .fields
-                    .iter()
-                    .map(|(_, value, column)| param(column, value))
-                    .collect();
+                let exprs: Vec<String> = self.fields.iter().map(|(_, _, column)| param(column)).collect();
                 let mut sql = match form {
                     _ if self.fields.is_empty() => format!("INSERT INTO {} AS t DEFAULT VALUES", table.quoted),
                     Form::Row => format!(
@@ -258,11 +273,11 @@ impl Shape<'_> {
                 (sql, None)
             }
             WriteOp::Update => {
-                let key = param(id_column, &Value::String(self.local_id.unwrap_or_default().to_string()));
+                let key = param(id_column);
                 let mut sets: Vec<String> = self
                     .fields
                     .iter()
-                    .map(|(name, value, column)| format!("{} = {}", quote_ident(name), param(column, value)))
+                    .map(|(name, _, column)| format!("{} = {}", quote_ident(name), param(column)))
                     .collect();
                 sets.extend(bump.clone());
                 if sets.is_empty() {
@@ -282,7 +297,7 @@ impl Shape<'_> {
                 )
             }
             WriteOp::Delete => {
-                let key = param(id_column, &Value::String(self.local_id.unwrap_or_default().to_string()));
+                let key = param(id_column);
                 let using = match form {
                     Form::Row => String::new(),
                     Form::Arrays => format!(" USING {}", unnest(1)),
@@ -293,8 +308,8 @@ impl Shape<'_> {
                 )
             }
         };
-        if let Some((column, expected)) = guard_check {
-            let check = param(&table.columns[column], &Value::String(expected.clone()));
+        if let Some((column, _)) = guard_check {
+            let check = param(&table.columns[column]);
             sql.push_str(&format!(" AND t.{} = {check}", quote_ident(column)));
         }
         let ordinality = match (form, self.op) {
@@ -308,7 +323,30 @@ impl Shape<'_> {
             )),
             None => sql.push_str(&format!(" RETURNING {ordinality}t.{id}::text")),
         }
-        (sql, params)
+        sql
+    }
+
+    /// The values of [`Shape::statement`]'s parameters as PostgreSQL text, in its
+    /// order: the key of an update or delete, the columns written by a create or an
+    /// update, the expected version of a guarded update or delete.
+    fn params(&self) -> Vec<Option<String>> {
+        let table = self.table;
+        let text = |column: &Column, value: &str| values::to_pg_text(&column.kind, &Value::String(value.to_string()));
+        let mut params = Vec::with_capacity(self.fields.len() + 2);
+        if self.op != WriteOp::Create {
+            params.push(text(&table.columns[&table.id], self.local_id.unwrap_or_default()));
+        }
+        if self.op != WriteOp::Delete {
+            params.extend(
+                self.fields
+                    .iter()
+                    .map(|(_, value, column)| values::to_pg_text(&column.kind, value)),
+            );
+        }
+        if let Some((column, expected)) = self.guard.filter(|_| self.op != WriteOp::Create) {
+            params.push(text(&table.columns[column], expected));
+        }
+        params
     }
 }
 
@@ -349,7 +387,7 @@ impl PostgresSink {
             client: None,
             tables: HashMap::new(),
             statements: HashMap::new(),
-            group_statements: HashMap::new(),
+            shapes: HashMap::new(),
             rereads: Vec::new(),
         })
     }
@@ -556,6 +594,7 @@ impl PostgresSink {
             }
             "schema" | "undefined_object" | "postgres" => {
                 self.tables.clear();
+                self.shapes.clear();
                 self.statements.clear();
             }
             _ => {}
@@ -670,21 +709,24 @@ impl PostgresSink {
                 table.columns[*column].kind == Kind::Int && !write.fields.contains_key(column.as_str())
             }),
         };
-        let (sql, params) = shape.statement(Form::Row);
-        // One statement over arrays can write a run of rows of this shape; a guarded
-        // write needs its own existence check, and a create of defaults has no arrays.
-        let groupable = guard.is_none() && !(write.op == WriteOp::Create && fields.is_empty());
-        let group_sql = match self.group_statements.get(&sql) {
-            Some(group) => group.clone(),
+        let key = shape.key();
+        let (sql, group_sql) = match self.shapes.get(&key) {
+            Some((sql, group)) => (sql.clone(), group.clone()),
             None => {
-                let group = groupable.then(|| shape.statement(Form::Arrays).0);
-                if self.group_statements.len() > MAX_STATEMENTS {
-                    self.group_statements.clear();
+                let sql = shape.statement(Form::Row);
+                // One statement over arrays can write a run of rows of this shape; a
+                // guarded write needs its own existence check, and a create of defaults
+                // has no arrays.
+                let groupable = guard.is_none() && !(write.op == WriteOp::Create && fields.is_empty());
+                let group = groupable.then(|| shape.statement(Form::Arrays));
+                if self.shapes.len() > MAX_STATEMENTS {
+                    self.shapes.clear();
                 }
-                self.group_statements.insert(sql.clone(), group.clone());
-                group
+                self.shapes.insert(key, (sql.clone(), group.clone()));
+                (sql, group)
             }
         };
+        let params = shape.params();
         // Two rows with the same key in one statement would touch one row twice.
         let key_param = match write.op {
             WriteOp::Update | WriteOp::Delete => Some(0),
@@ -1170,6 +1212,84 @@ async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn table() -> Table {
+        let column = |cast: &str, kind: Kind| Column {
+            cast: cast.into(),
+            kind,
+        };
+        Table {
+            label: "public.people".into(),
+            quoted: "\"public\".\"people\"".into(),
+            id: "id".into(),
+            version: Some("ver".into()),
+            columns: [
+                ("id".to_string(), column("bigint", Kind::Int)),
+                ("name".to_string(), column("text", Kind::Text)),
+                ("ver".to_string(), column("bigint", Kind::Int)),
+            ]
+            .into(),
+        }
+    }
+
+    /// Every statement shape takes exactly the parameters `params` gives, in order:
+    /// the key first for an update or delete, the expected version last when guarded.
+    #[test]
+    fn statement_placeholders_match_the_parameters_of_every_shape() {
+        let table = table();
+        let (id, name, ver) = (String::from("id"), String::from("name"), String::from("ver"));
+        let (one, ada, seven) = (Value::from(1), Value::from("Ada"), String::from("7"));
+        let all = [(&id, &one, &table.columns["id"]), (&name, &ada, &table.columns["name"])];
+        let mut keys = std::collections::HashSet::new();
+        for op in [WriteOp::Create, WriteOp::Update, WriteOp::Delete] {
+            for fields in [&all[..0], &all[1..], &all[..]] {
+                for guard in [None, Some((&ver, &seven))] {
+                    for bump in [None, Some(&ver)] {
+                        let shape = Shape {
+                            table: &table,
+                            op,
+                            fields,
+                            local_id: (op != WriteOp::Create).then_some("42"),
+                            guard,
+                            bump,
+                        };
+                        assert!(keys.insert(shape.key()), "two shapes share a key");
+                        let params = shape.params();
+                        let row = shape.statement(Form::Row);
+                        let what = format!(
+                            "{op:?} {} fields guard {} bump {}: {row}",
+                            fields.len(),
+                            guard.is_some(),
+                            bump.is_some()
+                        );
+                        for n in 1..=params.len() {
+                            assert_eq!(row.matches(&format!("${n}::text::")).count(), 1, "{what}");
+                        }
+                        assert!(!row.contains(&format!("${}::", params.len() + 1)), "{what}");
+                        if op != WriteOp::Create {
+                            assert_eq!(params[0].as_deref(), Some("42"), "{what}");
+                            assert!(row.contains("WHERE t.\"id\" = $1::text::bigint"), "{what}");
+                        }
+                        if op == WriteOp::Create || op == WriteOp::Update {
+                            let skip = usize::from(op == WriteOp::Update);
+                            let written: Vec<Option<String>> =
+                                fields.iter().map(|f| values::to_pg_text(&f.2.kind, f.1)).collect();
+                            assert_eq!(params[skip..skip + fields.len()], written[..], "{what}");
+                        }
+                        if guard.is_some() && op != WriteOp::Create {
+                            let n = params.len();
+                            assert_eq!(params[n - 1].as_deref(), Some("7"), "{what}");
+                            assert!(row.contains(&format!("AND t.\"ver\" = ${n}::text::bigint")), "{what}");
+                        }
+                        let arrays = shape.statement(Form::Arrays);
+                        for n in 1..=params.len() {
+                            assert_eq!(arrays.matches(&format!("u.p{n}::")).count(), 1, "{what}: {arrays}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// The engine drives sinks from spawned tasks; this fails to compile otherwise.
     #[allow(dead_code)]
