@@ -315,11 +315,16 @@ impl WriteTables<'_> {
             report.records = 1;
         }
 
+        let prefix = path_prefix(entity);
         let mut identities = Vec::new();
-        for row in self.identity.iter()? {
+        for row in self.identity.range(prefix.as_slice()..)? {
             let (k, v) = row?;
-            let (e, system, local) = k.value();
-            if e == entity && v.value() == gid {
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            if v.value() == gid {
+                let (_, system, local) =
+                    split_path_key(k.value()).ok_or(StateError::KeyFormat { table: "identity_map" })?;
                 identities.push((system.to_string(), local.to_string()));
             }
         }
@@ -330,15 +335,17 @@ impl WriteTables<'_> {
         }
 
         let mut match_keys = Vec::new();
-        for row in self.match_index.iter()? {
+        for row in self.match_index.range(prefix.as_slice()..)? {
             let (k, v) = row?;
-            let (e, key, value) = k.value();
-            if e == entity && v.value() == gid {
-                match_keys.push((key.to_string(), value.to_string()));
+            if !k.value().starts_with(&prefix) {
+                break;
+            }
+            if v.value() == gid {
+                match_keys.push(k.value().to_vec());
             }
         }
-        for (key, value) in match_keys {
-            self.match_index.remove((entity, key.as_str(), value.as_str()))?;
+        for key in match_keys {
+            self.match_index.remove(key.as_slice())?;
             report.match_keys += 1;
         }
 

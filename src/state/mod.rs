@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, Value};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableHandle, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +92,8 @@ pub enum StateError {
         #[source]
         source: encoding::FormatError,
     },
+    #[error("state store key in table {table} cannot be decoded")]
+    KeyFormat { table: &'static str },
 }
 
 /// A write waiting in the outbox.
@@ -271,6 +273,32 @@ impl ReadAhead {
     }
 }
 
+/// Moves the identity map and the match index of a file older than schema version 6
+/// from their tuple-keyed tables to the [`path_key`] tables, inside the transaction that
+/// marks the file with the new version, and deletes the old tables.
+fn upgrade_path_keys(txn: &redb::WriteTransaction) -> Result<(), StateError> {
+    let names: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
+    for (old, new) in [(IDENTITY_V5, IDENTITY), (MATCH_INDEX_V5, MATCH_INDEX)] {
+        if !names.iter().any(|n| n == old.name()) {
+            continue;
+        }
+        let mut moved = 0u64;
+        {
+            let from = txn.open_table(old)?;
+            let mut to = txn.open_table(new)?;
+            for row in from.iter()? {
+                let (k, v) = row?;
+                let (a, b, c) = k.value();
+                to.insert(path_key(a, b, c).as_slice(), v.value())?;
+                moved += 1;
+            }
+        }
+        txn.delete_table(old)?;
+        tracing::info!(table = new.name(), rows = moved, "state upgraded to schema version 6");
+    }
+    Ok(())
+}
+
 /// Reads, without decoding, the identity row of each local id of `job` and the record
 /// row it points to, until the job is stopped.
 fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<(), StateError> {
@@ -282,7 +310,7 @@ fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<
         if job.stop.load(Ordering::Relaxed) {
             break;
         }
-        if let Some(id) = identity.get((entity, system, local_id.as_str()))? {
+        if let Some(id) = identity.get(path_key(entity, system, local_id).as_slice())? {
             let id = id.value();
             if let Some(row) = records.get((entity, id))? {
                 std::hint::black_box(row.value().len());
@@ -452,6 +480,7 @@ impl StateStore {
                 Some(SCHEMA_VERSION) => {}
                 Some(v) if UPGRADABLE_SCHEMA_VERSIONS.contains(&v) => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
+                    upgrade_path_keys(&txn)?;
                 }
                 Some(v) => {
                     return Err(StateError::SchemaVersion {
@@ -783,8 +812,8 @@ fn id_key(id: u64) -> Vec<u8> {
 pub struct WriteTables<'txn> {
     sequences: Table<'txn, &'static str, u64>,
     records: Table<'txn, (&'static str, u128), &'static [u8]>,
-    identity: Table<'txn, (&'static str, &'static str, &'static str), u128>,
-    match_index: Table<'txn, (&'static str, &'static str, &'static str), u128>,
+    identity: Table<'txn, &'static [u8], u128>,
+    match_index: Table<'txn, &'static [u8], u128>,
     checkpoints: Table<'txn, (&'static str, &'static str), &'static [u8]>,
     outbox: Table<'txn, (&'static str, u64), &'static [u8]>,
     dead_letters: Table<'txn, u64, &'static [u8]>,
@@ -906,7 +935,7 @@ impl<'txn> WriteTables<'txn> {
     pub fn identity(&self, entity: &str, system: &str, local_id: &str) -> Result<Option<GlobalId>, StateError> {
         Ok(self
             .identity
-            .get((entity, system, local_id))?
+            .get(path_key(entity, system, local_id).as_slice())?
             .map(|v| GlobalId::from_u128(v.value())))
     }
 
@@ -919,7 +948,9 @@ impl<'txn> WriteTables<'txn> {
         local_id: &str,
         id: GlobalId,
     ) -> Result<bool, StateError> {
-        let previous = self.identity.insert((entity, system, local_id), id.as_u128())?;
+        let previous = self
+            .identity
+            .insert(path_key(entity, system, local_id).as_slice(), id.as_u128())?;
         let new = previous.is_none();
         drop(previous);
         if new {
@@ -929,7 +960,10 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn remove_identity(&mut self, entity: &str, system: &str, local_id: &str) -> Result<(), StateError> {
-        let removed = self.identity.remove((entity, system, local_id))?.is_some();
+        let removed = self
+            .identity
+            .remove(path_key(entity, system, local_id).as_slice())?
+            .is_some();
         if removed {
             self.add_count(entity, system, -1)?;
         }
@@ -940,22 +974,24 @@ impl<'txn> WriteTables<'txn> {
         let value = self.codec.blind(value);
         Ok(self
             .match_index
-            .get((entity, key, value.as_ref()))?
+            .get(path_key(entity, key, value.as_ref()).as_slice())?
             .map(|v| GlobalId::from_u128(v.value())))
     }
 
     pub fn put_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
         let value = self.codec.blind(value);
-        self.match_index.insert((entity, key, value.as_ref()), id.as_u128())?;
+        self.match_index
+            .insert(path_key(entity, key, value.as_ref()).as_slice(), id.as_u128())?;
         Ok(())
     }
 
     /// Removes a match-key entry if it still points at `id`.
     pub fn remove_match_key(&mut self, entity: &str, key: &str, value: &str, id: GlobalId) -> Result<(), StateError> {
         let value = self.codec.blind(value);
-        let current = self.match_index.get((entity, key, value.as_ref()))?.map(|v| v.value());
+        let key = path_key(entity, key, value.as_ref());
+        let current = self.match_index.get(key.as_slice())?.map(|v| v.value());
         if current == Some(id.as_u128()) {
-            self.match_index.remove((entity, key, value.as_ref()))?;
+            self.match_index.remove(key.as_slice())?;
         }
         Ok(())
     }
@@ -1141,7 +1177,7 @@ impl ReadView {
     pub fn identity(&self, entity: &str, system: &str, local_id: &str) -> Result<Option<GlobalId>, StateError> {
         let table = self.txn.open_table(IDENTITY)?;
         Ok(table
-            .get((entity, system, local_id))?
+            .get(path_key(entity, system, local_id).as_slice())?
             .map(|v| GlobalId::from_u128(v.value())))
     }
 

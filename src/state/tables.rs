@@ -1,7 +1,12 @@
 //! Every redb table, in one place, with its key encoding.
 //!
 //! Keys are redb tuples, compared element by element, so a range over a prefix
-//! (`(entity, ..)`, `(system, ..)`) lists one entity's or one system's rows in order.
+//! (`(entity, ..)`, `(system, ..)`) lists one entity's or one system's rows in order,
+//! except for the two largest key sets, the identity map and the match index: their keys
+//! are flat byte strings ([`path_key`]), compared with one `memcmp` instead of a tuple
+//! comparison that decodes each element's length on every step down the tree. Their
+//! rows are grouped by entity, then by system (or key field), like the tuples', but the
+//! groups sort by name length first; nothing reads them in name order.
 //! Values that are structs are JSON bytes (record states, outbox entries and decisions:
 //! the binary layouts of `encoding`), sealed in an encrypted store for the tables
 //! in [`SEALED_TABLES`] (see `crypto`); counters and ids are native
@@ -13,16 +18,19 @@ use redb::TableDefinition;
 /// Version of the layout below. Bump it when a table's key or value changes meaning;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
 /// Version 2 stores record states in the binary layout of `encoding`; version 3 also
-/// outbox entries; version 4 also merge decisions; version 5 also the write log.
-pub const SCHEMA_VERSION: u64 = 5;
+/// outbox entries; version 4 also merge decisions; version 5 also the write log;
+/// version 6 keys the identity map and the match index by [`path_key`].
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// Older versions this build still reads. Opening such a file marks it with
 /// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
 /// afterwards instead of misreading new rows. Version 1 stored record states, outbox
 /// entries, decisions and the write log as JSON, version 2 outbox entries, decisions and
 /// the write log, version 3 decisions and the write log, version 4 the write log;
-/// `encoding` tells them apart by the first byte.
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 4] = [1, 2, 3, 4];
+/// `encoding` tells them apart by the first byte. Versions 1 to 5 kept the identity map
+/// and the match index in [`IDENTITY_V5`] and [`MATCH_INDEX_V5`]; opening such a file
+/// moves their rows to the tables of version 6 in the same transaction.
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 5] = [1, 2, 3, 4, 5];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while
@@ -38,12 +46,20 @@ pub const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequence
 /// every merge reads and writes all of it together.
 pub const RECORDS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("records");
 
-/// `(entity, system, local id) → global id`: the identity map. The reverse direction
-/// (global id → each system's local id) is the `local_id` of each shadow in `RECORDS`.
-pub const IDENTITY: TableDefinition<(&str, &str, &str), u128> = TableDefinition::new("identity");
+/// `path_key(entity, system, local id) → global id`: the identity map. The reverse
+/// direction (global id → each system's local id) is the `local_id` of each shadow in
+/// `RECORDS`.
+pub const IDENTITY: TableDefinition<&[u8], u128> = TableDefinition::new("identity_map");
 
-/// `(entity, match-key field, normalised value) → global id`.
-pub const MATCH_INDEX: TableDefinition<(&str, &str, &str), u128> = TableDefinition::new("match_index");
+/// `path_key(entity, match-key field, normalised value) → global id`.
+pub const MATCH_INDEX: TableDefinition<&[u8], u128> = TableDefinition::new("match_keys");
+
+/// The identity map of schema versions 1 to 5, `(entity, system, local id) → global id`;
+/// only the upgrade reads it, and deletes it.
+pub const IDENTITY_V5: TableDefinition<(&str, &str, &str), u128> = TableDefinition::new("identity");
+
+/// The match index of schema versions 1 to 5; only the upgrade reads it, and deletes it.
+pub const MATCH_INDEX_V5: TableDefinition<(&str, &str, &str), u128> = TableDefinition::new("match_index");
 
 /// `(system, stream) → checkpoint JSON`: the source position committed with the effects
 /// of the batch that reached it. A stream is a link name (`hr.employee`).
@@ -75,3 +91,126 @@ pub const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
 
 /// The tables whose values hold record data and are sealed in an encrypted store.
 pub const SEALED_TABLES: [&str; 4] = ["records", "decisions", "dead_letters", "outbox"];
+
+/// A key of three strings as one byte string: the first two each after its length (a
+/// varint: one byte below 128), the last as it is. Keys with the
+/// same first two parts share their first bytes and sort by the last part, so one
+/// `memcmp` orders them; the key of a typical identity row fits on the stack.
+pub type PathKey = smallvec::SmallVec<[u8; 80]>;
+
+pub fn path_key(first: &str, second: &str, last: &str) -> PathKey {
+    let mut key = PathKey::new();
+    for part in [first, second] {
+        push_len(&mut key, part);
+        key.extend_from_slice(part.as_bytes());
+    }
+    key.extend_from_slice(last.as_bytes());
+    key
+}
+
+/// The length of `part` as a LEB128 varint: seven bits a byte, low bits first, the high
+/// bit set on every byte but the last.
+fn push_len(key: &mut PathKey, part: &str) {
+    let mut len = part.len();
+    while len >= 0x80 {
+        key.push((len & 0x7f) as u8 | 0x80);
+        len >>= 7;
+    }
+    key.push(len as u8);
+}
+
+/// The three parts of a [`path_key`]; `None` for bytes no `path_key` made.
+pub fn split_path_key(key: &[u8]) -> Option<(&str, &str, &str)> {
+    fn part(mut rest: &[u8]) -> Option<(&str, &[u8])> {
+        let mut len = 0usize;
+        for shift in (0..usize::BITS).step_by(7) {
+            let (&byte, tail) = rest.split_first()?;
+            rest = tail;
+            len |= usize::from(byte & 0x7f).checked_shl(shift)?;
+            if byte & 0x80 == 0 {
+                // A last byte of zero after others is a length `push_len` never writes.
+                if byte == 0 && shift > 0 {
+                    return None;
+                }
+                break;
+            }
+            if shift + 7 >= usize::BITS {
+                return None;
+            }
+        }
+        if rest.len() < len {
+            return None;
+        }
+        let (part, rest) = rest.split_at(len);
+        Some((std::str::from_utf8(part).ok()?, rest))
+    }
+    let (first, rest) = part(key)?;
+    let (second, rest) = part(rest)?;
+    Some((first, second, std::str::from_utf8(rest).ok()?))
+}
+
+/// The bytes every [`path_key`] with this first part starts with: a range from it, read
+/// while the keys start with it, lists one entity's rows.
+pub fn path_prefix(first: &str) -> PathKey {
+    let mut key = path_key(first, "", "");
+    key.truncate(key.len() - 1);
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn part() -> impl Strategy<Value = String> {
+        // Short and long parts (a length of 128 or more takes two varint bytes), with
+        // bytes that look like lengths and multi-byte characters.
+        prop_oneof!["[a-z\u{0}\u{7f}\u{80}é_.-]{0,12}", "[a-z]{120,300}",]
+    }
+
+    proptest! {
+        #[test]
+        fn a_path_key_splits_into_its_parts(a in part(), b in part(), c in part()) {
+            let key = path_key(&a, &b, &c);
+            prop_assert_eq!(split_path_key(&key), Some((a.as_str(), b.as_str(), c.as_str())));
+        }
+
+        #[test]
+        fn a_key_starts_with_the_prefix_of_its_first_part_and_no_other(
+            a in part(), b in part(), c in part(), other in part(),
+        ) {
+            let key = path_key(&a, &b, &c);
+            prop_assert!(key.starts_with(&path_prefix(&a)));
+            prop_assert_eq!(key.starts_with(&path_prefix(&other)), a == other);
+        }
+
+        #[test]
+        fn keys_with_the_same_first_parts_sort_by_the_last(a in part(), b in part(), c in part(), d in part()) {
+            prop_assert_eq!(path_key(&a, &b, &c).cmp(&path_key(&a, &b, &d)), c.cmp(&d));
+        }
+
+        #[test]
+        fn splitting_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some((a, b, c)) = split_path_key(&bytes) {
+                let again = path_key(a, b, c);
+                prop_assert_eq!(again.as_slice(), bytes.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_key_does_not_split() {
+        let key = path_key("contact", "hr", "E1");
+        // Cut inside the second part, inside its length, and inside a long length.
+        assert_eq!(split_path_key(&key[..9]), None);
+        assert_eq!(split_path_key(&key[..8]), None);
+        let long = "x".repeat(200);
+        let key = path_key(&long, "hr", "E1");
+        assert_eq!(split_path_key(&key[..1]), None);
+        assert_eq!(&key[..2], &[0xc8, 0x01]);
+        // One length written two ways: only the shortest is a key.
+        assert_eq!(split_path_key(&[0x80, 0x00, 0x00, b'x']), None);
+        assert_eq!(split_path_key(&[0x00, 0x00, b'x']), Some(("", "", "x")));
+    }
+}

@@ -750,3 +750,82 @@ fn a_second_handle_on_an_open_state_file_is_refused() {
     drop(store);
     StateStore::open(dir.path(), 4).expect("reopens once the first handle is closed");
 }
+
+#[test]
+fn a_version_5_file_with_tuple_keyed_identities_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // What a version-5 build left: the identity map and the match index keyed by
+        // redb tuples, under their old names.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 5).unwrap();
+        let mut identity = txn.open_table(IDENTITY_V5).unwrap();
+        identity.insert(("contact", "hr", "E1"), gid(1).as_u128()).unwrap();
+        identity.insert(("contact", "crm", "003A"), gid(1).as_u128()).unwrap();
+        identity.insert(("employee", "hr", "E1"), gid(2).as_u128()).unwrap();
+        drop(identity);
+        let mut index = txn.open_table(MATCH_INDEX_V5).unwrap();
+        index
+            .insert(("contact", "email", "ada@example.com"), gid(1).as_u128())
+            .unwrap();
+        drop(index);
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let view = store.read().unwrap();
+    assert_eq!(view.identity("contact", "hr", "E1").unwrap(), Some(gid(1)));
+    assert_eq!(view.identity("contact", "crm", "003A").unwrap(), Some(gid(1)));
+    assert_eq!(view.identity("employee", "hr", "E1").unwrap(), Some(gid(2)));
+    assert_eq!(view.identity("employee", "crm", "003A").unwrap(), None);
+    drop(view);
+    store
+        .write(|t| {
+            assert_eq!(t.match_key("contact", "email", "ada@example.com")?, Some(gid(1)));
+            assert_eq!(t.match_key("employee", "email", "ada@example.com")?, None);
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+    let txn = store.db.begin_read().unwrap();
+    let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
+    assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
+    let names: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+    assert!(
+        !names.iter().any(|n| n == "identity" || n == "match_index"),
+        "old tables are gone: {names:?}"
+    );
+    assert_eq!(txn.open_table(IDENTITY).unwrap().len().unwrap(), 3);
+}
+
+#[test]
+fn forgetting_a_record_leaves_an_entity_whose_name_extends_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let id = gid(7);
+    store
+        .write(|t| {
+            for entity in ["contact", "contacts"] {
+                t.put_identity(entity, "hr", "E7", id)?;
+                t.put_match_key(entity, "email", "ada@example.com", id)?;
+            }
+            t.put_identity("contact", "crm", "003", id)?;
+            t.put_identity("contact", "hr", "E8", gid(8))?;
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+    let report = store.forget("contact", id, "test").unwrap();
+    assert_eq!((report.identities, report.match_keys), (2, 1));
+    let view = store.read().unwrap();
+    assert_eq!(view.identity("contact", "hr", "E7").unwrap(), None);
+    assert_eq!(view.identity("contact", "crm", "003").unwrap(), None);
+    assert_eq!(view.identity("contact", "hr", "E8").unwrap(), Some(gid(8)));
+    assert_eq!(view.identity("contacts", "hr", "E7").unwrap(), Some(id));
+    drop(view);
+    store
+        .write(|t| {
+            assert_eq!(t.match_key("contact", "email", "ada@example.com")?, None);
+            assert_eq!(t.match_key("contacts", "email", "ada@example.com")?, Some(id));
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+}
