@@ -314,16 +314,11 @@ fn process_record(
     let decision_id = tables.next_id("decision")?;
     // Rollout of writes is decided on the agreed match keys, or the change's when new.
     let write_keys = agreed_keys.as_deref().unwrap_or(&keys);
-    let output = merge_change(
-        rt,
-        entity,
-        &change,
-        global_id,
-        state.as_ref(),
-        write_keys,
-        decision_id,
-        now,
-    );
+    // The merge takes the stored state over; the match keys indexed for it are kept
+    // here to compare with the new ones.
+    let mut state = state;
+    let old_keys = state.as_mut().map(|s| std::mem::take(&mut s.match_keys));
+    let output = merge_change(rt, entity, &change, global_id, state, write_keys, decision_id, now);
     let mut decision = output.decision;
     let mut new_state = output.state;
 
@@ -331,7 +326,7 @@ fn process_record(
     // keys as they were and write nothing here.
     let new_keys: std::collections::BTreeMap<String, String> =
         key_values(entity, |k| new_state.base.value(k)).into_iter().collect();
-    let old_keys = state.as_ref().map(|s| &s.match_keys);
+    let old_keys = old_keys.as_ref();
     if old_keys != Some(&new_keys) {
         for (key, value) in old_keys.into_iter().flatten() {
             if new_keys.get(key) != Some(value) {
@@ -343,8 +338,8 @@ fn process_record(
                 tables.put_match_key(&entity.name, key, value, global_id)?;
             }
         }
-        new_state.match_keys = new_keys;
     }
+    new_state.match_keys = new_keys;
 
     match record.kind {
         ChangeKind::Upsert if known.is_none() => {
@@ -392,7 +387,7 @@ fn merge_change(
     entity: &EntityRuntime,
     change: &Change,
     global_id: GlobalId,
-    state: Option<&RecordState>,
+    state: Option<RecordState>,
     keys: &[(String, String)],
     decision_id: u64,
     now: TimeMs,
@@ -420,7 +415,7 @@ fn merge_change(
     merge::merge(MergeInput {
         decision_id,
         global_id,
-        state,
+        state: state.map(std::borrow::Cow::Owned),
         change,
         policy: &entity.policy,
         targets: &targets,

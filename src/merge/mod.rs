@@ -41,6 +41,7 @@
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
@@ -187,7 +188,9 @@ pub struct MergeInput<'a> {
     pub decision_id: u64,
     pub global_id: GlobalId,
     /// What concord holds for the record; `None` when the change is the first sighting.
-    pub state: Option<&'a RecordState>,
+    /// A caller done with the stored state hands it over (`Cow::Owned`) and saves the
+    /// merge a copy of it.
+    pub state: Option<Cow<'a, RecordState>>,
     pub change: &'a Change,
     pub policy: &'a EntityPolicy,
     pub targets: &'a [Target<'a>],
@@ -308,15 +311,21 @@ pub struct MergeOutput {
 }
 
 /// Merges one change. See the module documentation for the rules.
-pub fn merge(input: MergeInput<'_>) -> MergeOutput {
+pub fn merge(mut input: MergeInput<'_>) -> MergeOutput {
     let change = input.change;
-    let mut state = input.state.cloned().unwrap_or_else(|| RecordState {
+    let stored = input.state.take();
+    let is_new = stored
+        .as_ref()
+        .is_none_or(|s| s.base.fields.is_empty() && !s.base.deleted);
+    let mut state = stored.map(Cow::into_owned).unwrap_or_else(|| RecordState {
         created_ms: input.now_ms,
         updated_ms: input.now_ms,
         ..RecordState::default()
     });
-    let is_new = input.state.is_none() || state.base.fields.is_empty() && !state.base.deleted;
-    let before = state.base.clone();
+    // The base's fields change below only where a change is accepted (`accepted`), so
+    // the one thing of the base before the merge that is still needed is whether it was
+    // deleted.
+    let was_deleted = state.base.deleted;
     let mut decisions = Vec::new();
     let mut flagged = false;
     let mut accepted: BTreeSet<String> = BTreeSet::new();
@@ -391,7 +400,7 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
             }
             if !accepted.is_empty() {
                 outcome = if is_new { Outcome::Created } else { Outcome::Updated };
-            } else if before.deleted && !state.base.deleted {
+            } else if was_deleted && !state.base.deleted {
                 outcome = Outcome::Updated;
             }
         }
@@ -421,7 +430,7 @@ pub fn merge(input: MergeInput<'_>) -> MergeOutput {
     }
     state.shadows.insert(change.system.clone(), shadow);
 
-    let writes = plan_writes(&input, &mut state, &before, &accepted, &contested, outcome);
+    let writes = plan_writes(&input, &mut state, &accepted, &contested, outcome);
     if outcome != Outcome::Noop {
         state.updated_ms = input.now_ms;
     }
@@ -564,7 +573,6 @@ fn decide_field(
 fn plan_writes(
     input: &MergeInput<'_>,
     state: &mut RecordState,
-    before: &crate::model::Base,
     accepted: &BTreeSet<String>,
     contested: &BTreeSet<String>,
     outcome: Outcome,
@@ -618,7 +626,8 @@ fn plan_writes(
             let Some(agreed) = state.base.fields.get(name) else {
                 continue;
             };
-            let changed_now = accepted.contains(name) || before.value(name) != Some(&agreed.value);
+            // Agreed values change only by being accepted from this change.
+            let changed_now = accepted.contains(name);
             let expected = shadow.and_then(|s| s.expected(name));
             let diverged = shadow.is_some_and(|s| s.diverged.contains(name));
             if diverged && !changed_now {

@@ -1385,7 +1385,7 @@ impl Fixture {
                     let out = merge(MergeInput {
                         decision_id: i as u64 + 1,
                         global_id: GlobalId::from_u128(1),
-                        state: state.as_ref(),
+                        state: state.as_ref().map(Cow::Borrowed),
                         change,
                         policy: &self.policy,
                         targets: &targets,
@@ -1642,7 +1642,7 @@ impl<'s> World<'s> {
         let out = merge(MergeInput {
             decision_id: self.decisions,
             global_id: GlobalId::from_u128(7),
-            state: self.state.as_ref(),
+            state: self.state.as_ref().map(Cow::Borrowed),
             change,
             policy: &self.scenario.policy,
             targets: &targets,
