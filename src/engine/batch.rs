@@ -246,7 +246,7 @@ fn process_record(
     // Identify: the identity map first, then the match keys.
     let keys = key_values(entity, |k| fields.get(k));
     let known = tables.identity(&entity.name, system, &record.local_id)?;
-    let (global_id, state) = match known {
+    let (global_id, mut state) = match known {
         Some(id) => (id, tables.record(&entity.name, id)?),
         None => {
             if record.kind == ChangeKind::Delete {
@@ -316,7 +316,6 @@ fn process_record(
     let write_keys = agreed_keys.as_deref().unwrap_or(&keys);
     // The merge takes the stored state over; the match keys indexed for it are kept
     // here to compare with the new ones.
-    let mut state = state;
     let old_keys = state.as_mut().map(|s| std::mem::take(&mut s.match_keys));
     let output = merge_change(rt, entity, &change, global_id, state, write_keys, decision_id, now);
     let mut decision = output.decision;

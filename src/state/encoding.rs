@@ -589,6 +589,36 @@ fn rule_from_code(code: u8) -> Result<Rule, FormatError> {
     })
 }
 
+/// A key of three strings as one byte string, for the identity map and the match index
+/// (`tables`): the first two as `str` values (a varint length, then the bytes), the last
+/// as it is. Keys with the same first two parts share their first bytes and sort by the
+/// last part, so one `memcmp` orders them.
+pub fn path_key(first: &str, second: &str, last: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(first.len() + second.len() + last.len() + 2);
+    put_str(&mut key, first);
+    put_str(&mut key, second);
+    key.extend_from_slice(last.as_bytes());
+    key
+}
+
+/// The three parts of a [`path_key`]; `None` for bytes that `path_key` would not write
+/// (a length written longer than it needs included).
+pub fn split_path_key(key: &[u8]) -> Option<(&str, &str, &str)> {
+    let mut reader = Reader { bytes: key, at: 0 };
+    let first = reader.str().ok()?;
+    let second = reader.str().ok()?;
+    let last = std::str::from_utf8(&key[reader.at..]).ok()?;
+    (path_key(first, second, last) == key).then_some((first, second, last))
+}
+
+/// The bytes every [`path_key`] with this first part starts with: a range from it, read
+/// while the keys start with it, lists one entity's rows.
+pub fn path_prefix(first: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(first.len() + 1);
+    put_str(&mut key, first);
+    key
+}
+
 fn put_uint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);

@@ -315,18 +315,10 @@ impl WriteTables<'_> {
             report.records = 1;
         }
 
-        let prefix = path_prefix(entity);
         let mut identities = Vec::new();
-        for row in self.identity.range(prefix.as_slice()..)? {
-            let (k, v) = row?;
-            if !k.value().starts_with(&prefix) {
-                break;
-            }
-            if v.value() == gid {
-                let (_, system, local) =
-                    split_path_key(k.value()).ok_or(StateError::KeyFormat { table: "identity_map" })?;
-                identities.push((system.to_string(), local.to_string()));
-            }
+        for key in keys_pointing_at(&self.identity, entity, gid)? {
+            let (_, system, local) = split_path_key(&key).ok_or(StateError::KeyFormat { table: "identity_map" })?;
+            identities.push((system.to_string(), local.to_string()));
         }
         for (system, local) in identities {
             self.remove_identity(entity, &system, &local)?;
@@ -334,17 +326,7 @@ impl WriteTables<'_> {
             report.identities += 1;
         }
 
-        let mut match_keys = Vec::new();
-        for row in self.match_index.range(prefix.as_slice()..)? {
-            let (k, v) = row?;
-            if !k.value().starts_with(&prefix) {
-                break;
-            }
-            if v.value() == gid {
-                match_keys.push(k.value().to_vec());
-            }
-        }
-        for key in match_keys {
+        for key in keys_pointing_at(&self.match_index, entity, gid)? {
             self.match_index.remove(key.as_slice())?;
             report.match_keys += 1;
         }
@@ -424,6 +406,26 @@ impl WriteTables<'_> {
 
 /// Unwraps every data key and the index key of an encrypted store; the current key id
 /// comes from META.
+/// The keys of one entity's rows, in a table keyed by `path_key`, whose global id is `gid`.
+fn keys_pointing_at(
+    table: &impl ReadableTable<&'static [u8], u128>,
+    entity: &str,
+    gid: u128,
+) -> Result<Vec<Vec<u8>>, StateError> {
+    let prefix = path_prefix(entity);
+    let mut keys = Vec::new();
+    for row in table.range(prefix.as_slice()..)? {
+        let (k, v) = row?;
+        if !k.value().starts_with(&prefix) {
+            break;
+        }
+        if v.value() == gid {
+            keys.push(k.value().to_vec());
+        }
+    }
+    Ok(keys)
+}
+
 fn load_deks(txn: &redb::WriteTransaction, kek: &Kek) -> Result<(u32, Deks, SecretBox<[u8; 32]>), StateError> {
     let meta = txn.open_table(META)?;
     let current = meta_flag(&meta, "current_key_id")?.unwrap_or(0) as u32;

@@ -92,70 +92,9 @@ pub const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
 /// The tables whose values hold record data and are sealed in an encrypted store.
 pub const SEALED_TABLES: [&str; 4] = ["records", "decisions", "dead_letters", "outbox"];
 
-/// A key of three strings as one byte string: the first two each after its length (a
-/// varint: one byte below 128), the last as it is. Keys with the
-/// same first two parts share their first bytes and sort by the last part, so one
-/// `memcmp` orders them; the key of a typical identity row fits on the stack.
-pub type PathKey = smallvec::SmallVec<[u8; 80]>;
-
-pub fn path_key(first: &str, second: &str, last: &str) -> PathKey {
-    let mut key = PathKey::new();
-    for part in [first, second] {
-        push_len(&mut key, part);
-        key.extend_from_slice(part.as_bytes());
-    }
-    key.extend_from_slice(last.as_bytes());
-    key
-}
-
-/// The length of `part` as a LEB128 varint: seven bits a byte, low bits first, the high
-/// bit set on every byte but the last.
-fn push_len(key: &mut PathKey, part: &str) {
-    let mut len = part.len();
-    while len >= 0x80 {
-        key.push((len & 0x7f) as u8 | 0x80);
-        len >>= 7;
-    }
-    key.push(len as u8);
-}
-
-/// The three parts of a [`path_key`]; `None` for bytes no `path_key` made.
-pub fn split_path_key(key: &[u8]) -> Option<(&str, &str, &str)> {
-    fn part(mut rest: &[u8]) -> Option<(&str, &[u8])> {
-        let mut len = 0usize;
-        for shift in (0..usize::BITS).step_by(7) {
-            let (&byte, tail) = rest.split_first()?;
-            rest = tail;
-            len |= usize::from(byte & 0x7f).checked_shl(shift)?;
-            if byte & 0x80 == 0 {
-                // A last byte of zero after others is a length `push_len` never writes.
-                if byte == 0 && shift > 0 {
-                    return None;
-                }
-                break;
-            }
-            if shift + 7 >= usize::BITS {
-                return None;
-            }
-        }
-        if rest.len() < len {
-            return None;
-        }
-        let (part, rest) = rest.split_at(len);
-        Some((std::str::from_utf8(part).ok()?, rest))
-    }
-    let (first, rest) = part(key)?;
-    let (second, rest) = part(rest)?;
-    Some((first, second, std::str::from_utf8(rest).ok()?))
-}
-
-/// The bytes every [`path_key`] with this first part starts with: a range from it, read
-/// while the keys start with it, lists one entity's rows.
-pub fn path_prefix(first: &str) -> PathKey {
-    let mut key = path_key(first, "", "");
-    key.truncate(key.len() - 1);
-    key
-}
+// The identity map's and the match index's key layout is written and read with the
+// varints of the value layouts.
+pub use super::encoding::{path_key, path_prefix, split_path_key};
 
 #[cfg(test)]
 mod tests {
