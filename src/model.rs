@@ -12,7 +12,11 @@ use serde::{Deserialize, Serialize};
 pub type Value = serde_json::Value;
 
 /// Canonical fields of one record, ordered by name so that encodings are stable.
-pub type Fields = BTreeMap<String, Value>;
+///
+/// A JSON object's own map (a `BTreeMap` inside, since no crate here turns on
+/// serde_json's `preserve_order`; a test holds that), so a record's fields become the
+/// JSON object the schema validator reads, and come back, without a copy.
+pub type Fields = serde_json::Map<String, Value>;
 
 /// Milliseconds since the Unix epoch. Source times and decision times use it.
 pub type TimeMs = i64;
@@ -150,7 +154,7 @@ pub struct Shadow {
     pub version: Option<String>,
     /// Values sent in writes that are not confirmed yet. Writes are planned against the
     /// shadow overlaid with these, so a pending write is not planned twice.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "Fields::is_empty")]
     pub pending: Fields,
     /// Fields where the system keeps its own value by policy (`ignore`, `flag`) and
     /// is therefore not written until the agreed value changes.
@@ -235,4 +239,22 @@ pub fn now_ms() -> TimeMs {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as TimeMs)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Encodings, decisions and the merge walk fields in name order. serde_json keeps
+    /// its maps in insertion order when any crate in the build turns on its
+    /// `preserve_order` feature; this fails if one ever does.
+    #[test]
+    fn fields_iterate_in_name_order_whatever_the_insertion_order() {
+        let mut fields = Fields::new();
+        for name in ["phone", "email", "title", "certified"] {
+            fields.insert(name.to_string(), Value::Null);
+        }
+        let names: Vec<&str> = fields.keys().map(String::as_str).collect();
+        assert_eq!(names, ["certified", "email", "phone", "title"]);
+    }
 }

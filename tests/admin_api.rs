@@ -10,7 +10,7 @@ use concord::engine::status::SharedStatus;
 use concord::http::{ANONYMOUS, AdminAuth, AdminContext, MAX_BODY_BYTES, ReplayError, ReplayFn, ReplayOutcome, serve};
 use concord::merge::{Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMode, WriteSummary};
 use concord::model::{
-    AgreedField, Base, ChangeKind, GlobalId, Provenance, RecordState, Shadow, SourceRecord, SourceReject,
+    AgreedField, Base, ChangeKind, Fields, GlobalId, Provenance, RecordState, Shadow, SourceRecord, SourceReject,
 };
 use concord::state::{DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, StateStore, WriteLogEntry};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -208,7 +208,7 @@ fn outbox_entry(system: &str, id: GlobalId) -> OutboxEntry {
         entity: ENTITY.to_string(),
         global_id: id,
         action: WriteAction::Upsert {
-            fields: BTreeMap::from([("email".to_string(), json!("ada@example.com"))]),
+            fields: Fields::from_iter([("email".to_string(), json!("ada@example.com"))]),
         },
         source_system: "crm".to_string(),
         source_time_ms: T0,
@@ -256,7 +256,7 @@ fn seed(store: &StateStore) -> Seeded {
                         "crm".to_string(),
                         Shadow {
                             local_id: Some("c-1".to_string()),
-                            fields: BTreeMap::from([
+                            fields: Fields::from_iter([
                                 ("email".to_string(), json!("ada@example.com")),
                                 ("name".to_string(), json!("Ada Lovelace")),
                             ]),
@@ -268,8 +268,8 @@ fn seed(store: &StateStore) -> Seeded {
                         "hr".to_string(),
                         Shadow {
                             local_id: Some("h-1".to_string()),
-                            fields: BTreeMap::from([("name".to_string(), json!("A. Lovelace"))]),
-                            pending: BTreeMap::from([("email".to_string(), json!("ada@example.com"))]),
+                            fields: Fields::from_iter([("name".to_string(), json!("A. Lovelace"))]),
+                            pending: Fields::from_iter([("email".to_string(), json!("ada@example.com"))]),
                             diverged: ["name".to_string()].into(),
                             ..Shadow::default()
                         },

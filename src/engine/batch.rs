@@ -210,7 +210,7 @@ fn process_record(
     tally: &mut Tally,
 ) -> Result<RecordOutcome, StateError> {
     let system = link.config.system.as_str();
-    let fields = match record.kind {
+    let mut fields = match record.kind {
         ChangeKind::Upsert => match link.mapping.inbound(&record.fields) {
             Ok(fields) => fields,
             Err(error) => {
@@ -229,7 +229,7 @@ fn process_record(
         ChangeKind::Delete => Default::default(),
     };
     if record.kind == ChangeKind::Upsert {
-        if let Err(problems) = entity.schema.validate(&fields) {
+        if let Err(problems) = entity.schema.validate(&mut fields) {
             let id = dead_letter_change(
                 tables,
                 entity,
@@ -302,6 +302,7 @@ fn process_record(
         return Ok(RecordOutcome::Skipped);
     }
 
+    let source_time_ms = record.source_time_ms.unwrap_or(now);
     let change = Change {
         system: system.to_string(),
         entity: entity.name.clone(),
@@ -309,7 +310,7 @@ fn process_record(
         kind: record.kind,
         fields,
         version: record.version.clone(),
-        source_time_ms: record.source_time_ms.unwrap_or(now),
+        source_time_ms,
     };
     let decision_id = tables.next_id("decision")?;
     // Rollout of writes is decided on the agreed match keys, or the change's when new.
@@ -317,7 +318,7 @@ fn process_record(
     // The merge takes the stored state over; the match keys indexed for it are kept
     // here to compare with the new ones.
     let old_keys = state.as_mut().map(|s| std::mem::take(&mut s.match_keys));
-    let output = merge_change(rt, entity, &change, global_id, state, write_keys, decision_id, now);
+    let output = merge_change(rt, entity, change, global_id, state, write_keys, decision_id, now);
     let mut decision = output.decision;
     let mut new_state = output.state;
 
@@ -351,26 +352,26 @@ fn process_record(
     }
 
     let mut wake = Vec::new();
-    for (write, summary) in output.writes.iter().zip(decision.writes.iter_mut()) {
+    for (write, summary) in output.writes.into_iter().zip(decision.writes.iter_mut()) {
         if write.mode != WriteMode::Send {
             tally.dry_run(&write.system, &summary.action);
             continue;
         }
+        wake.push(write.system.clone());
         let seq = tables.enqueue(OutboxEntry {
             seq: 0,
-            system: write.system.clone(),
+            system: write.system,
             entity: entity.name.clone(),
             global_id,
-            action: write.action.clone(),
+            action: write.action,
             source_system: system.to_string(),
-            source_time_ms: change.source_time_ms,
+            source_time_ms,
             decision: decision_id,
             enqueued_ms: now,
             attempts: 0,
             last_error: None,
         })?;
         summary.seq = Some(seq);
-        wake.push(write.system.clone());
     }
     tables.put_record(&entity.name, global_id, &new_state)?;
     tables.put_decision(&decision)?;
@@ -384,7 +385,7 @@ fn process_record(
 fn merge_change(
     rt: &Runtime,
     entity: &EntityRuntime,
-    change: &Change,
+    change: Change,
     global_id: GlobalId,
     state: Option<RecordState>,
     keys: &[(String, String)],
@@ -415,7 +416,7 @@ fn merge_change(
         decision_id,
         global_id,
         state: state.map(std::borrow::Cow::Owned),
-        change,
+        change: std::borrow::Cow::Owned(change),
         policy: &entity.policy,
         targets: &targets,
         now_ms: now,

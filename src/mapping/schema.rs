@@ -74,15 +74,27 @@ impl EntitySchema {
     /// Checks a record's canonical fields. Each problem is `path: kind of problem`,
     /// with the JSON Pointer of the field (`record` for the whole object) and never the
     /// value.
-    pub fn validate(&self, fields: &Fields) -> Result<(), Vec<String>> {
-        let instance = Value::Object(fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    ///
+    /// The validator reads a JSON value: the fields (a JSON object's map) are moved
+    /// into one for the check and back out after it, so `fields` is unchanged on
+    /// return and nothing is copied.
+    pub fn validate(&self, fields: &mut Fields) -> Result<(), Vec<String>> {
+        let instance = Value::Object(std::mem::take(fields));
+        let result = self.check(&instance);
+        if let Value::Object(map) = instance {
+            *fields = map;
+        }
+        result
+    }
+
+    fn check(&self, instance: &Value) -> Result<(), Vec<String>> {
         // The common case, a valid record, takes the validator's fast path that builds
         // no error values.
-        if self.validator.is_valid(&instance) {
+        if self.validator.is_valid(instance) {
             return Ok(());
         }
         let mut problems = Vec::new();
-        for error in self.validator.iter_errors(&instance) {
+        for error in self.validator.iter_errors(instance) {
             describe(&error, &mut problems);
         }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
@@ -276,7 +288,7 @@ mod tests {
         ];
         for (file, sample) in samples {
             let schema = EntitySchema::load(&schema_file(file)).expect("schema loads");
-            assert_eq!(schema.validate(&fields(sample)), Ok(()), "{file}");
+            assert_eq!(schema.validate(&mut fields(sample)), Ok(()), "{file}");
             for required in schema.required() {
                 assert!(schema.properties().contains(&required), "{file}: {required}");
             }
@@ -300,7 +312,7 @@ mod tests {
 
     #[test]
     fn nullable_fields_may_be_cleared() {
-        let record = fields(json!({
+        let mut record = fields(json!({
             "email": "ada@example.com",
             "phone": null,
             "certified": null,
@@ -308,11 +320,18 @@ mod tests {
             "updated_at": null,
             "title": null
         }));
-        assert_eq!(contact().validate(&record), Ok(()));
-        let cleared_email = fields(json!({ "email": null }));
+        let before = record.clone();
+        assert_eq!(contact().validate(&mut record), Ok(()));
+        assert_eq!(record, before, "validation hands the fields back as they were");
+        let mut cleared_email = fields(json!({ "email": null }));
         assert_eq!(
-            contact().validate(&cleared_email),
+            contact().validate(&mut cleared_email),
             Err(vec!["/email: wrong type, expected string".to_string()])
+        );
+        assert_eq!(
+            cleared_email,
+            fields(json!({ "email": null })),
+            "a failed check hands them back too"
         );
     }
 
@@ -354,7 +373,7 @@ mod tests {
             ),
         ];
         for (record, secret, expected) in cases {
-            let got = contact().validate(&fields(record)).expect_err("record is invalid");
+            let got = contact().validate(&mut fields(record)).expect_err("record is invalid");
             let mut got_sorted = got.clone();
             got_sorted.sort();
             let mut expected: Vec<String> = expected.into_iter().map(String::from).collect();
@@ -375,19 +394,19 @@ mod tests {
             record.extend(fields(extra));
             record
         };
-        assert_eq!(schema.validate(&with(json!({ "completed_at": null }))), Ok(()));
+        assert_eq!(schema.validate(&mut with(json!({ "completed_at": null }))), Ok(()));
         assert_eq!(
-            schema.validate(&with(json!({ "progress_percent": 140 }))),
+            schema.validate(&mut with(json!({ "progress_percent": 140 }))),
             Err(vec!["/progress_percent: more than the maximum 100".to_string()])
         );
         assert_eq!(
-            schema.validate(&with(json!({ "status": "lost" }))),
+            schema.validate(&mut with(json!({ "status": "lost" }))),
             Err(vec![
                 "/status: not one of [\"enrolled\",\"in_progress\",\"completed\",\"withdrawn\"]".to_string()
             ])
         );
         assert_eq!(
-            schema.validate(&with(json!({ "completed_at": "2024-07-04" }))),
+            schema.validate(&mut with(json!({ "completed_at": "2024-07-04" }))),
             Err(vec!["/completed_at: not a valid date-time".to_string()])
         );
     }

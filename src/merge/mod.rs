@@ -191,7 +191,9 @@ pub struct MergeInput<'a> {
     /// A caller done with the stored state hands it over (`Cow::Owned`) and saves the
     /// merge a copy of it.
     pub state: Option<Cow<'a, RecordState>>,
-    pub change: &'a Change,
+    /// The change to merge. A caller done with it hands it over (`Cow::Owned`): its
+    /// values then move into the record instead of being copied.
+    pub change: Cow<'a, Change>,
     pub policy: &'a EntityPolicy,
     pub targets: &'a [Target<'a>],
     pub now_ms: TimeMs,
@@ -312,7 +314,6 @@ pub struct MergeOutput {
 
 /// Merges one change. See the module documentation for the rules.
 pub fn merge(mut input: MergeInput<'_>) -> MergeOutput {
-    let change = input.change;
     let stored = input.state.take();
     let is_new = stored
         .as_ref()
@@ -322,24 +323,31 @@ pub fn merge(mut input: MergeInput<'_>) -> MergeOutput {
         updated_ms: input.now_ms,
         ..RecordState::default()
     });
-    // The base's fields change below only where a change is accepted (`accepted`), so
-    // the one thing of the base before the merge that is still needed is whether it was
-    // deleted.
+    // The base's fields change below only where a change is accepted, so the one thing
+    // of the base before the merge that is still needed is whether it was deleted.
     let was_deleted = state.base.deleted;
-    let mut decisions = Vec::new();
+    // The incoming values end up in the system's shadow: they are taken out of the
+    // change and moved there (a borrowed change is copied once, here).
+    let incoming_fields = std::mem::take(&mut input.change.to_mut().fields);
+    let change: &Change = &input.change;
+    let mut decisions: Vec<FieldDecision> = Vec::new();
     let mut flagged = false;
-    let mut accepted: BTreeSet<String> = BTreeSet::new();
     // Fields the changing system changed away from the agreed value while a write of
     // that value to it was pending: see `plan_writes`.
     let mut contested: BTreeSet<String> = BTreeSet::new();
 
-    let seen_before = state.shadows.remove(&change.system);
+    let (shadow_key, seen_before) = match state.shadows.remove_entry(&change.system) {
+        Some((key, shadow)) => (key, Some(shadow)),
+        None => (change.system.clone(), None),
+    };
     // The system shows a record it did not hold (it is new to it, or it deleted it):
     // only that re-creates a deleted record. A system that kept its copy (its link
     // ignores deletes, or soft-deletes) reports it again on every export.
     let reappears = seen_before.as_ref().is_none_or(|s| s.deleted);
     let mut shadow = seen_before.unwrap_or_default();
-    shadow.local_id = Some(change.local_id.clone());
+    if shadow.local_id.as_deref() != Some(change.local_id.as_str()) {
+        shadow.local_id = Some(change.local_id.clone());
+    }
     if change.version.is_some() {
         shadow.version = change.version.clone();
     }
@@ -352,53 +360,53 @@ pub fn merge(mut input: MergeInput<'_>) -> MergeOutput {
                 // A system re-created the record: it lives again.
                 state.base.deleted = false;
             }
-            for (field, incoming) in &change.fields {
-                let decision = decide_field(&input, &state, &shadow, field, incoming);
+            let mut accepted_any = false;
+            for (field, incoming) in incoming_fields {
+                let decision = decide_field(&input, &state, &shadow, &field, &incoming);
                 if let Some(decision) = decision {
+                    let provenance = |rule| Provenance {
+                        system: change.system.clone(),
+                        version: change.version.clone(),
+                        source_time_ms: change.source_time_ms,
+                        rule,
+                        decision: input.decision_id,
+                    };
                     if decision.rule.accepts() {
-                        state.base.fields.insert(
-                            field.clone(),
-                            AgreedField {
-                                value: incoming.clone(),
-                                from: Provenance {
-                                    system: change.system.clone(),
-                                    version: change.version.clone(),
-                                    source_time_ms: change.source_time_ms,
-                                    rule: decision.rule,
-                                    decision: input.decision_id,
-                                },
-                            },
-                        );
-                        accepted.insert(field.clone());
-                        shadow.diverged.remove(field);
+                        let from = provenance(decision.rule);
+                        match state.base.fields.get_mut(&field) {
+                            Some(agreed) => {
+                                agreed.value.clone_from(&incoming);
+                                agreed.from = from;
+                            }
+                            None => {
+                                let value = incoming.clone();
+                                state.base.fields.insert(field.clone(), AgreedField { value, from });
+                            }
+                        }
+                        accepted_any = true;
+                        shadow.diverged.remove(&field);
                     } else if decision.rule == Rule::AlreadyAgreed {
-                        shadow.diverged.remove(field);
-                        if owner_takes_provenance(&input, &state, field) {
-                            if let Some(agreed) = state.base.fields.get_mut(field) {
-                                agreed.from = Provenance {
-                                    system: change.system.clone(),
-                                    version: change.version.clone(),
-                                    source_time_ms: change.source_time_ms,
-                                    rule: Rule::AlreadyAgreed,
-                                    decision: input.decision_id,
-                                };
+                        shadow.diverged.remove(&field);
+                        if owner_takes_provenance(&input, &state, &field) {
+                            if let Some(agreed) = state.base.fields.get_mut(&field) {
+                                agreed.from = provenance(Rule::AlreadyAgreed);
                             }
                         }
                     } else if matches!(decision.policy, Some(NonOwnerPolicy::Ignore | NonOwnerPolicy::Flag)) {
                         shadow.diverged.insert(field.clone());
                         flagged |= decision.policy == Some(NonOwnerPolicy::Flag);
-                    } else if shadow.pending.contains_key(field) {
+                    } else if shadow.pending.contains_key(&field) {
                         contested.insert(field.clone());
                     }
                     decisions.push(decision);
                 }
                 // The system holds `incoming` now, whatever was decided.
-                if shadow.pending.get(field) == Some(incoming) {
-                    shadow.pending.remove(field);
+                if shadow.pending.get(&field) == Some(&incoming) {
+                    shadow.pending.remove(&field);
                 }
-                shadow.fields.insert(field.clone(), incoming.clone());
+                shadow.fields.insert(field, incoming);
             }
-            if !accepted.is_empty() {
+            if accepted_any {
                 outcome = if is_new { Outcome::Created } else { Outcome::Updated };
             } else if was_deleted && !state.base.deleted {
                 outcome = Outcome::Updated;
@@ -428,22 +436,31 @@ pub fn merge(mut input: MergeInput<'_>) -> MergeOutput {
             });
         }
     }
-    state.shadows.insert(change.system.clone(), shadow);
+    state.shadows.insert(shadow_key, shadow);
 
-    let writes = plan_writes(&input, &mut state, &accepted, &contested, outcome);
+    let writes = plan_writes(&input, &mut state, &decisions, &contested, outcome);
     if outcome != Outcome::Noop {
         state.updated_ms = input.now_ms;
     }
+    let Change {
+        system,
+        entity,
+        local_id,
+        kind,
+        version,
+        source_time_ms,
+        ..
+    } = input.change.into_owned();
     let decision = Decision {
         id: input.decision_id,
         time_ms: input.now_ms,
-        entity: change.entity.clone(),
+        entity,
         global_id: input.global_id,
-        system: change.system.clone(),
-        local_id: change.local_id.clone(),
-        kind: change.kind,
-        source_time_ms: change.source_time_ms,
-        version: change.version.clone(),
+        system,
+        local_id,
+        kind,
+        source_time_ms,
+        version,
         fields: decisions,
         outcome,
         flagged,
@@ -494,7 +511,7 @@ fn decide_field(
     field: &str,
     incoming: &Value,
 ) -> Option<FieldDecision> {
-    let change = input.change;
+    let change: &Change = &input.change;
     let agreed = state.base.fields.get(field);
     let agreed_value = agreed.map(|a| &a.value).unwrap_or(&Value::Null);
     // A field the system never reported counts as null, as an absent agreed value does:
@@ -573,7 +590,7 @@ fn decide_field(
 fn plan_writes(
     input: &MergeInput<'_>,
     state: &mut RecordState,
-    accepted: &BTreeSet<String>,
+    decisions: &[FieldDecision],
     contested: &BTreeSet<String>,
     outcome: Outcome,
 ) -> Vec<PlannedWrite> {
@@ -627,7 +644,7 @@ fn plan_writes(
                 continue;
             };
             // Agreed values change only by being accepted from this change.
-            let changed_now = accepted.contains(name);
+            let changed_now = decisions.iter().any(|d| d.rule.accepts() && &d.field == name);
             let expected = shadow.and_then(|s| s.expected(name));
             let diverged = shadow.is_some_and(|s| s.diverged.contains(name));
             if diverged && !changed_now {

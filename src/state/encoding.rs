@@ -949,7 +949,7 @@ mod tests {
             "hr".to_string(),
             Shadow {
                 local_id: Some("e1".into()),
-                fields: [("email".to_string(), json!("User1@Example.com"))].into(),
+                fields: Fields::from_iter([("email".to_string(), json!("User1@Example.com"))]),
                 version: Some("7".into()),
                 pending: Fields::new(),
                 diverged: BTreeSet::new(),
@@ -962,7 +962,7 @@ mod tests {
                 local_id: None,
                 fields: Fields::new(),
                 version: None,
-                pending: [("Email".to_string(), json!("user1@example.com"))].into(),
+                pending: Fields::from_iter([("Email".to_string(), json!("user1@example.com"))]),
                 diverged: ["Title".to_string()].into(),
                 deleted: true,
             },
@@ -1031,11 +1031,10 @@ mod tests {
             entry(
                 u64::MAX,
                 WriteAction::Upsert {
-                    fields: [
+                    fields: Fields::from_iter([
                         ("email".to_string(), json!("a@example.com")),
                         ("tags".to_string(), json!([1, 2.5, null, {"k": false}])),
-                    ]
-                    .into(),
+                    ]),
                 },
             ),
             failed,
@@ -1284,7 +1283,8 @@ mod tests {
     }
 
     fn fields_strategy() -> impl proptest::strategy::Strategy<Value = Fields> {
-        proptest::collection::btree_map("[A-Za-z]{1,6}", value_strategy(), 0..4)
+        use proptest::prelude::*;
+        proptest::collection::btree_map("[A-Za-z]{1,6}", value_strategy(), 0..4).prop_map(Fields::from_iter)
     }
 
     fn shadow_strategy() -> impl proptest::strategy::Strategy<Value = Shadow> {

@@ -458,7 +458,7 @@ fn a_version_2_file_with_json_outbox_entries_is_read_and_upgraded() {
         entity: "contact".into(),
         global_id: GlobalId::new_v7(),
         action: WriteAction::Upsert {
-            fields: [("title".to_string(), serde_json::json!("Engineer"))].into(),
+            fields: Fields::from_iter([("title".to_string(), serde_json::json!("Engineer"))]),
         },
         source_system: "hr".into(),
         source_time_ms: 11,
