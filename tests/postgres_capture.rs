@@ -982,6 +982,26 @@ async fn an_idle_link_still_advances_its_slot() {
     }
 }
 
+/// The engine shortens a call's wait on a quiet stream while a batch waits for its
+/// durable commit, down to nothing once that commit is due. A call with no wait left
+/// still reads what the stream holds: a stream with changes never answers "nothing".
+#[tokio::test]
+async fn a_call_with_no_wait_left_still_reads_what_the_stream_holds() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute("CREATE TABLE people (id int PRIMARY KEY, email text);")
+        .await;
+    let s = setup(&db, "people", &["email"], 100);
+    let (mut source, mut captured) = open_past_snapshot(&s, 100).await;
+    db.execute("INSERT INTO people SELECT g, 'p' || g || '@example.com' FROM generate_series(1, 300) g")
+        .await;
+    source.limit_wait(Some(Duration::ZERO));
+    let before = captured.records.len();
+    capture_until(&mut source, &mut captured, 100, |c| c.records.len() >= before + 300).await;
+    let ids: Vec<String> = captured.records[before..].iter().map(|r| r.local_id.clone()).collect();
+    let expected: Vec<String> = (1..=300).map(|i| i.to_string()).collect();
+    assert_eq!(ids, expected, "every row once, in commit order");
+}
+
 /// The replication connection authenticates with each method the server may ask for:
 /// SCRAM-SHA-256 (every other test), md5 and cleartext password; a wrong password is a
 /// fatal error.

@@ -192,6 +192,14 @@ impl AnySource {
             AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => false,
         }
     }
+    /// Bounds how long `next_batch` may wait for new data before it answers `Ok(None)`,
+    /// for sources that wait ([`AnySource::waits_for_data`]); `None` lifts the bound.
+    pub fn limit_wait(&mut self, limit: Option<std::time::Duration>) {
+        match self {
+            AnySource::Postgres(s) => s.limit_wait(limit),
+            AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => {}
+        }
+    }
     pub fn lag_seconds(&self) -> f64 {
         match self {
             AnySource::File(s) => s.lag_seconds(),

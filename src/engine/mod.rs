@@ -329,6 +329,15 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
             let (_, checkpoint) = unacked.take().expect("checked above");
             acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
         }
+        // A checkpoint waiting for the group commit is acknowledged when that commit is
+        // due: a source that waits for data answers by then, and an empty answer makes
+        // the batches durable and acknowledges them (below).
+        source.limit_wait(unacked.as_ref().map(|_| {
+            shared
+                .store
+                .durable_interval()
+                .saturating_sub(shared.store.last_durable().elapsed())
+        }));
         let batch = source.next_batch(cfg.batch_size).await;
         let lag = source.lag_seconds();
         metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);

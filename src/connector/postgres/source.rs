@@ -72,7 +72,7 @@ use crate::metrics as m;
 use crate::model::{ChangeKind, SourceRecord, SourceReject};
 
 /// Longest a call waits for the first message of the stream before it reports that
-/// nothing is available.
+/// nothing is available (the engine may ask for less: [`PostgresSource::limit_wait`]).
 const POLL_WAIT: Duration = Duration::from_secs(1);
 /// Prefix of the logical message that asks a link to read its table again while it
 /// streams: `SELECT pg_logical_emit_message(true, 'concord.resnapshot', 'schema.table')`.
@@ -213,6 +213,8 @@ pub struct PostgresSource {
     committed: Option<PgCheckpoint>,
     phase: Phase,
     lag_seconds: f64,
+    /// Set by the engine: answer an empty stream within this, not `POLL_WAIT`.
+    wait_limit: Option<Duration>,
 }
 
 impl PostgresSource {
@@ -282,6 +284,7 @@ impl PostgresSource {
             committed,
             phase: Phase::Closed,
             lag_seconds: 0.0,
+            wait_limit: None,
         })
     }
 
@@ -291,6 +294,14 @@ impl PostgresSource {
     /// from inside the call, so they keep their pace either way.
     pub fn waits_for_data(&self) -> bool {
         matches!(self.phase, Phase::Streaming(_))
+    }
+
+    /// Bounds how long the following calls wait on a quiet stream (`None`: up to
+    /// `POLL_WAIT`). The engine shortens it while a batch waits for its durable commit,
+    /// so the checkpoint is acknowledged when that commit is due, not a whole poll
+    /// wait after the stream went quiet.
+    pub fn limit_wait(&mut self, limit: Option<Duration>) {
+        self.wait_limit = limit;
     }
 
     /// The slot this link reads.
@@ -806,10 +817,13 @@ impl PostgresSource {
     async fn stream_batch(&mut self, max: usize) -> Result<Option<SourceBatch>, ConnectorError> {
         let status_every = Duration::from_secs(self.cfg.status_interval_secs.max(1));
         let heartbeat = self.cfg.heartbeat_interval_secs;
-        let deadline = Instant::now() + POLL_WAIT;
+        let deadline = Instant::now() + self.wait_limit.map_or(POLL_WAIT, |limit| limit.min(POLL_WAIT));
         let mut records: Vec<SourceRecord> = Vec::new();
         let mut rejects: Vec<SourceReject> = Vec::new();
         let mut asked_reply = false;
+        // The stream is read at least once per call, however short the wait: what is
+        // already buffered is taken even when the deadline has passed.
+        let mut read_once = false;
         loop {
             let Phase::Streaming(stream) = &mut self.phase else {
                 unreachable!("stream_batch runs in the streaming phase");
@@ -825,11 +839,12 @@ impl PostgresSource {
             let wait = if !records.is_empty() || !rejects.is_empty() {
                 // Gather what is already buffered; do not wait for more.
                 Duration::ZERO
-            } else if now >= deadline {
+            } else if now >= deadline && read_once {
                 break;
             } else {
-                deadline - now
+                deadline.saturating_duration_since(now)
             };
+            read_once = true;
             let message = stream.repl.recv(wait.max(Duration::from_millis(1))).await?;
             let Some(message) = message else {
                 if records.is_empty() && rejects.is_empty() && heartbeat > 0 && !asked_reply && stream.tx.is_none() {
