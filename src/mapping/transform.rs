@@ -9,6 +9,7 @@
 //! Null passes through every transform in both directions: a cleared field stays
 //! cleared.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 
@@ -74,11 +75,11 @@ pub fn type_name(value: &Value) -> &'static str {
     }
 }
 
-/// Text of a string or number; other types are not text.
-pub fn as_text(value: &Value) -> Result<String, ValueProblem> {
+/// Text of a string (borrowed) or number; other types are not text.
+pub fn as_text(value: &Value) -> Result<Cow<'_, str>, ValueProblem> {
     match value {
-        Value::String(s) => Ok(s.clone()),
-        Value::Number(n) => Ok(n.to_string()),
+        Value::String(s) => Ok(Cow::Borrowed(s)),
+        Value::Number(n) => Ok(Cow::Owned(n.to_string())),
         other => Err(ValueProblem::NotText {
             found: type_name(other),
         }),
@@ -140,9 +141,21 @@ impl Step {
             return Ok(value);
         }
         match self {
-            Step::Trim => Ok(Value::String(as_text(&value)?.trim().to_string())),
-            Step::Lower => Ok(Value::String(as_text(&value)?.to_lowercase())),
-            Step::Upper => Ok(Value::String(as_text(&value)?.to_uppercase())),
+            // A string the step leaves as it is is passed on, not copied. Case is
+            // checked on ASCII text only; other text always takes the full mapping
+            // (title-case letters, for one, change without being upper case).
+            Step::Trim => match value {
+                Value::String(s) if s.trim().len() == s.len() => Ok(Value::String(s)),
+                other => Ok(Value::String(as_text(&other)?.trim().to_string())),
+            },
+            Step::Lower => match value {
+                Value::String(s) if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase()) => Ok(Value::String(s)),
+                other => Ok(Value::String(as_text(&other)?.to_lowercase())),
+            },
+            Step::Upper => match value {
+                Value::String(s) if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_lowercase()) => Ok(Value::String(s)),
+                other => Ok(Value::String(as_text(&other)?.to_uppercase())),
+            },
             Step::E164 { country_code } => {
                 let text = as_text(&value)?;
                 phone::normalise_e164(&text, country_code.as_deref())
@@ -433,10 +446,10 @@ impl MapStep {
 
     fn lookup(&self, value: &Value) -> Result<Value, ValueProblem> {
         let key = match value {
-            Value::Bool(b) => b.to_string(),
+            Value::Bool(b) => Cow::Owned(b.to_string()),
             other => as_text(other)?,
         };
-        self.forward.get(&key).cloned().ok_or(ValueProblem::NotInMap)
+        self.forward.get(key.as_ref()).cloned().ok_or(ValueProblem::NotInMap)
     }
 
     fn reverse(&self, value: &Value) -> Result<Value, ValueProblem> {
@@ -541,6 +554,16 @@ mod tests {
                 Ok(json!("ada@example.com")),
             ),
             (step(Transform::Upper), json!("gb"), Ok(json!("GB"))),
+            (step(Transform::Trim), json!("Ada"), Ok(json!("Ada"))),
+            (
+                step(Transform::Lower),
+                json!("ada@example.com"),
+                Ok(json!("ada@example.com")),
+            ),
+            (step(Transform::Lower), json!("ÉCOLE"), Ok(json!("école"))),
+            (step(Transform::Lower), json!("ǅemal"), Ok(json!("ǆemal"))),
+            (step(Transform::Upper), json!("GB"), Ok(json!("GB"))),
+            (step(Transform::Upper), json!("straße"), Ok(json!("STRASSE"))),
             (step(Transform::Upper), json!(1.5), Ok(json!("1.5"))),
             (step(Transform::Lower), json!(["a"]), Err(P::NotText { found: "list" })),
             (step(Transform::E164), json!("07700 900123"), Ok(json!("+447700900123"))),
@@ -791,5 +814,19 @@ mod tests {
         assert_eq!(date("%m/%d/%Y", "%Y-%m-%d").describe(), "date %m/%d/%Y -> %Y-%m-%d");
         assert_eq!(step(Transform::Parse(ParseType::Bool)).describe(), "parse bool");
         assert_eq!(step(Transform::EmptyAsNull).describe(), "empty as null");
+    }
+
+    proptest::proptest! {
+        /// Passing unchanged strings on is only a shortcut: trim and case steps give
+        /// what the standard library's mappings give, for any text.
+        #[test]
+        fn case_and_trim_steps_equal_the_standard_mappings(
+            text in proptest::prop_oneof!["\\PC{0,12}", "[ a-zA-Z0-9@.ǅßÉé]{0,12}"]
+        ) {
+            let run = |t: Transform| step(t).inbound(Value::String(text.clone())).expect("text");
+            proptest::prop_assert_eq!(run(Transform::Trim), Value::String(text.trim().to_string()));
+            proptest::prop_assert_eq!(run(Transform::Lower), Value::String(text.to_lowercase()));
+            proptest::prop_assert_eq!(run(Transform::Upper), Value::String(text.to_uppercase()));
+        }
     }
 }
