@@ -332,12 +332,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
         // A checkpoint waiting for the group commit is acknowledged when that commit is
         // due: a source that waits for data answers by then, and an empty answer makes
         // the batches durable and acknowledges them (below).
-        source.limit_wait(unacked.as_ref().map(|_| {
-            shared
-                .store
-                .durable_interval()
-                .saturating_sub(shared.store.last_durable().elapsed())
-        }));
+        source.limit_wait(unacked.as_ref().map(|_| shared.store.durable_due_in()));
         let batch = source.next_batch(cfg.batch_size).await;
         let lag = source.lag_seconds();
         metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);
@@ -471,7 +466,7 @@ async fn group_commit(shared: Arc<Shared>) {
         let wait = if interval.is_zero() {
             Duration::from_secs(1)
         } else {
-            interval.saturating_sub(shared.store.last_durable().elapsed())
+            shared.store.durable_due_in()
         };
         tokio::select! {
             _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}

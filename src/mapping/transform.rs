@@ -86,6 +86,15 @@ pub fn as_text(value: &Value) -> Result<Cow<'_, str>, ValueProblem> {
     }
 }
 
+/// Applies a text step: a string that `unchanged` says the step leaves as it is is
+/// passed on, not copied; other text (numbers included) goes through `map`.
+fn retext(value: Value, unchanged: fn(&str) -> bool, map: fn(&str) -> String) -> Result<Value, ValueProblem> {
+    match value {
+        Value::String(s) if unchanged(&s) => Ok(Value::String(s)),
+        other => Ok(Value::String(map(&as_text(&other)?))),
+    }
+}
+
 /// A transform ready to run.
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -141,21 +150,19 @@ impl Step {
             return Ok(value);
         }
         match self {
-            // A string the step leaves as it is is passed on, not copied. Case is
-            // checked on ASCII text only; other text always takes the full mapping
-            // (title-case letters, for one, change without being upper case).
-            Step::Trim => match value {
-                Value::String(s) if s.trim().len() == s.len() => Ok(Value::String(s)),
-                other => Ok(Value::String(as_text(&other)?.trim().to_string())),
-            },
-            Step::Lower => match value {
-                Value::String(s) if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase()) => Ok(Value::String(s)),
-                other => Ok(Value::String(as_text(&other)?.to_lowercase())),
-            },
-            Step::Upper => match value {
-                Value::String(s) if s.is_ascii() && !s.bytes().any(|b| b.is_ascii_lowercase()) => Ok(Value::String(s)),
-                other => Ok(Value::String(as_text(&other)?.to_uppercase())),
-            },
+            // Case is checked on ASCII text only; other text always takes the full
+            // mapping (title-case letters, for one, change without being upper case).
+            Step::Trim => retext(value, |s| s.trim().len() == s.len(), |s| s.trim().to_string()),
+            Step::Lower => retext(
+                value,
+                |s| s.is_ascii() && !s.bytes().any(|b| b.is_ascii_uppercase()),
+                str::to_lowercase,
+            ),
+            Step::Upper => retext(
+                value,
+                |s| s.is_ascii() && !s.bytes().any(|b| b.is_ascii_lowercase()),
+                str::to_uppercase,
+            ),
             Step::E164 { country_code } => {
                 let text = as_text(&value)?;
                 phone::normalise_e164(&text, country_code.as_deref())

@@ -657,6 +657,12 @@ impl StateStore {
         self.group.last_durable()
     }
 
+    /// Time left until lazy commits are due to be made durable: one durable interval
+    /// after the last durable commit (zero once that has passed).
+    pub fn durable_due_in(&self) -> Duration {
+        self.durable_interval().saturating_sub(self.last_durable().elapsed())
+    }
+
     /// Makes every commit so far durable: an empty durable commit when lazy ones wait
     /// for one, then a wait for the syncs under way. Blocking.
     pub fn make_durable(&self) -> Result<(), StateError> {
