@@ -1002,6 +1002,56 @@ async fn a_call_with_no_wait_left_still_reads_what_the_stream_holds() {
     assert_eq!(ids, expected, "every row once, in commit order");
 }
 
+/// While the engine commits the batch before, a read goes on gathering what arrives
+/// until that commit ends (so batches size themselves to the commit), and returns as
+/// soon as it ends when nothing came, so the engine handles the commit's result at once.
+#[tokio::test]
+async fn a_read_beside_a_commit_gathers_until_the_commit_ends() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute("CREATE TABLE people (id int PRIMARY KEY, email text);")
+        .await;
+    let s = setup(&db, "people", &["email"], 100);
+    let (mut source, _) = open_past_snapshot(&s, 100).await;
+    let insert = |from: i32, to: i32| {
+        format!("INSERT INTO people SELECT g, 'p' || g || '@example.com' FROM generate_series({from}, {to}) g")
+    };
+    db.execute(&insert(1, 50)).await;
+    let (done, commit) = tokio::sync::oneshot::channel();
+    source.gather_during(commit);
+    let started = Instant::now();
+    let committing = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        db.execute(&insert(51, 100)).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        done.send(()).expect("the read is waiting");
+    };
+    let (read, ()) = tokio::join!(source.next_batch(1000), committing);
+    let waited = started.elapsed();
+    let batch = read.expect("read").expect("a batch");
+    let ids: Vec<String> = batch.records.iter().map(|r| r.local_id.clone()).collect();
+    let expected: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+    assert_eq!(ids, expected, "both transactions, gathered beside the commit");
+    assert!(
+        waited >= Duration::from_millis(550),
+        "returned after {waited:?}, before the commit ended"
+    );
+    source.committed(&batch.checkpoint).await.expect("committed");
+
+    // Nothing comes: the read ends with the commit, not after the 1 s poll wait.
+    let (done, commit) = tokio::sync::oneshot::channel();
+    source.gather_during(commit);
+    let started = Instant::now();
+    let ending = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        done.send(()).expect("the read is waiting");
+    };
+    let (read, ()) = tokio::join!(source.next_batch(1000), ending);
+    let waited = started.elapsed();
+    let read = read.expect("read");
+    assert!(read.is_none_or(|b| b.records.is_empty()), "nothing was written");
+    assert!(waited < Duration::from_millis(900), "returned after {waited:?}");
+}
+
 /// The replication connection authenticates with each method the server may ask for:
 /// SCRAM-SHA-256 (every other test), md5 and cleartext password; a wrong password is a
 /// fatal error.

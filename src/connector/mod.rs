@@ -106,6 +106,10 @@ pub struct SourceBatch {
     pub checkpoint: Checkpoint,
 }
 
+/// Resolves when the engine's commit of a batch has finished (or failed); see
+/// [`AnySource::gather_during`].
+pub type CommitDone = tokio::sync::oneshot::Receiver<()>;
+
 /// A stream of changes from one link (one system, one entity).
 ///
 /// Contract:
@@ -197,6 +201,16 @@ impl AnySource {
     pub fn limit_wait(&mut self, limit: Option<std::time::Duration>) {
         match self {
             AnySource::Postgres(s) => s.limit_wait(limit),
+            AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => {}
+        }
+    }
+    /// Lets the next `next_batch` gather changes while the engine commits the previous
+    /// batch, for sources that wait for data ([`AnySource::waits_for_data`]): the call
+    /// returns once `commit` resolves (see [`postgres::PostgresSource::gather_during`]).
+    /// Other sources answer as usual.
+    pub fn gather_during(&mut self, commit: CommitDone) {
+        match self {
+            AnySource::Postgres(s) => s.gather_during(commit),
             AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => {}
         }
     }

@@ -708,7 +708,18 @@ fn remerge(
     let Some(link) = shared.rt.link(system, &group.entity) else {
         return Ok(());
     };
-    let report = super::batch::process(&shared.rt, t, link, &[record], &[], None, now)?;
+    let mapped = super::batch::map_records(&shared.rt, link, std::slice::from_ref(&record));
+    let report = super::batch::process(
+        &shared.rt,
+        t,
+        link,
+        &[record],
+        mapped,
+        &[],
+        None,
+        now,
+        &mut crate::state::AheadRows::none(),
+    )?;
     wake.extend(report.wake);
     Ok(())
 }

@@ -28,7 +28,7 @@ pub mod status;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -268,7 +268,17 @@ impl Engine {
                             system: letter.system.clone(),
                             entity: letter.entity.clone(),
                         })?;
-                    let report = batch::process(&shared.rt, t, link, std::slice::from_ref(&record), &[], None, now)?;
+                    let report = batch::process(
+                        &shared.rt,
+                        t,
+                        link,
+                        std::slice::from_ref(&record),
+                        batch::map_records(&shared.rt, link, std::slice::from_ref(&record)),
+                        &[],
+                        None,
+                        now,
+                        &mut crate::state::AheadRows::none(),
+                    )?;
                     if let Some(&id) = report.dead_letter_ids.first() {
                         Ok((ReplayOutcome::DeadLetteredAgain { id }, None))
                     } else {
@@ -301,7 +311,27 @@ async fn outboxes_empty(shared: &Arc<Shared>) -> bool {
     .unwrap_or(false)
 }
 
+/// What one read of a source gave: a batch being mapped, nothing, or an error.
+enum Read {
+    Batch(tokio::task::JoinHandle<(crate::connector::SourceBatch, Vec<batch::Mapped>)>),
+    Nothing,
+    Failed(crate::connector::ConnectorError),
+}
+
+/// A batch being committed on a blocking thread while its source reads on.
+struct InFlight {
+    commit: tokio::task::JoinHandle<Result<(batch::BatchReport, CommitToken), crate::state::StateError>>,
+    checkpoint: Checkpoint,
+    started: Instant,
+}
+
 /// Captures from one link until shutdown or a fatal error.
+///
+/// A source that waits for data on a stream (PostgreSQL) reads the next batch while the
+/// previous one is committed ([`AnySource::gather_during`]): the read gathers what
+/// arrives until that commit has finished, so the batch sizes itself to the commit and
+/// the server never waits on a full socket. Commits stay in order, one at a time, and
+/// a batch's result is handled before the next batch is committed.
 async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle: Arc<AtomicBool>) {
     let link = &shared.rt.links[index];
     let name = link.name.clone();
@@ -320,6 +350,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
     // lazily (group commit) and is acknowledged once they are durable.
     let lazy = source.acknowledgement_may_wait();
     let mut unacked: Option<(CommitToken, Checkpoint)> = None;
+    let mut in_flight: Option<InFlight> = None;
 
     while !shared.shutdown.is_cancelled() {
         shared.heartbeat.bump();
@@ -333,65 +364,80 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
         // due: a source that waits for data answers by then, and an empty answer makes
         // the batches durable and acknowledges them (below).
         source.limit_wait(unacked.as_ref().map(|_| shared.store.durable_due_in()));
+        let fetch_started = Instant::now();
         let batch = source.next_batch(cfg.batch_size).await;
+        let fetched = fetch_started.elapsed();
         let lag = source.lag_seconds();
         metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);
         shared.status.link(&name, |s| s.lag_seconds = lag);
-        match batch {
+        // A new batch is mapped while the one before it may still be committing.
+        let read = match batch {
             Ok(Some(batch)) => {
+                tracing::debug!(link = %name, records = batch.records.len(), fetch_us = fetched.as_micros() as u64, "batch read");
+                let shared = shared.clone();
+                Read::Batch(tokio::task::spawn_blocking(move || {
+                    let mapped = batch::map_records(&shared.rt, &shared.rt.links[index], &batch.records);
+                    (batch, mapped)
+                }))
+            }
+            Ok(None) => Read::Nothing,
+            Err(error) => Read::Failed(error),
+        };
+        let committed_before = in_flight.is_some();
+        if let Some(flight) = in_flight.take()
+            && !settle(&shared, &mut source, &name, &system, flight, &mut unacked).await
+        {
+            return;
+        }
+        match read {
+            Read::Batch(mapping) => {
                 idle.store(false, Ordering::SeqCst);
-                let checkpoint = batch.checkpoint.clone();
-                let result = {
-                    let shared = shared.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let link = &shared.rt.links[index];
-                        batch::commit(
-                            &shared.store,
-                            &shared.rt,
-                            link,
-                            &batch.records,
-                            &batch.rejects,
-                            Some(&batch.checkpoint),
-                            lazy,
-                        )
-                    })
-                    .await
-                };
-                match result {
-                    Ok(Ok((report, token))) => {
-                        for target in &report.wake {
-                            shared.wake(target);
-                        }
-                        let now = now_ms();
-                        shared.status.link(&name, |s| {
-                            s.captured += report.captured;
-                            s.dead_lettered += report.dead_lettered;
-                            s.last_success_ms = Some(now);
-                            s.state = "running".into();
-                        });
-                        metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.clone()).set(now as f64 / 1000.0);
-                        if shared.store.is_durable(token) {
-                            unacked = None;
-                            acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
-                        } else {
-                            // A later checkpoint covers the earlier ones.
-                            unacked = Some((token, checkpoint));
-                        }
-                        backoff.reset();
-                    }
-                    Ok(Err(error)) => {
-                        tracing::error!(link = %name, error = %error, "cannot commit a batch; the link stops");
-                        stop_link(&shared, &name, "state store commit failed");
-                        return;
-                    }
+                let (batch, mapped) = match mapping.await {
+                    Ok(mapped) => mapped,
                     Err(join) => {
                         tracing::error!(link = %name, error = %join, "batch task failed; the link stops");
                         stop_link(&shared, &name, "batch processing failed");
                         return;
                     }
+                };
+                let checkpoint = batch.checkpoint.clone();
+                let (done, commit_done) = tokio::sync::oneshot::channel();
+                let commit = {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let link = &shared.rt.links[index];
+                        let result = batch::commit(
+                            &shared.store,
+                            &shared.rt,
+                            link,
+                            &batch.records,
+                            mapped,
+                            &batch.rejects,
+                            Some(&batch.checkpoint),
+                            lazy,
+                        );
+                        let _ = done.send(());
+                        result
+                    })
+                };
+                let flight = InFlight {
+                    commit,
+                    checkpoint,
+                    started: Instant::now(),
+                };
+                if lazy && source.waits_for_data() {
+                    source.gather_during(commit_done);
+                    in_flight = Some(flight);
+                } else if !settle(&shared, &mut source, &name, &system, flight, &mut unacked).await {
+                    return;
                 }
+                backoff.reset();
             }
-            Ok(None) => {
+            Read::Nothing if committed_before => {
+                // The read ended with the commit it ran beside; read again with the
+                // wait that commit's acknowledgement allows.
+            }
+            Read::Nothing => {
                 if let Some((_, checkpoint)) = unacked.take() {
                     // Caught up: make the last batches durable and acknowledge them now
                     // rather than leave the source waiting for the next batch.
@@ -410,7 +456,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     _ = shared.shutdown.cancelled() => {}
                 }
             }
-            Err(error) => {
+            Read::Failed(error) => {
                 note_link_error(&shared, &name, &system, error.class, &error.reason);
                 if error.class == ErrorClass::Fatal {
                     stop_link(&shared, &name, &error.reason);
@@ -425,10 +471,67 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
             }
         }
     }
+    if let Some(flight) = in_flight.take()
+        && !settle(&shared, &mut source, &name, &system, flight, &mut unacked).await
+    {
+        return;
+    }
     if let Some((_, checkpoint)) = unacked.take() {
         flush_and_acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
     }
     shared.status.link(&name, |s| s.state = "stopped".into());
+}
+
+/// Waits for a batch's commit and handles its result: wakes the appliers it gave work,
+/// updates status, and acknowledges its checkpoint once durable (or keeps it in
+/// `unacked` until then; a later checkpoint covers the earlier ones). A failed commit
+/// stops the link: false.
+async fn settle(
+    shared: &Shared,
+    source: &mut AnySource,
+    name: &str,
+    system: &str,
+    flight: InFlight,
+    unacked: &mut Option<(CommitToken, Checkpoint)>,
+) -> bool {
+    match flight.commit.await {
+        Ok(Ok((report, token))) => {
+            tracing::debug!(
+                link = %name,
+                records = report.captured,
+                commit_us = flight.started.elapsed().as_micros() as u64,
+                "batch committed"
+            );
+            for target in &report.wake {
+                shared.wake(target);
+            }
+            let now = now_ms();
+            shared.status.link(name, |s| {
+                s.captured += report.captured;
+                s.dead_lettered += report.dead_lettered;
+                s.last_success_ms = Some(now);
+                s.state = "running".into();
+            });
+            metrics::gauge!(m::LAST_SUCCESS, m::LABEL_SYSTEM => system.to_string()).set(now as f64 / 1000.0);
+            if shared.store.is_durable(token) {
+                *unacked = None;
+                acknowledge(shared, source, name, system, &flight.checkpoint).await;
+            } else {
+                *unacked = Some((token, flight.checkpoint));
+            }
+            true
+        }
+        Ok(Err(error)) => {
+            tracing::error!(link = %name, error = %error, "cannot commit a batch; the link stops");
+            stop_link(shared, name, "state store commit failed");
+            false
+        }
+        Err(join) => {
+            tracing::error!(link = %name, error = %join, "batch task failed; the link stops");
+            stop_link(shared, name, "batch processing failed");
+            false
+        }
+    }
 }
 
 /// Tells the source that `checkpoint` is durably committed, so it may acknowledge

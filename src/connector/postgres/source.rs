@@ -67,7 +67,7 @@ use super::replication::{ReplicationConnection, ReplicationError};
 use super::values::{Kind, kind_of, to_json};
 use super::{PostgresSystemConfig, connect};
 use crate::config::LinkConfig;
-use crate::connector::{Checkpoint, ConnectorError, ErrorClass, SourceBatch};
+use crate::connector::{Checkpoint, CommitDone, ConnectorError, ErrorClass, SourceBatch};
 use crate::metrics as m;
 use crate::model::{ChangeKind, SourceRecord, SourceReject};
 
@@ -215,6 +215,9 @@ pub struct PostgresSource {
     lag_seconds: f64,
     /// Set by the engine: answer an empty stream within this, not `POLL_WAIT`.
     wait_limit: Option<Duration>,
+    /// Set by the engine for the next call: the commit of the previous batch, which
+    /// the call keeps gathering changes during (see [`Self::gather_during`]).
+    gather_during: Option<CommitDone>,
 }
 
 impl PostgresSource {
@@ -285,6 +288,7 @@ impl PostgresSource {
             phase: Phase::Closed,
             lag_seconds: 0.0,
             wait_limit: None,
+            gather_during: None,
         })
     }
 
@@ -302,6 +306,16 @@ impl PostgresSource {
     /// wait after the stream went quiet.
     pub fn limit_wait(&mut self, limit: Option<Duration>) {
         self.wait_limit = limit;
+    }
+
+    /// Lets the next call read the stream while the engine commits the previous batch:
+    /// the call goes on gathering changes until `commit` resolves (or the batch is
+    /// full), then takes what is buffered and returns, so the batch holds what arrived
+    /// during the commit and the server is not held up by a full socket meanwhile. With
+    /// nothing gathered, the call returns when `commit` resolves, so the engine handles
+    /// its result at once.
+    pub fn gather_during(&mut self, commit: CommitDone) {
+        self.gather_during = Some(commit);
     }
 
     /// The slot this link reads.
@@ -324,12 +338,13 @@ impl PostgresSource {
     }
 
     async fn next_batch_inner(&mut self, max: usize) -> Result<Option<SourceBatch>, ConnectorError> {
+        let commit = self.gather_during.take();
         if matches!(self.phase, Phase::Closed) {
             self.open_phase().await?;
         }
         match &mut self.phase {
             Phase::Snapshot(_) => self.snapshot_chunk(max).await.map(Some),
-            Phase::Streaming(_) => self.stream_batch(max).await,
+            Phase::Streaming(_) => self.stream_batch(max, commit).await,
             Phase::Closed => Ok(None),
         }
     }
@@ -814,7 +829,11 @@ impl PostgresSource {
     }
 
     /// Reads the stream until `max` records, a pause in the stream, or the poll wait.
-    async fn stream_batch(&mut self, max: usize) -> Result<Option<SourceBatch>, ConnectorError> {
+    async fn stream_batch(
+        &mut self,
+        max: usize,
+        mut commit: Option<CommitDone>,
+    ) -> Result<Option<SourceBatch>, ConnectorError> {
         let status_every = Duration::from_secs(self.cfg.status_interval_secs.max(1));
         let heartbeat = self.cfg.heartbeat_interval_secs;
         let deadline = Instant::now() + self.wait_limit.map_or(POLL_WAIT, |limit| limit.min(POLL_WAIT));
@@ -836,7 +855,8 @@ impl PostgresSource {
                 break;
             }
             let now = Instant::now();
-            let wait = if !records.is_empty() || !rejects.is_empty() {
+            let gathered = !records.is_empty() || !rejects.is_empty();
+            let wait = if gathered && (commit.is_none() || now >= deadline) {
                 // Gather what is already buffered; do not wait for more.
                 Duration::ZERO
             } else if now >= deadline && read_once {
@@ -845,7 +865,23 @@ impl PostgresSource {
                 deadline.saturating_duration_since(now)
             };
             read_once = true;
-            let message = stream.repl.recv(wait.max(Duration::from_millis(1))).await?;
+            let wait = wait.max(Duration::from_millis(1));
+            let message = match commit.as_mut() {
+                // `recv` keeps a partly read message buffered when it is cancelled.
+                Some(done) => tokio::select! {
+                    biased;
+                    _ = done => {
+                        commit = None;
+                        if gathered {
+                            // Take what is buffered and return.
+                            continue;
+                        }
+                        break;
+                    }
+                    message = stream.repl.recv(wait) => message?,
+                },
+                None => stream.repl.recv(wait).await?,
+            };
             let Some(message) = message else {
                 if records.is_empty() && rejects.is_empty() && heartbeat > 0 && !asked_reply && stream.tx.is_none() {
                     // Ask the server for its position so an idle stream can advance.
