@@ -999,8 +999,7 @@ async fn a_write_queued_behind_its_records_create_waits_for_the_id_the_create_le
     let link = h.rt.links.iter().find(|l| l.config.system == "a").expect("a's link");
     let queued = [contact(1), with(contact(1), "job_title", json!("Director")), contact(2)];
     for record in queued {
-        let mapped = concord::engine::batch::map_records(&h.rt, link, std::slice::from_ref(&record));
-        concord::engine::batch::commit(&h.store, &h.rt, link, &[record], mapped, &[], None, false).unwrap();
+        concord::engine::batch::commit(&h.store, &h.rt, link, &[record], &[], None, false).unwrap();
     }
     assert_eq!(h.outbox_depth("b"), 3, "create, update, create");
     h.run().await;
@@ -1032,8 +1031,7 @@ async fn nothing_more_is_sent_to_a_system_between_its_refusal_and_the_back_off()
     h.fail_b([ConnectorError::transient("rate_limited", "too many requests").with_retry_after(wait)]);
     let link = h.rt.links.iter().find(|l| l.config.system == "a").expect("a's link");
     for record in [contact(1), contact(2)] {
-        let mapped = concord::engine::batch::map_records(&h.rt, link, std::slice::from_ref(&record));
-        concord::engine::batch::commit(&h.store, &h.rt, link, &[record], mapped, &[], None, false).unwrap();
+        concord::engine::batch::commit(&h.store, &h.rt, link, &[record], &[], None, false).unwrap();
     }
     h.run().await;
 
@@ -1045,79 +1043,4 @@ async fn nothing_more_is_sent_to_a_system_between_its_refusal_and_the_back_off()
     let gap = t.attempts[1].at - t.attempts[0].at;
     assert!(gap >= wait, "next write after {gap:?}, asked to wait {wait:?}");
     assert_eq!((t.creates, t.records.len()), (2, 2));
-}
-
-/// Commits `records` as one captured batch from system `a`.
-fn commit_from_a(h: &Harness, records: &[SourceRecord]) {
-    let link = h.rt.links.iter().find(|l| l.config.system == "a").expect("a's link");
-    let mapped = concord::engine::batch::map_records(&h.rt, link, records);
-    concord::engine::batch::commit(&h.store, &h.rt, link, records, mapped, &[], None, true).unwrap();
-}
-
-#[test]
-fn a_batch_that_changes_a_record_twice_builds_on_its_own_first_change() {
-    // Large batches read their rows ahead on a second thread, from the state the batch
-    // starts from. A record the batch has already changed must be read again, not taken
-    // from there: the same batches, with and without the read-ahead, end the same.
-    let mut batch: Vec<SourceRecord> = (1..=400)
-        .map(|n| with(contact(n), "job_title", json!(format!("Title{n}"))))
-        .collect();
-    // Each of 1..=10 again, after its first change: the second change must see the first.
-    batch.extend((1..=10).map(|n| {
-        with(
-            with(contact(n), "job_title", json!(format!("Title{n}"))),
-            "company",
-            json!(format!("Co{n}")),
-        )
-    }));
-    // Deleted, then created again under the same id, in one batch.
-    batch.extend([delete("a-11"), contact(11)]);
-    // New records, each changed twice.
-    batch.extend((501..=505).map(contact));
-    batch.extend((501..=505).map(|n| with(contact(n), "job_title", json!("Second"))));
-
-    let outcome = |read_ahead: bool| {
-        let h = Setup::new().build();
-        h.store.set_read_ahead(read_ahead);
-        commit_from_a(&h, &(1..=450).map(contact).collect::<Vec<_>>());
-        let read_before = h.store.rows_read_ahead();
-        commit_from_a(&h, &batch);
-        let read = h.store.rows_read_ahead() - read_before;
-        let states: Vec<(u32, Option<BTreeMap<String, Value>>)> = (1..=450)
-            .chain(501..=505)
-            .map(|n| {
-                let id = h
-                    .store
-                    .read()
-                    .unwrap()
-                    .identity("contact", "a", &format!("a-{n}"))
-                    .unwrap();
-                let state = id.and_then(|id| h.store.read().unwrap().record("contact", id).unwrap());
-                (
-                    n,
-                    state
-                        .filter(|s| !s.base.deleted)
-                        .map(|s| s.base.values().into_iter().collect()),
-                )
-            })
-            .collect();
-        (states, read, h.decisions().len())
-    };
-    let (ahead, read, ahead_decisions) = outcome(true);
-    let (plain, not_read, plain_decisions) = outcome(false);
-    assert!(read > 0, "the batch read rows ahead");
-    assert_eq!(not_read, 0);
-    assert_eq!(ahead, plain, "same states with and without the read-ahead");
-    assert_eq!(ahead_decisions, plain_decisions);
-    let values = |n: u32| {
-        let (_, state) = ahead.iter().find(|(m, _)| *m == n).expect("listed");
-        state.clone().expect("record exists")
-    };
-    assert_eq!(
-        (&values(3)["title"], &values(3)["company"]),
-        (&json!("Title3"), &json!("Co3"))
-    );
-    assert_eq!(values(11)["title"], json!("Engineer"), "created again, as exported");
-    assert_eq!(values(420)["title"], json!("Engineer"));
-    assert_eq!(values(502)["title"], json!("Second"));
 }

@@ -708,18 +708,7 @@ fn remerge(
     let Some(link) = shared.rt.link(system, &group.entity) else {
         return Ok(());
     };
-    let mapped = super::batch::map_records(&shared.rt, link, std::slice::from_ref(&record));
-    let report = super::batch::process(
-        &shared.rt,
-        t,
-        link,
-        &[record],
-        mapped,
-        &[],
-        None,
-        now,
-        &mut crate::state::AheadRows::none(),
-    )?;
+    let report = super::batch::process(&shared.rt, t, link, &[record], &[], None, now)?;
     wake.extend(report.wake);
     Ok(())
 }

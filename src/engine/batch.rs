@@ -1,17 +1,16 @@
 //! One captured batch through map → validate → identify → merge → state, inside one
 //! write transaction. Runs on a blocking thread; the caller commits once.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::RolloutConfig;
 use crate::connector::Checkpoint;
 use crate::mapping::{in_rollout, normalise_key};
 use crate::merge::{self, MergeInput, Target, WriteMode};
 use crate::metrics as m;
-use crate::model::{Change, ChangeKind, Fields, GlobalId, RecordState, SourceRecord, SourceReject, TimeMs, now_ms};
+use crate::model::{Change, ChangeKind, GlobalId, RecordState, SourceRecord, SourceReject, TimeMs, now_ms};
 use crate::state::{
-    AheadRow, AheadRows, CommitToken, DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, StateStore,
-    WriteTables,
+    CommitToken, DeadItem, DeadLetter, DeadLetterClass, OutboxEntry, StateError, StateStore, WriteTables,
 };
 
 use super::runtime::{EntityRuntime, LinkRuntime, Runtime};
@@ -33,84 +32,36 @@ pub struct BatchReport {
 /// costs more than the page reads it could save.
 const READ_AHEAD_MIN: usize = 32;
 
-/// A record mapped to canonical fields and validated, with its normalised match keys,
-/// or the reason it is dead-lettered. Mapping reads no state, so it is done before the
-/// batch's write transaction ([`map_records`]); the capture task maps a batch while the
-/// one before it commits.
-pub struct Mapped {
-    fields: Result<Fields, (DeadLetterClass, String)>,
-    keys: Vec<(String, String)>,
-}
-
-/// Maps and validates each of `records` (one [`Mapped`] per record, in order).
-pub fn map_records(rt: &Runtime, link: &LinkRuntime, records: &[SourceRecord]) -> Vec<Mapped> {
-    let entity = rt
-        .entities
-        .get(&link.config.entity)
-        .expect("every link's entity is compiled with the runtime");
-    records.iter().map(|record| map_record(entity, link, record)).collect()
-}
-
-fn map_record(entity: &EntityRuntime, link: &LinkRuntime, record: &SourceRecord) -> Mapped {
-    let fields = match record.kind {
-        ChangeKind::Upsert => link
-            .mapping
-            .inbound(&record.fields)
-            .map_err(|error| (DeadLetterClass::Mapping, error.to_string()))
-            .and_then(|mut fields| match entity.schema.validate(&mut fields) {
-                Ok(()) => Ok(fields),
-                Err(problems) => Err((DeadLetterClass::Validation, problems.join("; "))),
-            }),
-        ChangeKind::Delete => Ok(Fields::new()),
-    };
-    let keys = match &fields {
-        Ok(fields) => key_values(entity, |k| fields.get(k)),
-        Err(_) => Vec::new(),
-    };
-    Mapped { fields, keys }
-}
-
 /// Processes one captured batch in one commit (see [`process`]), lazy when `lazy` (see
 /// [`StateStore::write_batch`]). A large batch has its records' identity and state rows
-/// read and decoded ahead on a second thread ([`StateStore::write_batch_read_ahead`]).
-#[allow(clippy::too_many_arguments)]
+/// read ahead on a second thread, so the merge finds their pages cached.
 pub fn commit(
     store: &StateStore,
     rt: &Runtime,
     link: &LinkRuntime,
     records: &[SourceRecord],
-    mapped: Vec<Mapped>,
     rejects: &[SourceReject],
     checkpoint: Option<&Checkpoint>,
     lazy: bool,
 ) -> Result<(BatchReport, CommitToken), StateError> {
-    let mut mapped = Some(mapped);
-    let mut run = |t: &mut WriteTables<'_>, ahead: &mut AheadRows| {
-        let mapped = mapped.take().expect("a batch is processed once");
-        process(rt, t, link, records, mapped, rejects, checkpoint, now_ms(), ahead)
-    };
+    let run = |t: &mut WriteTables<'_>| process(rt, t, link, records, rejects, checkpoint, now_ms());
     if records.len() < READ_AHEAD_MIN {
-        return store.write_batch(lazy, |t| run(t, &mut AheadRows::none()));
+        return store.write_batch(lazy, run);
     }
     let ids = records.iter().map(|r| r.local_id.clone()).collect();
     store.write_batch_read_ahead(lazy, &link.config.entity, &link.config.system, ids, run)
 }
 
-/// Processes the records (with their [`map_records`] results) and rejects of one batch
-/// from `link`, and stores `checkpoint` (when given) in the same transaction. `ahead`
-/// holds what was read ahead for the records, by index (or nothing:
-/// [`AheadRows::none`]).
-#[allow(clippy::too_many_arguments)]
+/// Processes the records and rejects of one batch from `link`, and stores `checkpoint`
+/// (when given) in the same transaction.
 pub fn process(
     rt: &Runtime,
     tables: &mut WriteTables<'_>,
     link: &LinkRuntime,
     records: &[SourceRecord],
-    mapped: Vec<Mapped>,
     rejects: &[SourceReject],
     checkpoint: Option<&Checkpoint>,
     now: TimeMs,
-    ahead: &mut AheadRows,
 ) -> Result<BatchReport, StateError> {
     let entity = rt
         .entities
@@ -136,11 +87,9 @@ pub fn process(
         report.dead_letter_ids.push(id);
     }
 
-    assert_eq!(records.len(), mapped.len(), "one mapping per record");
     let guarded = delete_guard_trips(tables, entity, system, records)?;
     let mut tally = Tally::default();
-    let mut touched = Touched::default();
-    for ((index, record), mapped) in records.iter().enumerate().zip(mapped) {
+    for record in records {
         if guarded && record.kind == ChangeKind::Delete {
             let reason = format!(
                 "batch deletes more than {:.0}% of the records {system} holds; held for review",
@@ -159,25 +108,7 @@ pub fn process(
             report.dead_letter_ids.push(id);
             continue;
         }
-        // What was read ahead is what the batch started from: good unless an earlier
-        // record of the batch touched the same id or the same stored record.
-        let known = ahead
-            .take(index)
-            .filter(|row| touched.leaves(&record.local_id, row.as_ref()));
-        let outcome = process_record(
-            rt,
-            tables,
-            entity,
-            link,
-            record,
-            mapped,
-            known,
-            now,
-            &mut tally,
-            &mut touched,
-        )?;
-        touched.local_ids.insert(record.local_id.as_str());
-        match outcome {
+        match process_record(rt, tables, entity, link, record, now, &mut tally)? {
             RecordOutcome::Merged(wake) => {
                 report.merged += 1;
                 report.wake.extend(wake);
@@ -196,21 +127,6 @@ pub fn process(
         .increment(report.captured);
     tally.emit(&entity.name);
     Ok(report)
-}
-
-/// The local ids and stored records a batch has processed so far.
-#[derive(Default)]
-struct Touched<'a> {
-    local_ids: HashSet<&'a str>,
-    records: HashSet<GlobalId>,
-}
-
-impl Touched<'_> {
-    /// Whether a row read ahead for `local_id` is still what the batch's transaction
-    /// holds: nothing processed so far had that id or the record it points to.
-    fn leaves(&self, local_id: &str, row: Option<&AheadRow>) -> bool {
-        !self.local_ids.contains(local_id) && row.is_none_or(|r| !self.records.contains(&r.global_id))
-    }
 }
 
 enum RecordOutcome {
@@ -283,42 +199,55 @@ pub fn rollout_selects(rollout: Option<&RolloutConfig>, keys: &[(String, String)
     }
 }
 
-/// Identifies and merges one mapped record (or dead-letters it), storing every effect.
-/// `ahead` is its identity (and stored record) when read ahead and still current.
-#[allow(clippy::too_many_arguments)]
+/// Maps, validates, identifies and merges one record, storing every effect.
 fn process_record(
     rt: &Runtime,
     tables: &mut WriteTables<'_>,
     entity: &EntityRuntime,
     link: &LinkRuntime,
     record: &SourceRecord,
-    mapped: Mapped,
-    ahead: Option<Option<AheadRow>>,
     now: TimeMs,
     tally: &mut Tally,
-    touched: &mut Touched<'_>,
 ) -> Result<RecordOutcome, StateError> {
     let system = link.config.system.as_str();
-    let Mapped { fields, keys } = mapped;
-    let fields = match fields {
-        Ok(fields) => fields,
-        Err((class, reason)) => {
-            let id = dead_letter_change(tables, entity, system, record, class, reason, now)?;
+    let mut fields = match record.kind {
+        ChangeKind::Upsert => match link.mapping.inbound(&record.fields) {
+            Ok(fields) => fields,
+            Err(error) => {
+                let id = dead_letter_change(
+                    tables,
+                    entity,
+                    system,
+                    record,
+                    DeadLetterClass::Mapping,
+                    error.to_string(),
+                    now,
+                )?;
+                return Ok(RecordOutcome::DeadLettered(id));
+            }
+        },
+        ChangeKind::Delete => Default::default(),
+    };
+    if record.kind == ChangeKind::Upsert {
+        if let Err(problems) = entity.schema.validate(&mut fields) {
+            let id = dead_letter_change(
+                tables,
+                entity,
+                system,
+                record,
+                DeadLetterClass::Validation,
+                problems.join("; "),
+                now,
+            )?;
             return Ok(RecordOutcome::DeadLettered(id));
         }
-    };
+    }
 
     // Identify: the identity map first, then the match keys.
-    let (known, known_state) = match ahead {
-        Some(Some(row)) => (Some(row.global_id), Some(row.state)),
-        Some(None) => (None, None),
-        None => (tables.identity(&entity.name, system, &record.local_id)?, None),
-    };
+    let keys = key_values(entity, |k| fields.get(k));
+    let known = tables.identity(&entity.name, system, &record.local_id)?;
     let (global_id, mut state) = match known {
-        Some(id) => match known_state {
-            Some(state) => (id, state),
-            None => (id, tables.record(&entity.name, id)?),
-        },
+        Some(id) => (id, tables.record(&entity.name, id)?),
         None => {
             if record.kind == ChangeKind::Delete {
                 // A delete of a record concord never saw changes nothing.
@@ -361,7 +290,6 @@ fn process_record(
             }
         }
     };
-    touched.records.insert(global_id);
 
     // Rollout on capture: a record outside this link's rollout is not taken from it.
     // Its match keys are the agreed ones when concord knows the record.

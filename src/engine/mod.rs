@@ -268,17 +268,7 @@ impl Engine {
                             system: letter.system.clone(),
                             entity: letter.entity.clone(),
                         })?;
-                    let report = batch::process(
-                        &shared.rt,
-                        t,
-                        link,
-                        std::slice::from_ref(&record),
-                        batch::map_records(&shared.rt, link, std::slice::from_ref(&record)),
-                        &[],
-                        None,
-                        now,
-                        &mut crate::state::AheadRows::none(),
-                    )?;
+                    let report = batch::process(&shared.rt, t, link, std::slice::from_ref(&record), &[], None, now)?;
                     if let Some(&id) = report.dead_letter_ids.first() {
                         Ok((ReplayOutcome::DeadLetteredAgain { id }, None))
                     } else {
@@ -309,13 +299,6 @@ async fn outboxes_empty(shared: &Arc<Shared>) -> bool {
     })
     .await
     .unwrap_or(false)
-}
-
-/// What one read of a source gave: a batch being mapped, nothing, or an error.
-enum Read {
-    Batch(tokio::task::JoinHandle<(crate::connector::SourceBatch, Vec<batch::Mapped>)>),
-    Nothing,
-    Failed(crate::connector::ConnectorError),
 }
 
 /// A batch being committed on a blocking thread while its source reads on.
@@ -370,36 +353,16 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
         let lag = source.lag_seconds();
         metrics::gauge!(m::SOURCE_LAG, m::LABEL_SYSTEM => system.clone(), m::LABEL_ENTITY => link.config.entity.clone()).set(lag);
         shared.status.link(&name, |s| s.lag_seconds = lag);
-        // A new batch is mapped while the one before it may still be committing.
-        let read = match batch {
-            Ok(Some(batch)) => {
-                tracing::debug!(link = %name, records = batch.records.len(), fetch_us = fetched.as_micros() as u64, "batch read");
-                let shared = shared.clone();
-                Read::Batch(tokio::task::spawn_blocking(move || {
-                    let mapped = batch::map_records(&shared.rt, &shared.rt.links[index], &batch.records);
-                    (batch, mapped)
-                }))
-            }
-            Ok(None) => Read::Nothing,
-            Err(error) => Read::Failed(error),
-        };
         let committed_before = in_flight.is_some();
         if let Some(flight) = in_flight.take()
             && !settle(&shared, &mut source, &name, &system, flight, &mut unacked).await
         {
             return;
         }
-        match read {
-            Read::Batch(mapping) => {
+        match batch {
+            Ok(Some(batch)) => {
                 idle.store(false, Ordering::SeqCst);
-                let (batch, mapped) = match mapping.await {
-                    Ok(mapped) => mapped,
-                    Err(join) => {
-                        tracing::error!(link = %name, error = %join, "batch task failed; the link stops");
-                        stop_link(&shared, &name, "batch processing failed");
-                        return;
-                    }
-                };
+                tracing::debug!(link = %name, records = batch.records.len(), fetch_us = fetched.as_micros() as u64, "batch read");
                 let checkpoint = batch.checkpoint.clone();
                 let (done, commit_done) = tokio::sync::oneshot::channel();
                 let commit = {
@@ -411,7 +374,6 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                             &shared.rt,
                             link,
                             &batch.records,
-                            mapped,
                             &batch.rejects,
                             Some(&batch.checkpoint),
                             lazy,
@@ -433,11 +395,11 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                 }
                 backoff.reset();
             }
-            Read::Nothing if committed_before => {
+            Ok(None) if committed_before => {
                 // The read ended with the commit it ran beside; read again with the
                 // wait that commit's acknowledgement allows.
             }
-            Read::Nothing => {
+            Ok(None) => {
                 if let Some((_, checkpoint)) = unacked.take() {
                     // Caught up: make the last batches durable and acknowledge them now
                     // rather than leave the source waiting for the next batch.
@@ -456,7 +418,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     _ = shared.shutdown.cancelled() => {}
                 }
             }
-            Read::Failed(error) => {
+            Err(error) => {
                 note_link_error(&shared, &name, &system, error.class, &error.reason);
                 if error.class == ErrorClass::Fatal {
                     stop_link(&shared, &name, &error.reason);

@@ -17,7 +17,7 @@ pub mod tables;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -220,60 +220,9 @@ struct ReadAheadJob {
     entity: String,
     system: String,
     local_ids: Vec<String>,
-    codec: Arc<Codec>,
     stop: Arc<AtomicBool>,
-    /// The index of the record the batch takes next: the reader skips those before it.
-    taken: Arc<AtomicUsize>,
-    /// What the reader found, by index, in index order.
-    found: std::sync::mpsc::Sender<(usize, Option<AheadRow>)>,
     /// Signalled when the job's read transaction has ended.
     done: std::sync::mpsc::SyncSender<()>,
-}
-
-/// What the read-ahead thread found for one local id: the global id the identity map
-/// gives it and the record stored under that id (`None` without a row).
-#[derive(Debug)]
-pub struct AheadRow {
-    pub global_id: GlobalId,
-    pub state: Option<RecordState>,
-}
-
-/// The read-ahead results of one batch, handed to the batch's closure by
-/// [`StateStore::write_batch_read_ahead`]. They are what the last commit held, which is
-/// what the batch's own transaction starts from; a record the batch has already
-/// written is read again by the batch, not taken from here.
-pub struct AheadRows {
-    found: Option<std::sync::mpsc::Receiver<(usize, Option<AheadRow>)>>,
-    taken: Arc<AtomicUsize>,
-}
-
-impl AheadRows {
-    /// Results of a batch that reads nothing ahead.
-    pub fn none() -> AheadRows {
-        AheadRows {
-            found: None,
-            taken: Arc::default(),
-        }
-    }
-
-    /// What was read ahead for the `index`th local id, when the reader got there first:
-    /// `Some(None)` when the identity map does not know it. Ask in increasing order;
-    /// the reader skips the ids before the last one asked for.
-    pub fn take(&mut self, index: usize) -> Option<Option<AheadRow>> {
-        self.taken.store(index + 1, Ordering::Relaxed);
-        let found = self.found.as_ref()?;
-        while let Ok((at, row)) = found.try_recv() {
-            if at == index {
-                return Some(row);
-            }
-            if at > index {
-                // The reader skipped ahead of `index`, so it stays behind from here on.
-                self.found = None;
-                return None;
-            }
-        }
-        None
-    }
 }
 
 /// The read-ahead thread, started on first use and ended when the last handle to the
@@ -308,7 +257,7 @@ impl ReadAhead {
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
                         if let Some(db) = db.upgrade()
-                            && let Err(error) = read_records_ahead(&db, &job, &rows)
+                            && let Err(error) = touch_records(&db, &job, &rows)
                         {
                             tracing::debug!(error = %error, "read-ahead stopped");
                         }
@@ -350,41 +299,23 @@ fn upgrade_path_keys(txn: &redb::WriteTransaction) -> Result<(), StateError> {
     Ok(())
 }
 
-/// Reads the identity row of each local id of `job` and decodes the record row it
-/// points to, handing both to the batch, until the job is stopped. Ids the batch has
-/// already taken are skipped. A row that does not decode ends the job: the batch reads
-/// it itself and reports the error.
-fn read_records_ahead(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<(), StateError> {
+/// Reads, without decoding, the identity row of each local id of `job` and the record
+/// row it points to, until the job is stopped.
+fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<(), StateError> {
     let txn = db.begin_read()?;
     let identity = txn.open_table(IDENTITY)?;
     let records = txn.open_table(RECORDS)?;
     let (entity, system) = (job.entity.as_str(), job.system.as_str());
-    for (index, local_id) in job.local_ids.iter().enumerate() {
+    for local_id in &job.local_ids {
         if job.stop.load(Ordering::Relaxed) {
             break;
         }
-        if job.taken.load(Ordering::Relaxed) > index {
-            continue;
-        }
-        let found = match identity.get(path_key(entity, system, local_id).as_slice())? {
-            None => None,
-            Some(id) => {
-                let id = id.value();
-                let state = match records.get((entity, id))? {
-                    Some(row) => {
-                        rows.fetch_add(1, Ordering::Relaxed);
-                        Some(unseal_record(&job.codec, &record_key(entity, id), row.value())?)
-                    }
-                    None => None,
-                };
-                Some(AheadRow {
-                    global_id: GlobalId::from_u128(id),
-                    state,
-                })
+        if let Some(id) = identity.get(path_key(entity, system, local_id).as_slice())? {
+            let id = id.value();
+            if let Some(row) = records.get((entity, id))? {
+                std::hint::black_box(row.value().len());
+                rows.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        if job.found.send((index, found)).is_err() {
-            break;
         }
     }
     Ok(())
@@ -609,52 +540,35 @@ impl StateStore {
         self.commit_with(lazy, f)
     }
 
-    /// Like [`write_batch`](Self::write_batch), while a second thread reads the identity
-    /// rows of `local_ids` (of `system`, for `entity`) and decodes the record rows they
-    /// point to: the rows a batch of changes to these records is about to read. `f`
-    /// takes them from [`AheadRows`] as it gets to each id, and reads an id itself when
-    /// the reader is not there yet, so the batch's reads run on the other core and its
-    /// page reads are often done by the time it needs them.
-    ///
-    /// The reader's transaction begins once the batch's write transaction has begun: no
-    /// commit can come between the two, so it reads exactly the state the batch starts
-    /// from. Rows the batch writes are newer than that; the caller reads those again
-    /// (see [`AheadRows`]). The reader stops, and its read transaction ends, before the
-    /// commit.
+    /// Like [`write_batch`](Self::write_batch), while a second thread reads, over the
+    /// last commit, the identity rows of `local_ids` (of `system`, for `entity`) and the
+    /// record rows they point to: the rows a batch of changes to these records is about
+    /// to read. Their pages are then in the page cache (shared by every transaction) when
+    /// `f` gets to them, so a batch of changes spread over a large state waits on page
+    /// reads on the other core. The reader only reads and `f` reads everything again in
+    /// its own transaction, so what `f` sees never depends on it. The reader stops, and
+    /// its read transaction ends, before the commit.
     pub fn write_batch_read_ahead<T, E: From<StateError>>(
         &self,
         lazy: bool,
         entity: &str,
         system: &str,
         local_ids: Vec<String>,
-        f: impl FnOnce(&mut WriteTables<'_>, &mut AheadRows) -> Result<T, E>,
+        f: impl FnOnce(&mut WriteTables<'_>) -> Result<T, E>,
     ) -> Result<(T, CommitToken), E> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        let job = ReadAheadJob {
+            entity: entity.to_string(),
+            system: system.to_string(),
+            local_ids,
+            stop: stop.clone(),
+            done,
+        };
+        // Best effort: without the reader the batch only runs without its read-ahead.
+        let started = self.read_ahead.enabled.load(Ordering::Relaxed) && self.read_ahead.send(&self.db, job);
         self.write_batch(lazy, |tables| {
-            let stop = Arc::new(AtomicBool::new(false));
-            let (done, finished) = std::sync::mpsc::sync_channel(1);
-            let (found, rows) = std::sync::mpsc::channel();
-            let taken = Arc::new(AtomicUsize::new(0));
-            let job = ReadAheadJob {
-                entity: entity.to_string(),
-                system: system.to_string(),
-                local_ids,
-                codec: self.codec.clone(),
-                stop: stop.clone(),
-                taken: taken.clone(),
-                found,
-                done,
-            };
-            // Best effort: without the reader the batch reads every row itself.
-            let started = self.read_ahead.enabled.load(Ordering::Relaxed) && self.read_ahead.send(&self.db, job);
-            let mut ahead = if started {
-                AheadRows {
-                    found: Some(rows),
-                    taken,
-                }
-            } else {
-                AheadRows::none()
-            };
-            let result = f(tables, &mut ahead);
+            let result = f(tables);
             stop.store(true, Ordering::Relaxed);
             if started {
                 let _ = finished.recv();
