@@ -301,11 +301,16 @@ async fn outboxes_empty(shared: &Arc<Shared>) -> bool {
     .unwrap_or(false)
 }
 
+/// A batch's commit as its blocking task returns it: the result and how long it took.
+type Committed = (
+    Result<(batch::BatchReport, CommitToken), crate::state::StateError>,
+    Duration,
+);
+
 /// A batch being committed on a blocking thread while its source reads on.
 struct InFlight {
-    commit: tokio::task::JoinHandle<Result<(batch::BatchReport, CommitToken), crate::state::StateError>>,
+    commit: tokio::task::JoinHandle<Committed>,
     checkpoint: Checkpoint,
-    started: Instant,
 }
 
 /// Captures from one link until shutdown or a fatal error.
@@ -369,6 +374,7 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                     let shared = shared.clone();
                     tokio::task::spawn_blocking(move || {
                         let link = &shared.rt.links[index];
+                        let started = Instant::now();
                         let result = batch::commit(
                             &shared.store,
                             &shared.rt,
@@ -378,15 +384,12 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                             Some(&batch.checkpoint),
                             lazy,
                         );
+                        let took = started.elapsed();
                         let _ = done.send(());
-                        result
+                        (result, took)
                     })
                 };
-                let flight = InFlight {
-                    commit,
-                    checkpoint,
-                    started: Instant::now(),
-                };
+                let flight = InFlight { commit, checkpoint };
                 if lazy && source.waits_for_data() {
                     source.gather_during(commit_done);
                     in_flight = Some(flight);
@@ -457,11 +460,11 @@ async fn settle(
     unacked: &mut Option<(CommitToken, Checkpoint)>,
 ) -> bool {
     match flight.commit.await {
-        Ok(Ok((report, token))) => {
+        Ok((Ok((report, token)), took)) => {
             tracing::debug!(
                 link = %name,
                 records = report.captured,
-                commit_us = flight.started.elapsed().as_micros() as u64,
+                commit_us = took.as_micros() as u64,
                 "batch committed"
             );
             for target in &report.wake {
@@ -483,7 +486,7 @@ async fn settle(
             }
             true
         }
-        Ok(Err(error)) => {
+        Ok((Err(error), _)) => {
             tracing::error!(link = %name, error = %error, "cannot commit a batch; the link stops");
             stop_link(shared, name, "state store commit failed");
             false

@@ -828,7 +828,8 @@ impl PostgresSource {
         Ok(batch)
     }
 
-    /// Reads the stream until `max` records, a pause in the stream, or the poll wait.
+    /// Reads the stream until `max` records, a pause in the stream (beside a `commit`:
+    /// the end of that commit), or the poll wait.
     async fn stream_batch(
         &mut self,
         max: usize,
