@@ -269,7 +269,8 @@ fn a_changed_or_moved_value_is_reported_as_tampered() {
     let key = kek(KEK_HEX);
     let ids = seeded(dir.path(), &key, 2);
     let path = dir.path().join(STATE_FILE);
-    let records: redb::TableDefinition<(&str, u128), &[u8]> = redb::TableDefinition::new("records");
+    // The contact records' table: one per entity, keyed by global id.
+    let records: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("records.contact");
 
     // Row 1's sealed value copied over row 2.
     {
@@ -277,8 +278,8 @@ fn a_changed_or_moved_value_is_reported_as_tampered() {
         let txn = db.begin_write().unwrap();
         {
             let mut table = txn.open_table(records).unwrap();
-            let one = table.get(("contact", 1u128)).unwrap().unwrap().value().to_vec();
-            table.insert(("contact", 2u128), one.as_slice()).unwrap();
+            let one = table.get(1u128).unwrap().unwrap().value().to_vec();
+            table.insert(2u128, one.as_slice()).unwrap();
         }
         txn.commit().unwrap();
     }
@@ -295,10 +296,10 @@ fn a_changed_or_moved_value_is_reported_as_tampered() {
         let txn = db.begin_write().unwrap();
         {
             let mut table = txn.open_table(records).unwrap();
-            let mut one = table.get(("contact", 1u128)).unwrap().unwrap().value().to_vec();
+            let mut one = table.get(1u128).unwrap().unwrap().value().to_vec();
             let middle = one.len() / 2;
             one[middle] ^= 0x40;
-            table.insert(("contact", 1u128), one.as_slice()).unwrap();
+            table.insert(1u128, one.as_slice()).unwrap();
         }
         txn.commit().unwrap();
     }

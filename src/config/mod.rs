@@ -101,7 +101,8 @@ pub struct StateConfig {
     /// again. 0 makes every batch durable on its own (one fsync per batch).
     #[serde(default = "default_durable_interval_ms")]
     pub durable_interval_ms: u64,
-    /// Most decisions kept; the oldest are pruned first.
+    /// Decisions kept: at least this many, pruned oldest first a write transaction's
+    /// group at a time (see `StateStore`'s decisions table), so up to one group more.
     #[serde(default = "default_decision_retention")]
     pub max_decisions: u64,
     /// Most write-attempt log entries kept; the oldest are pruned first.

@@ -48,6 +48,15 @@
 //!         | fields uN count, str each | seq opt<uN>
 //! ```
 //!
+//! The decisions of one write transaction are stored as one row, a group, keyed by
+//! the first decision's id (format byte [`DECISION_GROUP`], from schema version 7):
+//! one B-tree insert per batch instead of one per change. Rows of earlier versions hold
+//! one decision each and are read as a group of one.
+//!
+//! ```text
+//! time_ms iN (the newest decision's) | count uN | count times: length uN, decision
+//! ```
+//!
 //! Write attempts (`write_log` table), format byte [`WRITE_LOG_BINARY`], JSON before
 //! schema version 5:
 //!
@@ -71,6 +80,8 @@ pub const RECORD_BINARY: u8 = 0x01;
 pub const OUTBOX_BINARY: u8 = 0x01;
 /// Format byte of the binary decision layout.
 pub const DECISION_BINARY: u8 = 0x01;
+/// Format byte of a group of decisions stored in one row.
+pub const DECISION_GROUP: u8 = 0x02;
 /// Format byte of the binary write-attempt layout.
 pub const WRITE_LOG_BINARY: u8 = 0x01;
 
@@ -536,9 +547,98 @@ pub fn write_log_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
     log_head(&mut Reader { bytes, at: 0 }, WRITE_LOG_BINARY).map(|(_, time_ms)| time_ms)
 }
 
-/// The time of a binary decision, read without decoding the rest (retention).
+/// The time of a decision row, read without decoding the rest (retention): a single
+/// decision's time, or a group's newest.
 pub fn decision_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
+    if bytes.first() == Some(&DECISION_GROUP) {
+        return Ok(group_head(bytes)?.0);
+    }
     log_head(&mut Reader { bytes, at: 0 }, DECISION_BINARY).map(|(_, time_ms)| time_ms)
+}
+
+/// Decisions being gathered into one group row (see the module doc).
+#[derive(Debug, Default)]
+pub struct DecisionGroup {
+    body: Vec<u8>,
+    count: u64,
+    time_ms: TimeMs,
+}
+
+impl DecisionGroup {
+    pub fn push(&mut self, decision: &Decision) {
+        self.push_encoded(&encode_decision(decision), decision.time_ms);
+    }
+
+    /// Adds a decision already in the binary layout, taken at `time_ms`.
+    pub fn push_encoded(&mut self, decision: &[u8], time_ms: TimeMs) {
+        put_uint(&mut self.body, decision.len() as u64);
+        self.body.extend_from_slice(decision);
+        self.time_ms = if self.count == 0 {
+            time_ms
+        } else {
+            self.time_ms.max(time_ms)
+        };
+        self.count += 1;
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The row, leaving the group empty.
+    pub fn take(&mut self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + 16);
+        out.push(DECISION_GROUP);
+        put_int(&mut out, self.time_ms);
+        put_uint(&mut out, self.count);
+        out.extend_from_slice(&self.body);
+        *self = Self::default();
+        out
+    }
+}
+
+/// A group row's time and decision count.
+fn group_head(bytes: &[u8]) -> Result<(TimeMs, u64), FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    match r.byte()? {
+        DECISION_GROUP => {}
+        other => return Err(FormatError::UnknownFormat(other)),
+    }
+    let time_ms = r.int()?;
+    Ok((time_ms, r.count()?))
+}
+
+/// The binary decisions of a row, without decoding them: a group's members, or the row
+/// itself when it holds one decision.
+pub fn decision_slices(bytes: &[u8]) -> Result<Vec<&[u8]>, FormatError> {
+    if bytes.first() != Some(&DECISION_GROUP) {
+        return Ok(vec![bytes]);
+    }
+    let mut r = Reader { bytes, at: 0 };
+    r.byte()?;
+    r.int()?;
+    let count = r.count()?;
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let decision = r.str_bytes()?;
+        if decision.first() != Some(&DECISION_BINARY) {
+            return Err(FormatError::UnknownFormat(decision.first().copied().unwrap_or(0)));
+        }
+        out.push(decision);
+    }
+    if r.at != bytes.len() {
+        return Err(FormatError::Trailing);
+    }
+    Ok(out)
+}
+
+/// The decisions of a binary row, oldest first (see [`decision_slices`]).
+pub fn decode_decisions(bytes: &[u8]) -> Result<Vec<Decision>, FormatError> {
+    decision_slices(bytes)?.into_iter().map(decode_decision).collect()
 }
 
 /// The head every id-keyed log row (decisions, write attempts) starts with: its format
@@ -1356,6 +1456,65 @@ mod tests {
             let expected = changed_the_long_way(&state, &system, |s| *s = new.clone());
             proptest::prop_assert_eq!(out, expected);
             proptest::prop_assert_eq!(before, state.shadows.get(&system).cloned().unwrap_or_default());
+        }
+    }
+
+    #[test]
+    fn a_group_of_decisions_round_trips_and_reads_as_its_newest_time() {
+        let mut decisions = sample_decisions();
+        decisions[1].time_ms += 5;
+        let mut group = DecisionGroup::default();
+        for d in &decisions {
+            group.push(d);
+        }
+        assert_eq!(group.len(), decisions.len() as u64);
+        let row = group.take();
+        assert!(group.is_empty());
+        assert_eq!(row[0], DECISION_GROUP);
+        assert_eq!(decode_decisions(&row).unwrap(), decisions);
+        assert_eq!(decision_time(&row).unwrap(), decisions[1].time_ms);
+        let members = decision_slices(&row).unwrap();
+        assert_eq!(members.len(), decisions.len());
+        assert_eq!(decode_decision(members[2]).unwrap(), decisions[2]);
+        // A row of one decision, as earlier versions wrote it, is a group of one.
+        let single = encode_decision(&decisions[0]);
+        assert_eq!(decode_decisions(&single).unwrap(), vec![decisions[0].clone()]);
+        // A cut or extended group is refused.
+        assert_eq!(decode_decisions(&row[..row.len() - 1]), Err(FormatError::Truncated));
+        let mut longer = row.clone();
+        longer.push(0);
+        assert_eq!(decode_decisions(&longer), Err(FormatError::Trailing));
+    }
+
+    #[test]
+    fn a_damaged_group_never_panics() {
+        let mut group = DecisionGroup::default();
+        for d in sample_decisions() {
+            group.push(&d);
+        }
+        let row = group.take();
+        for i in 1..row.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut damaged = row.clone();
+                damaged[i] ^= flip;
+                let _ = decode_decisions(&damaged);
+                let _ = decision_time(&damaged);
+            }
+        }
+        // A member that is not a binary decision is refused, not decoded as one.
+        let mut odd = vec![DECISION_GROUP, 0, 1, 2, b'{', b'}'];
+        assert_eq!(decode_decisions(&odd), Err(FormatError::UnknownFormat(b'{')));
+        odd.truncate(3);
+        assert_eq!(decode_decisions(&odd), Err(FormatError::Truncated));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_after_the_group_byte_never_panic(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut row = vec![DECISION_GROUP];
+            row.extend(tail);
+            let _ = decode_decisions(&row);
+            let _ = decision_time(&row);
         }
     }
 

@@ -154,10 +154,21 @@ impl StateStore {
 
         let mut budget = options.limit.unwrap_or(u64::MAX);
         let mut resealed = 0;
-        resealed += self.reseal(RECORDS, "records", current, chunk, &mut budget)?;
-        resealed += self.reseal(DECISIONS, "decisions", current, chunk, &mut budget)?;
-        resealed += self.reseal(DEAD_LETTERS, "dead_letters", current, chunk, &mut budget)?;
-        resealed += self.reseal(OUTBOX, "outbox", current, chunk, &mut budget)?;
+        for name in self.records_tables()? {
+            let entity = &name[RECORDS_PREFIX.len()..];
+            let aad = |raw: &[u8]| record_key(entity, u128::from_bytes(raw));
+            resealed += self.reseal(records_table(&name), "records", &aad, current, chunk, &mut budget)?;
+        }
+        resealed += self.reseal(DECISIONS, "decisions", &<[u8]>::to_vec, current, chunk, &mut budget)?;
+        resealed += self.reseal(
+            DEAD_LETTERS,
+            "dead_letters",
+            &<[u8]>::to_vec,
+            current,
+            chunk,
+            &mut budget,
+        )?;
+        resealed += self.reseal(OUTBOX, "outbox", &<[u8]>::to_vec, current, chunk, &mut budget)?;
         if budget == 0 && self.count_stale(current)? > 0 {
             return Ok(RotateReport {
                 key_id: current,
@@ -188,10 +199,13 @@ impl StateStore {
     }
 
     /// Re-seals with `current` every value of one table sealed with another key.
+    /// Seals again with `current` every row of `def` sealed with another key; `aad` gives
+    /// the associated data a row's value is bound to from its raw key.
     fn reseal<K: Key + 'static>(
         &self,
-        def: TableDefinition<'static, K, &'static [u8]>,
+        def: TableDefinition<'_, K, &'static [u8]>,
         name: &'static str,
+        aad: &dyn Fn(&[u8]) -> Vec<u8>,
         current: u32,
         chunk: usize,
         budget: &mut u64,
@@ -210,11 +224,12 @@ impl StateStore {
                         break;
                     }
                     let key = K::from_bytes(raw);
+                    let bound = aad(raw);
                     let plain = match table.get(&key)? {
-                        Some(v) => self.codec.open(name, raw, v.value())?.into_owned(),
+                        Some(v) => self.codec.open(name, &bound, v.value())?.into_owned(),
                         None => continue,
                     };
-                    let sealed = self.codec.seal(name, raw, plain);
+                    let sealed = self.codec.seal(name, &bound, plain);
                     table.insert(&key, sealed.as_slice())?;
                     *budget -= 1;
                     done += 1;
@@ -228,7 +243,7 @@ impl StateStore {
     /// Raw keys of the rows of one table not sealed with `current`.
     fn stale_keys<K: Key + 'static>(
         &self,
-        def: TableDefinition<'static, K, &'static [u8]>,
+        def: TableDefinition<'_, K, &'static [u8]>,
         current: u32,
     ) -> Result<Vec<Vec<u8>>, StateError> {
         let txn = self.db.begin_read()?;
@@ -243,8 +258,17 @@ impl StateStore {
         Ok(out)
     }
 
+    /// The names of every entity's records table.
+    fn records_tables(&self) -> Result<Vec<String>, StateError> {
+        Ok(records_table_names(self.db.begin_read()?.list_tables()?))
+    }
+
     fn count_stale(&self, current: u32) -> Result<usize, StateError> {
-        Ok(self.stale_keys(RECORDS, current)?.len()
+        let mut records = 0;
+        for name in self.records_tables()? {
+            records += self.stale_keys(records_table(&name), current)?.len();
+        }
+        Ok(records
             + self.stale_keys(DECISIONS, current)?.len()
             + self.stale_keys(DEAD_LETTERS, current)?.len()
             + self.stale_keys(OUTBOX, current)?.len())
@@ -273,8 +297,10 @@ impl StateStore {
                 *out.entry(id).or_insert(0) += 1;
             }
         };
-        for row in txn.open_table(RECORDS)?.iter()? {
-            count(row?.1.value());
+        for name in records_table_names(txn.list_tables()?) {
+            for row in txn.open_table(records_table(&name))?.iter()? {
+                count(row?.1.value());
+            }
         }
         for row in txn.open_table(OUTBOX)?.iter()? {
             count(row?.1.value());
@@ -366,17 +392,30 @@ impl WriteTables<'_> {
             report.dead_letters += 1;
         }
 
-        let mut decisions = Vec::new();
+        // A row holds a group of decisions: a row with any about the subject is written
+        // again without them, or removed when none are left.
+        self.write_decision_group()?;
+        let mut rewrites = Vec::new();
         for row in self.decisions.iter()? {
             let (k, v) = row?;
-            let decision = super::unseal_decision(self.codec, &id_key(k.value()), v.value())?;
-            if decision.entity == entity && decision.global_id == id {
-                decisions.push(k.value());
+            let group = super::unseal_decisions(self.codec, &id_key(k.value()), v.value())?;
+            if group.iter().any(|d| d.entity == entity && d.global_id == id) {
+                rewrites.push((k.value(), group));
             }
         }
-        for key in decisions {
-            self.decisions.remove(key)?;
-            report.decisions += 1;
+        for (key, group) in rewrites {
+            let before = group.len();
+            let mut kept = encoding::DecisionGroup::default();
+            for d in group.iter().filter(|d| !(d.entity == entity && d.global_id == id)) {
+                kept.push(d);
+            }
+            report.decisions += (before as u64) - kept.len();
+            if kept.is_empty() {
+                self.decisions.remove(key)?;
+            } else {
+                let sealed = self.codec.seal("decisions", &id_key(key), kept.take());
+                self.decisions.insert(key, sealed.as_slice())?;
+            }
         }
 
         let mut writes = Vec::new();
@@ -445,8 +484,12 @@ fn load_deks(txn: &redb::WriteTransaction, kek: &Kek) -> Result<(u32, Deks, Secr
 }
 
 fn holds_sealable_values(txn: &redb::WriteTransaction) -> Result<bool, StateError> {
-    Ok(!txn.open_table(RECORDS)?.is_empty()?
-        || !txn.open_table(DECISIONS)?.is_empty()?
+    for name in records_table_names(txn.list_tables()?) {
+        if !txn.open_table(records_table(&name))?.is_empty()? {
+            return Ok(true);
+        }
+    }
+    Ok(!txn.open_table(DECISIONS)?.is_empty()?
         || !txn.open_table(DEAD_LETTERS)?.is_empty()?
         || !txn.open_table(OUTBOX)?.is_empty()?)
 }

@@ -299,12 +299,65 @@ fn upgrade_path_keys(txn: &redb::WriteTransaction) -> Result<(), StateError> {
     Ok(())
 }
 
+/// Moves the records of a file older than schema version 7 from [`RECORDS_V6`] to each
+/// entity's table, inside the transaction that marks the file with the new version, and
+/// deletes the old table. Values move as they are.
+fn upgrade_records(txn: &redb::WriteTransaction) -> Result<(), StateError> {
+    if !txn.list_tables()?.any(|t| t.name() == RECORDS_V6.name()) {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    {
+        let from = txn.open_table(RECORDS_V6)?;
+        let mut to: Option<(String, Table<'_, u128, &'static [u8]>)> = None;
+        for row in from.iter()? {
+            let (k, v) = row?;
+            let (entity, id) = k.value();
+            if to.as_ref().is_none_or(|(e, _)| e != entity) {
+                let table = txn.open_table(records_table(&records_table_name(entity)))?;
+                to = Some((entity.to_string(), table));
+            }
+            let (_, table) = to.as_mut().expect("opened above");
+            table.insert(id, v.value())?;
+            moved += 1;
+        }
+    }
+    txn.delete_table(RECORDS_V6)?;
+    tracing::info!(
+        rows = moved,
+        "state upgraded to schema version 7: records moved to a table per entity"
+    );
+    Ok(())
+}
+
+/// The names of the records tables among `tables` (a transaction's `list_tables`).
+fn records_table_names(tables: impl Iterator<Item = redb::UntypedTableHandle>) -> Vec<String> {
+    tables
+        .map(|t| t.name().to_string())
+        .filter(|name| name.starts_with(RECORDS_PREFIX))
+        .collect()
+}
+
+/// One entity's records table, or `None` before its first record.
+fn open_records(
+    txn: &redb::ReadTransaction,
+    entity: &str,
+) -> Result<Option<redb::ReadOnlyTable<u128, &'static [u8]>>, StateError> {
+    match txn.open_table(records_table(&records_table_name(entity))) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
+}
+
 /// Reads, without decoding, the identity row of each local id of `job` and the record
 /// row it points to, until the job is stopped.
 fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<(), StateError> {
     let txn = db.begin_read()?;
     let identity = txn.open_table(IDENTITY)?;
-    let records = txn.open_table(RECORDS)?;
+    let Some(records) = open_records(&txn, &job.entity)? else {
+        return Ok(());
+    };
     let (entity, system) = (job.entity.as_str(), job.system.as_str());
     for local_id in &job.local_ids {
         if job.stop.load(Ordering::Relaxed) {
@@ -312,7 +365,7 @@ fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<
         }
         if let Some(id) = identity.get(path_key(entity, system, local_id).as_slice())? {
             let id = id.value();
-            if let Some(row) = records.get((entity, id))? {
+            if let Some(row) = records.get(id)? {
                 std::hint::black_box(row.value().len());
                 rows.fetch_add(1, Ordering::Relaxed);
             }
@@ -481,6 +534,7 @@ impl StateStore {
                 Some(v) if UPGRADABLE_SCHEMA_VERSIONS.contains(&v) => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                     upgrade_path_keys(&txn)?;
+                    upgrade_records(&txn)?;
                 }
                 Some(v) => {
                     return Err(StateError::SchemaVersion {
@@ -494,7 +548,6 @@ impl StateStore {
             }
             // Create every table so readers never meet a missing one.
             txn.open_table(SEQUENCES)?;
-            txn.open_table(RECORDS)?;
             txn.open_table(IDENTITY)?;
             txn.open_table(MATCH_INDEX)?;
             txn.open_table(CHECKPOINTS)?;
@@ -718,19 +771,16 @@ fn unseal_outbox(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<OutboxEntry,
 }
 
 /// Encodes and seals a merge decision of row `key`.
-fn seal_decision(codec: &Codec, key: &[u8], decision: &Decision) -> Vec<u8> {
-    codec.seal("decisions", key, encoding::encode_decision(decision))
-}
-
-/// Decodes a stored decision: the binary layout, or the JSON of schema versions 1 to 3.
-pub(crate) fn unseal_decision(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<Decision, StateError> {
+/// Decodes a stored decision row, oldest first: a group (schema version 7), one decision
+/// in the binary layout (versions 4 to 6), or one as the JSON of versions 1 to 3.
+pub(crate) fn unseal_decisions(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<Vec<Decision>, StateError> {
     unseal_either(
         codec,
         "decisions",
         key,
         bytes,
-        |b| decode("decisions", b),
-        encoding::decode_decision,
+        |b| decode("decisions", b).map(|d| vec![d]),
+        encoding::decode_decisions,
     )
 }
 
@@ -752,9 +802,10 @@ fn write_log_time(bytes: &[u8]) -> Result<TimeMs, StateError> {
 }
 
 /// The time of a stored decision, for retention.
-fn decision_time(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<TimeMs, StateError> {
+/// The time of an opened decision row (see [`encoding::decision_time`]).
+fn decision_row_time(plain: &[u8]) -> Result<TimeMs, StateError> {
     let json = |b: &[u8]| decode::<TimeOnly>("decisions", b).map(|t| t.time_ms);
-    unseal_either(codec, "decisions", key, bytes, json, encoding::decision_time)
+    either_layout("decisions", plain, json, encoding::decision_time)
 }
 
 /// Decodes a stored record state: the binary layout, or the JSON of schema version 1.
@@ -816,8 +867,10 @@ fn id_key(id: u64) -> Vec<u8> {
 
 /// Every table, open for writing inside one transaction.
 pub struct WriteTables<'txn> {
+    txn: &'txn redb::WriteTransaction,
     sequences: Table<'txn, &'static str, u64>,
-    records: Table<'txn, (&'static str, u128), &'static [u8]>,
+    /// The records tables opened so far, by entity.
+    records: Vec<(String, Table<'txn, u128, &'static [u8]>)>,
     identity: Table<'txn, &'static [u8], u128>,
     match_index: Table<'txn, &'static [u8], u128>,
     checkpoints: Table<'txn, (&'static str, &'static str), &'static [u8]>,
@@ -833,13 +886,27 @@ pub struct WriteTables<'txn> {
     /// Record counts changed in this transaction, by (entity, system); written back once
     /// by `flush`.
     count_cache: Vec<((String, String), u64)>,
+    /// Decisions of this transaction not yet written, and the id of the first: one row
+    /// per group (see `encoding`).
+    decision_group: encoding::DecisionGroup,
+    decision_group_first: u64,
 }
+
+/// At most this many decisions share a row, so reading one decision decodes a bounded
+/// amount; a batch of the default size fits in one.
+const DECISION_GROUP_MAX: u64 = 1024;
 
 impl<'txn> WriteTables<'txn> {
     fn open(txn: &'txn redb::WriteTransaction, codec: &'txn Codec) -> Result<Self, StateError> {
+        let mut records = Vec::new();
+        for name in records_table_names(txn.list_tables()?) {
+            let table = txn.open_table(records_table(&name))?;
+            records.push((name[RECORDS_PREFIX.len()..].to_string(), table));
+        }
         Ok(Self {
+            txn,
             sequences: txn.open_table(SEQUENCES)?,
-            records: txn.open_table(RECORDS)?,
+            records,
             identity: txn.open_table(IDENTITY)?,
             match_index: txn.open_table(MATCH_INDEX)?,
             checkpoints: txn.open_table(CHECKPOINTS)?,
@@ -852,6 +919,8 @@ impl<'txn> WriteTables<'txn> {
             codec,
             sequence_cache: Vec::new(),
             count_cache: Vec::new(),
+            decision_group: Default::default(),
+            decision_group_first: 0,
         })
     }
 
@@ -873,6 +942,7 @@ impl<'txn> WriteTables<'txn> {
     /// Writes the sequences and counts changed in this transaction; called once before
     /// commit.
     fn flush(&mut self) -> Result<(), StateError> {
+        self.write_decision_group()?;
         for (name, next) in std::mem::take(&mut self.sequence_cache) {
             self.sequences.insert(name, next)?;
         }
@@ -882,8 +952,29 @@ impl<'txn> WriteTables<'txn> {
         Ok(())
     }
 
+    /// The records table of `entity`, when it has one.
+    fn records_of(&self, entity: &str) -> Option<&Table<'txn, u128, &'static [u8]>> {
+        self.records.iter().find(|(e, _)| e == entity).map(|(_, t)| t)
+    }
+
+    /// The records table of `entity`, created when it has none.
+    fn records_mut(&mut self, entity: &str) -> Result<&mut Table<'txn, u128, &'static [u8]>, StateError> {
+        let at = match self.records.iter().position(|(e, _)| e == entity) {
+            Some(at) => at,
+            None => {
+                let table = self.txn.open_table(records_table(&records_table_name(entity)))?;
+                self.records.push((entity.to_string(), table));
+                self.records.len() - 1
+            }
+        };
+        Ok(&mut self.records[at].1)
+    }
+
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
-        match self.records.get((entity, id.as_u128()))? {
+        let Some(records) = self.records_of(entity) else {
+            return Ok(None);
+        };
+        match records.get(id.as_u128())? {
             Some(v) => Ok(Some(unseal_record(
                 self.codec,
                 &record_key(entity, id.as_u128()),
@@ -896,7 +987,7 @@ impl<'txn> WriteTables<'txn> {
     pub fn put_record(&mut self, entity: &str, id: GlobalId, state: &RecordState) -> Result<(), StateError> {
         let key = record_key(entity, id.as_u128());
         let sealed = self.codec.seal("records", &key, encoding::encode_record(state));
-        self.records.insert((entity, id.as_u128()), sealed.as_slice())?;
+        self.records_mut(entity)?.insert(id.as_u128(), sealed.as_slice())?;
         Ok(())
     }
 
@@ -912,7 +1003,12 @@ impl<'txn> WriteTables<'txn> {
     ) -> Result<Option<T>, StateError> {
         let key = record_key(entity, id.as_u128());
         let (changed, answer) = {
-            let Some(stored) = self.records.get((entity, id.as_u128()))? else {
+            let Some(stored) = self
+                .records_of(entity)
+                .map(|t| t.get(id.as_u128()))
+                .transpose()?
+                .flatten()
+            else {
                 return Ok(None);
             };
             let plain = self.codec.open("records", &key, stored.value())?;
@@ -929,12 +1025,14 @@ impl<'txn> WriteTables<'txn> {
             }
         };
         let sealed = self.codec.seal("records", &key, changed);
-        self.records.insert((entity, id.as_u128()), sealed.as_slice())?;
+        self.records_mut(entity)?.insert(id.as_u128(), sealed.as_slice())?;
         Ok(Some(answer))
     }
 
     pub fn remove_record(&mut self, entity: &str, id: GlobalId) -> Result<(), StateError> {
-        self.records.remove((entity, id.as_u128()))?;
+        if self.records_of(entity).is_some() {
+            self.records_mut(entity)?.remove(id.as_u128())?;
+        }
         Ok(())
     }
 
@@ -1070,9 +1168,26 @@ impl<'txn> WriteTables<'txn> {
         }
     }
 
+    /// Stores a decision. Decisions wait in this transaction's group, written as one row
+    /// when the group is full or the transaction ends; ids must grow.
     pub fn put_decision(&mut self, decision: &Decision) -> Result<(), StateError> {
-        let sealed = seal_decision(self.codec, &id_key(decision.id), decision);
-        self.decisions.insert(decision.id, sealed.as_slice())?;
+        if self.decision_group.is_empty() {
+            self.decision_group_first = decision.id;
+        }
+        self.decision_group.push(decision);
+        if self.decision_group.len() >= DECISION_GROUP_MAX {
+            self.write_decision_group()?;
+        }
+        Ok(())
+    }
+
+    fn write_decision_group(&mut self) -> Result<(), StateError> {
+        if self.decision_group.is_empty() {
+            return Ok(());
+        }
+        let first = self.decision_group_first;
+        let sealed = self.codec.seal("decisions", &id_key(first), self.decision_group.take());
+        self.decisions.insert(first, sealed.as_slice())?;
         Ok(())
     }
 
@@ -1109,17 +1224,61 @@ impl<'txn> WriteTables<'txn> {
         Ok(entry.id)
     }
 
-    /// Drops decisions and write-log entries beyond `max` or older than `min_time_ms`.
-    /// Returns how many rows were removed.
+    /// Drops decisions and write-log entries beyond their `max` or older than
+    /// `min_time_ms`, oldest first. Returns how many decisions and entries were removed.
+    ///
+    /// Decisions go a row (one transaction's group) at a time: a row goes when the rows
+    /// after it still hold `max_decisions`, counted as the span of ids from the next
+    /// row's first to the newest (the decision sequence has no gaps; a forgotten
+    /// decision counts until its row goes), or when its newest decision is older than
+    /// `min_time_ms`. So at least `max_decisions` are kept, and at most one row more.
     pub fn prune(&mut self, max_decisions: u64, max_write_log: u64, min_time_ms: TimeMs) -> Result<u64, StateError> {
-        let codec = self.codec;
-        let mut removed = prune_table(&mut self.decisions, max_decisions, min_time_ms, |id, b| {
-            decision_time(codec, &id_key(id), b)
-        })?;
+        self.write_decision_group()?;
+        let mut removed = self.prune_decisions(max_decisions, min_time_ms)?;
         removed += prune_table(&mut self.write_log, max_write_log, min_time_ms, |_, b| {
             write_log_time(b)
         })?;
         Ok(removed)
+    }
+
+    fn prune_decisions(&mut self, max: u64, min_time_ms: TimeMs) -> Result<u64, StateError> {
+        // One past the newest decision's id.
+        let end = match self.decisions.last()? {
+            Some((k, v)) => k.value() + self.decision_row(k.value(), v.value())?.1,
+            None => return Ok(0),
+        };
+        let mut removed = 0;
+        // Bounded per call, like `prune_table`.
+        while removed < 100_000 {
+            let (first, (time_ms, count)) = match self.decisions.first()? {
+                Some((k, v)) => (k.value(), self.decision_row(k.value(), v.value())?),
+                None => break,
+            };
+            let rest = match self.decisions.range(first + 1..)?.next() {
+                Some(row) => end.saturating_sub(row?.0.value()),
+                None => 0,
+            };
+            if rest < max && time_ms >= min_time_ms {
+                break;
+            }
+            self.decisions.remove(first)?;
+            removed += count;
+        }
+        Ok(removed)
+    }
+
+    /// A decision row's time (its newest decision's) and how many decisions it holds.
+    fn decision_row(&self, id: u64, bytes: &[u8]) -> Result<(TimeMs, u64), StateError> {
+        let plain = self.codec.open("decisions", &id_key(id), bytes)?;
+        let time_ms = decision_row_time(&plain)?;
+        if plain.first() == Some(&b'{') {
+            return Ok((time_ms, 1));
+        }
+        let count = encoding::decision_slices(&plain).map_err(|source| StateError::Format {
+            table: "decisions",
+            source,
+        })?;
+        Ok((time_ms, count.len() as u64))
     }
 }
 
@@ -1169,8 +1328,10 @@ pub struct ReadView {
 
 impl ReadView {
     pub fn record(&self, entity: &str, id: GlobalId) -> Result<Option<RecordState>, StateError> {
-        let table = self.txn.open_table(RECORDS)?;
-        match table.get((entity, id.as_u128()))? {
+        let Some(table) = open_records(&self.txn, entity)? else {
+            return Ok(None);
+        };
+        match table.get(id.as_u128())? {
             Some(v) => Ok(Some(unseal_record(
                 &self.codec,
                 &record_key(entity, id.as_u128()),
@@ -1277,12 +1438,17 @@ impl ReadView {
         let mut out = Vec::new();
         for row in table.iter()?.rev() {
             let (k, v) = row?;
-            let d = unseal_decision(&self.codec, &id_key(k.value()), v.value())?;
-            if filter.matches(&d) {
-                out.push(d);
+            let group = unseal_decisions(&self.codec, &id_key(k.value()), v.value())?;
+            for d in group.into_iter().rev() {
                 if out.len() >= limit {
-                    break;
+                    return Ok(out);
                 }
+                if filter.matches(&d) {
+                    out.push(d);
+                }
+            }
+            if out.len() >= limit {
+                break;
             }
         }
         Ok(out)
@@ -1322,11 +1488,13 @@ impl ReadView {
 
     /// The first `limit` records of `entity` in global id order.
     pub fn first_records(&self, entity: &str, limit: usize) -> Result<Vec<(GlobalId, RecordState)>, StateError> {
-        let table = self.txn.open_table(RECORDS)?;
+        let Some(table) = open_records(&self.txn, entity)? else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for row in table.range((entity, 0u128)..=(entity, u128::MAX))?.take(limit) {
+        for row in table.iter()?.take(limit) {
             let (k, v) = row?;
-            let (_, id) = k.value();
+            let id = k.value();
             out.push((
                 GlobalId::from_u128(id),
                 unseal_record(&self.codec, &record_key(entity, id), v.value())?,
@@ -1336,7 +1504,11 @@ impl ReadView {
     }
 
     pub fn record_count(&self) -> Result<u64, StateError> {
-        Ok(self.txn.open_table(RECORDS)?.len()?)
+        let mut count = 0;
+        for name in records_table_names(self.txn.list_tables()?) {
+            count += self.txn.open_table(records_table(&name))?.len()?;
+        }
+        Ok(count)
     }
 }
 

@@ -1,12 +1,13 @@
 //! Every redb table, in one place, with its key encoding.
 //!
 //! Keys are redb tuples, compared element by element, so a range over a prefix
-//! (`(entity, ..)`, `(system, ..)`) lists one entity's or one system's rows in order,
-//! except for the two largest key sets, the identity map and the match index: their keys
-//! are flat byte strings ([`path_key`]), compared with one `memcmp` instead of a tuple
-//! comparison that decodes each element's length on every step down the tree. Their
-//! rows are grouped by entity, then by system (or key field), like the tuples', but the
-//! groups sort by name length first; nothing reads them in name order.
+//! (`(system, ..)`) lists one system's rows in order, except for the three largest key
+//! sets, which every captured change searches. Records have a table per entity keyed by
+//! the global id alone ([`records_table`]). The identity map and the match index are
+//! keyed by flat byte strings ([`path_key`]), compared with one `memcmp` instead of a
+//! tuple comparison that decodes each element's length on every step down the tree;
+//! their rows are grouped by entity, then by system (or key field), like the tuples', but
+//! the groups sort by name length first; nothing reads them in name order.
 //! Values that are structs are JSON bytes (record states, outbox entries and decisions:
 //! the binary layouts of `encoding`), sealed in an encrypted store for the tables
 //! in [`SEALED_TABLES`] (see `crypto`); counters and ids are native
@@ -19,8 +20,10 @@ use redb::TableDefinition;
 /// `StateStore::open` refuses a file with another version rather than misreading it.
 /// Version 2 stores record states in the binary layout of `encoding`; version 3 also
 /// outbox entries; version 4 also merge decisions; version 5 also the write log;
-/// version 6 keys the identity map and the match index by [`path_key`].
-pub const SCHEMA_VERSION: u64 = 6;
+/// version 6 keys the identity map and the match index by [`path_key`]; version 7 stores
+/// the decisions of one transaction in one row and the records of each entity in a table
+/// of their own.
+pub const SCHEMA_VERSION: u64 = 7;
 
 /// Older versions this build still reads. Opening such a file marks it with
 /// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
@@ -29,8 +32,11 @@ pub const SCHEMA_VERSION: u64 = 6;
 /// the write log, version 3 decisions and the write log, version 4 the write log;
 /// `encoding` tells them apart by the first byte. Versions 1 to 5 kept the identity map
 /// and the match index in [`IDENTITY_V5`] and [`MATCH_INDEX_V5`]; opening such a file
-/// moves their rows to the tables of version 6 in the same transaction.
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 5] = [1, 2, 3, 4, 5];
+/// moves their rows to the tables of version 6 in the same transaction. Versions 1 to 6
+/// stored one decision per row, which is read as a group of one, and every record in
+/// [`RECORDS_V6`], whose rows opening moves to the entities' tables (values unchanged:
+/// a sealed record is bound to its entity and id, not to the table's key encoding).
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 6] = [1, 2, 3, 4, 5, 6];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while
@@ -41,10 +47,26 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// `write_log`, `audit`).
 pub const SEQUENCES: TableDefinition<&str, u64> = TableDefinition::new("sequences");
 
-/// `(entity, global id) → RecordState` (binary, see `encoding`): the base with provenance, every system's
+/// One records table per entity, named by [`records_table_name`]: `global id →
+/// RecordState` (binary, see `encoding`): the base with provenance, every system's
 /// shadow, and the match-key values indexed for the record. One row per record because
-/// every merge reads and writes all of it together.
-pub const RECORDS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("records");
+/// every merge reads and writes all of it together. The key is the global id alone, a
+/// fixed-width integer: the B-tree's searches compare 16 bytes instead of decoding a
+/// tuple. A table is created by the first record of its entity.
+pub fn records_table(name: &str) -> TableDefinition<'_, u128, &'static [u8]> {
+    TableDefinition::new(name)
+}
+
+/// Every records table's name starts with this, followed by the entity's name.
+pub const RECORDS_PREFIX: &str = "records.";
+
+pub fn records_table_name(entity: &str) -> String {
+    format!("{RECORDS_PREFIX}{entity}")
+}
+
+/// The records of schema versions 1 to 6, all entities in one table, `(entity, global
+/// id) → RecordState`; only the upgrade reads it, and deletes it.
+pub const RECORDS_V6: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("records");
 
 /// `path_key(entity, system, local id) → global id`: the identity map. The reverse
 /// direction (global id → each system's local id) is the `local_id` of each shadow in
@@ -72,7 +94,9 @@ pub const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("ou
 /// `id → DeadLetter`.
 pub const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
 
-/// `id → Decision`, pruned by count and age.
+/// `first decision id → the decisions of one write transaction` (a group, see
+/// `encoding`; one decision per row before schema version 7), pruned a row at a time by
+/// count and age.
 pub const DECISIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("decisions");
 
 /// `id → WriteLogEntry`: every write attempt, without values; pruned by count and age.
@@ -90,6 +114,7 @@ pub const COUNTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("cou
 pub const KEYS: TableDefinition<u32, &[u8]> = TableDefinition::new("keys");
 
 /// The tables whose values hold record data and are sealed in an encrypted store.
+/// (`records` stands for every entity's records table.)
 pub const SEALED_TABLES: [&str; 4] = ["records", "decisions", "dead_letters", "outbox"];
 
 // The identity map's and the match index's key layout is written and read with the

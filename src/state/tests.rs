@@ -354,13 +354,13 @@ fn a_version_1_file_with_json_records_is_read_and_upgraded() {
         let store = StateStore::open(dir.path(), 4).unwrap();
         let txn = store.db.begin_write().unwrap();
         txn.open_table(META).unwrap().insert("schema_version", 1).unwrap();
-        txn.open_table(RECORDS)
-            .unwrap()
-            .insert(
-                ("contact", id.as_u128()),
-                serde_json::to_vec(&state).unwrap().as_slice(),
-            )
-            .unwrap();
+        let mut records = txn.open_table(RECORDS_V6).unwrap();
+        let json = serde_json::to_vec(&state).unwrap();
+        records.insert(("contact", id.as_u128()), json.as_slice()).unwrap();
+        // A second entity, and one whose name extends the first's.
+        records.insert(("account", id.as_u128()), json.as_slice()).unwrap();
+        records.insert(("contacts", 1), json.as_slice()).unwrap();
+        drop(records);
         txn.commit().unwrap();
     }
     let store = StateStore::open(dir.path(), 4).unwrap();
@@ -368,6 +368,26 @@ fn a_version_1_file_with_json_records_is_read_and_upgraded() {
         store.read().unwrap().record("contact", id).unwrap(),
         Some(state.clone())
     );
+    // Each entity's records moved to a table of its own; the old table is gone.
+    let view = store.read().unwrap();
+    assert_eq!(view.record("account", id).unwrap(), Some(state.clone()));
+    assert_eq!(
+        view.record("contacts", GlobalId::from_u128(1)).unwrap(),
+        Some(state.clone())
+    );
+    assert_eq!(view.record("contacts", id).unwrap(), None);
+    assert_eq!(view.record("employee", id).unwrap(), None);
+    assert_eq!(view.records("contact").unwrap().len(), 1);
+    assert_eq!(view.record_count().unwrap(), 3);
+    drop(view);
+    let names = {
+        let txn = store.db.begin_read().unwrap();
+        let mut names: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+        names.retain(|n| n.starts_with("records"));
+        names.sort();
+        names
+    };
+    assert_eq!(names, ["records.account", "records.contact", "records.contacts"]);
     let version = |store: &StateStore| {
         let txn = store.db.begin_read().unwrap();
         let meta = txn.open_table(META).unwrap();
@@ -379,9 +399,9 @@ fn a_version_1_file_with_json_records_is_read_and_upgraded() {
     store.write(|t| t.put_record("contact", id, &state)).unwrap();
     let txn = store.db.begin_read().unwrap();
     let raw = txn
-        .open_table(RECORDS)
+        .open_table(records_table("records.contact"))
         .unwrap()
-        .get(("contact", id.as_u128()))
+        .get(id.as_u128())
         .unwrap()
         .unwrap();
     assert_eq!(raw.value()[0], encoding::RECORD_BINARY);
@@ -405,8 +425,8 @@ fn a_shadow_changes_in_place_in_binary_json_and_sealed_rows() {
     confirm(expected.shadows.entry("crm".into()).or_default());
     let raw_first_byte = |store: &StateStore, id: GlobalId| {
         let txn = store.db.begin_read().unwrap();
-        let table = txn.open_table(RECORDS).unwrap();
-        table.get(("contact", id.as_u128())).unwrap().unwrap().value()[0]
+        let table = txn.open_table(records_table("records.contact")).unwrap();
+        table.get(id.as_u128()).unwrap().unwrap().value()[0]
     };
 
     for kek in [None, Some(Kek::random())] {
@@ -417,12 +437,9 @@ fn a_shadow_changes_in_place_in_binary_json_and_sealed_rows() {
         if kek.is_none() {
             // A row as schema version 1 wrote it.
             let txn = store.db.begin_write().unwrap();
-            txn.open_table(RECORDS)
+            txn.open_table(records_table("records.contact"))
                 .unwrap()
-                .insert(
-                    ("contact", json.as_u128()),
-                    serde_json::to_vec(&state).unwrap().as_slice(),
-                )
+                .insert(json.as_u128(), serde_json::to_vec(&state).unwrap().as_slice())
                 .unwrap();
             txn.commit().unwrap();
         } else {
@@ -554,7 +571,8 @@ fn a_version_3_file_with_json_decisions_is_read_pruned_and_upgraded() {
     store
         .write(|t| (4..=6).try_for_each(|id| t.put_decision(&decision(id))))
         .unwrap();
-    assert_upgraded(&store, DECISIONS, encoding::DECISION_BINARY);
+    // The three new decisions share one row, keyed by the first.
+    assert_upgraded(&store, DECISIONS, encoding::DECISION_GROUP);
     let listed = store.read().unwrap().decisions(&DecisionFilter::default(), 10).unwrap();
     assert_eq!(listed, (1..=6).rev().map(decision).collect::<Vec<_>>());
     // Retention reads the time of both forms: nothing older than 2.5 s stays.
@@ -613,9 +631,9 @@ fn a_damaged_record_row_is_an_error() {
     let store = StateStore::open(dir.path(), 4).unwrap();
     let id = GlobalId::new_v7();
     let txn = store.db.begin_write().unwrap();
-    txn.open_table(RECORDS)
+    txn.open_table(records_table("records.contact"))
         .unwrap()
-        .insert(("contact", id.as_u128()), [encoding::RECORD_BINARY, 0, 5].as_slice())
+        .insert(id.as_u128(), [encoding::RECORD_BINARY, 0, 5].as_slice())
         .unwrap();
     txn.commit().unwrap();
     match store.read().unwrap().record("contact", id) {
@@ -828,4 +846,222 @@ fn forgetting_a_record_leaves_an_entity_whose_name_extends_its_own() {
             Ok::<_, StateError>(())
         })
         .unwrap();
+}
+
+fn decision_of(id: u64, subject: GlobalId, time_ms: i64) -> crate::merge::Decision {
+    crate::merge::Decision {
+        id,
+        time_ms,
+        entity: "contact".into(),
+        global_id: subject,
+        system: "hr".into(),
+        local_id: format!("E{id}"),
+        kind: crate::model::ChangeKind::Upsert,
+        source_time_ms: time_ms,
+        version: None,
+        fields: vec![],
+        outcome: crate::merge::Outcome::Updated,
+        flagged: false,
+        writes: vec![],
+    }
+}
+
+/// Stores decisions `ids` about `subject` at `time_ms`, all in one write transaction.
+fn put_decisions(store: &StateStore, ids: std::ops::RangeInclusive<u64>, subject: GlobalId, time_ms: i64) {
+    store
+        .write(|t| {
+            ids.clone()
+                .try_for_each(|id| t.put_decision(&decision_of(id, subject, time_ms)))
+        })
+        .unwrap();
+}
+
+fn decision_rows(store: &StateStore) -> Vec<u64> {
+    let txn = store.db.begin_read().unwrap();
+    let table = txn.open_table(DECISIONS).unwrap();
+    table.iter().unwrap().map(|row| row.unwrap().0.value()).collect()
+}
+
+fn listed_ids(store: &StateStore, filter: &DecisionFilter, limit: usize) -> Vec<u64> {
+    let view = store.read().unwrap();
+    view.decisions(filter, limit).unwrap().iter().map(|d| d.id).collect()
+}
+
+#[test]
+fn a_transaction_stores_its_decisions_in_one_row_and_they_list_newest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    put_decisions(&store, 1..=5, gid(1), 1_000);
+    put_decisions(&store, 6..=7, gid(2), 2_000);
+    store
+        .write(|t| {
+            t.put_decision(&decision_of(8, gid(1), 3_000))?;
+            t.put_decision(&decision_of(9, gid(2), 3_000))
+        })
+        .unwrap();
+    assert_eq!(decision_rows(&store), vec![1, 6, 8]);
+    let all = DecisionFilter::default();
+    assert_eq!(listed_ids(&store, &all, 100), (1..=9).rev().collect::<Vec<_>>());
+    // A limit inside a row, and one at a row's end.
+    assert_eq!(listed_ids(&store, &all, 3), vec![9, 8, 7]);
+    assert_eq!(listed_ids(&store, &all, 4), vec![9, 8, 7, 6]);
+    let about_one = DecisionFilter {
+        global_id: Some(gid(1)),
+        ..DecisionFilter::default()
+    };
+    assert_eq!(listed_ids(&store, &about_one, 100), vec![8, 5, 4, 3, 2, 1]);
+    assert_eq!(listed_ids(&store, &about_one, 2), vec![8, 5]);
+}
+
+#[test]
+fn a_full_group_starts_a_new_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let n = DECISION_GROUP_MAX + 10;
+    put_decisions(&store, 1..=n, gid(1), 1_000);
+    assert_eq!(decision_rows(&store), vec![1, DECISION_GROUP_MAX + 1]);
+    let listed = listed_ids(&store, &DecisionFilter::default(), usize::MAX);
+    assert_eq!(listed, (1..=n).rev().collect::<Vec<_>>());
+}
+
+#[test]
+fn pruning_removes_whole_rows_beyond_count_and_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    put_decisions(&store, 1..=5, gid(1), 1_000);
+    put_decisions(&store, 6..=7, gid(1), 2_000);
+    put_decisions(&store, 8..=10, gid(1), 3_000);
+    // Keep at least 5: the first row goes (5 remain), the second stays (3 would).
+    assert_eq!(store.write(|t| t.prune(5, 100, 0)).unwrap(), 5);
+    assert_eq!(decision_rows(&store), vec![6, 8]);
+    assert_eq!(store.write(|t| t.prune(5, 100, 0)).unwrap(), 0);
+    // Nothing older than 2.5 s: the row of 2 s goes, whatever the count.
+    assert_eq!(store.write(|t| t.prune(100, 100, 2_500)).unwrap(), 2);
+    let listed = listed_ids(&store, &DecisionFilter::default(), 100);
+    assert_eq!(listed, vec![10, 9, 8]);
+    // The newest row goes too once it is old enough.
+    assert_eq!(store.write(|t| t.prune(100, 100, 3_001)).unwrap(), 3);
+    assert!(decision_rows(&store).is_empty());
+    assert_eq!(store.write(|t| t.prune(0, 0, 0)).unwrap(), 0);
+}
+
+#[test]
+fn forgetting_a_record_rewrites_the_rows_that_mention_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let (gone, kept) = (gid(1), gid(2));
+    store
+        .write(|t| {
+            t.put_decision(&decision_of(1, gone, 1_000))?;
+            t.put_decision(&decision_of(2, kept, 1_000))?;
+            t.put_decision(&decision_of(3, gone, 1_000))
+        })
+        .unwrap();
+    put_decisions(&store, 4..=5, gone, 2_000);
+    put_decisions(&store, 6..=6, kept, 3_000);
+    let report = store.forget("contact", gone, "test").unwrap();
+    assert_eq!(report.decisions, 4);
+    // The mixed row keeps its key and the other record's decision; the row about the
+    // forgotten record alone is gone.
+    assert_eq!(decision_rows(&store), vec![1, 6]);
+    assert_eq!(listed_ids(&store, &DecisionFilter::default(), 100), vec![6, 2]);
+    let about_gone = DecisionFilter {
+        global_id: Some(gone),
+        ..DecisionFilter::default()
+    };
+    assert!(listed_ids(&store, &about_gone, 100).is_empty());
+}
+
+#[test]
+fn a_version_6_file_with_a_decision_per_row_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // What a version-6 build left: one binary decision per row.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 6).unwrap();
+        let mut table = txn.open_table(DECISIONS).unwrap();
+        for id in 1..=3 {
+            let row = encoding::encode_decision(&decision_of(id, gid(1), id as i64 * 1000));
+            table.insert(id, row.as_slice()).unwrap();
+        }
+        drop(table);
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    put_decisions(&store, 4..=5, gid(1), 5_000);
+    {
+        let txn = store.db.begin_read().unwrap();
+        let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
+        assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
+        let table = txn.open_table(DECISIONS).unwrap();
+        assert_eq!(table.get(1).unwrap().unwrap().value()[0], encoding::DECISION_BINARY);
+        assert_eq!(table.get(4).unwrap().unwrap().value()[0], encoding::DECISION_GROUP);
+    }
+    assert_eq!(decision_rows(&store), vec![1, 2, 3, 4]);
+    let listed = listed_ids(&store, &DecisionFilter::default(), 100);
+    assert_eq!(listed, vec![5, 4, 3, 2, 1]);
+    // Count: single rows count one each.
+    assert_eq!(store.write(|t| t.prune(3, 100, 0)).unwrap(), 2);
+    assert_eq!(decision_rows(&store), vec![3, 4]);
+}
+
+#[test]
+fn a_version_6_encrypted_file_keeps_its_sealed_records_when_they_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let kek = Kek::random();
+    let (a, b) = (GlobalId::new_v7(), GlobalId::new_v7());
+    {
+        // Seal two records, then put their rows where a version-6 build kept them.
+        let store = StateStore::open_with(dir.path(), 4, Some(&kek)).unwrap();
+        store.write(|t| t.put_record("contact", a, &record(1))).unwrap();
+        store.write(|t| t.put_record("employee", b, &record(2))).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 6).unwrap();
+        for (entity, id) in [("contact", a), ("employee", b)] {
+            let name = records_table_name(entity);
+            let sealed = {
+                let table = txn.open_table(records_table(&name)).unwrap();
+                table.get(id.as_u128()).unwrap().unwrap().value().to_vec()
+            };
+            txn.delete_table(records_table(&name)).unwrap();
+            txn.open_table(RECORDS_V6)
+                .unwrap()
+                .insert((entity, id.as_u128()), sealed.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open_with(dir.path(), 4, Some(&kek)).unwrap();
+    let view = store.read().unwrap();
+    assert_eq!(view.record("contact", a).unwrap(), Some(record(1)));
+    assert_eq!(view.record("employee", b).unwrap(), Some(record(2)));
+    // Still bound to its entity: the same id under another entity is not found.
+    assert_eq!(view.record("employee", a).unwrap(), None);
+}
+
+#[test]
+fn a_sealed_record_copied_to_another_entity_fails_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open_with(dir.path(), 4, Some(&Kek::random())).unwrap();
+    let id = GlobalId::new_v7();
+    store.write(|t| t.put_record("contact", id, &record(1))).unwrap();
+    store
+        .write(|t| t.put_record("employee", GlobalId::new_v7(), &record(2)))
+        .unwrap();
+    let txn = store.db.begin_write().unwrap();
+    let sealed = {
+        let table = txn.open_table(records_table("records.contact")).unwrap();
+        table.get(id.as_u128()).unwrap().unwrap().value().to_vec()
+    };
+    txn.open_table(records_table("records.employee"))
+        .unwrap()
+        .insert(id.as_u128(), sealed.as_slice())
+        .unwrap();
+    txn.commit().unwrap();
+    match store.read().unwrap().record("employee", id) {
+        Err(StateError::Tampered { table: "records" }) => {}
+        other => panic!("unexpected: {other:?}"),
+    }
+    assert_eq!(store.read().unwrap().record("contact", id).unwrap(), Some(record(1)));
 }
