@@ -589,6 +589,11 @@ impl DecisionGroup {
         self.count == 0
     }
 
+    /// The size of the decisions gathered so far.
+    pub fn bytes(&self) -> usize {
+        self.body.len()
+    }
+
     /// The row, leaving the group empty.
     pub fn take(&mut self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.body.len() + 16);

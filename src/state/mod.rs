@@ -892,9 +892,12 @@ pub struct WriteTables<'txn> {
     decision_group_first: u64,
 }
 
-/// At most this many decisions share a row, so reading one decision decodes a bounded
-/// amount; a batch of the default size fits in one.
+/// At most this many decisions share a row, and a row is closed once it holds this many
+/// bytes, so reading one decision decodes a bounded amount and a batch of large records
+/// does not hold megabytes of decisions; a batch of the default size and small records
+/// fits in one row.
 const DECISION_GROUP_MAX: u64 = 1024;
+const DECISION_GROUP_MAX_BYTES: usize = 256 * 1024;
 
 impl<'txn> WriteTables<'txn> {
     fn open(txn: &'txn redb::WriteTransaction, codec: &'txn Codec) -> Result<Self, StateError> {
@@ -1175,7 +1178,7 @@ impl<'txn> WriteTables<'txn> {
             self.decision_group_first = decision.id;
         }
         self.decision_group.push(decision);
-        if self.decision_group.len() >= DECISION_GROUP_MAX {
+        if self.decision_group.len() >= DECISION_GROUP_MAX || self.decision_group.bytes() >= DECISION_GROUP_MAX_BYTES {
             self.write_decision_group()?;
         }
         Ok(())

@@ -925,6 +925,44 @@ fn a_full_group_starts_a_new_row() {
 }
 
 #[test]
+fn a_group_of_large_decisions_is_closed_by_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    let large = |id: u64| {
+        let mut d = decision_of(id, gid(1), 1_000);
+        d.fields.push(crate::merge::FieldDecision {
+            field: "note".into(),
+            rule: crate::merge::Rule::Owner,
+            incoming: serde_json::json!("x".repeat(10_000)),
+            previous: None,
+            conflict: false,
+            policy: None,
+        });
+        d
+    };
+    store
+        .write(|t| (1..=60).try_for_each(|id| t.put_decision(&large(id))))
+        .unwrap();
+    // About 10 KB each: a row closes with the decision that takes it to 256 KiB, the
+    // 27th.
+    let rows = decision_rows(&store);
+    assert_eq!(rows, vec![1, 28, 55]);
+    let txn = store.db.begin_read().unwrap();
+    let table = txn.open_table(DECISIONS).unwrap();
+    for key in rows {
+        let row = table.get(key).unwrap().unwrap();
+        assert!(
+            row.value().len() < DECISION_GROUP_MAX_BYTES + 11_000,
+            "{}",
+            row.value().len()
+        );
+    }
+    drop((table, txn));
+    let listed = listed_ids(&store, &DecisionFilter::default(), usize::MAX);
+    assert_eq!(listed, (1..=60).rev().collect::<Vec<_>>());
+}
+
+#[test]
 fn pruning_removes_whole_rows_beyond_count_and_age() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::open(dir.path(), 4).unwrap();
