@@ -547,13 +547,16 @@ pub fn write_log_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
     log_head(&mut Reader { bytes, at: 0 }, WRITE_LOG_BINARY).map(|(_, time_ms)| time_ms)
 }
 
-/// The time of a decision row, read without decoding the rest (retention): a single
-/// decision's time, or a group's newest.
-pub fn decision_time(bytes: &[u8]) -> Result<TimeMs, FormatError> {
-    if bytes.first() == Some(&DECISION_GROUP) {
-        return Ok(group_head(bytes)?.0);
+/// A binary decision row's time (a single decision's, or a group's newest) and how many
+/// decisions it holds, read without decoding the rest (retention).
+pub fn decision_row_head(bytes: &[u8]) -> Result<(TimeMs, u64), FormatError> {
+    let mut r = Reader { bytes, at: 0 };
+    if bytes.first() != Some(&DECISION_GROUP) {
+        return log_head(&mut r, DECISION_BINARY).map(|(_, time_ms)| (time_ms, 1));
     }
-    log_head(&mut Reader { bytes, at: 0 }, DECISION_BINARY).map(|(_, time_ms)| time_ms)
+    r.byte()?;
+    let time_ms = r.int()?;
+    Ok((time_ms, r.count()?))
 }
 
 /// Decisions being gathered into one group row (see the module doc).
@@ -566,17 +569,13 @@ pub struct DecisionGroup {
 
 impl DecisionGroup {
     pub fn push(&mut self, decision: &Decision) {
-        self.push_encoded(&encode_decision(decision), decision.time_ms);
-    }
-
-    /// Adds a decision already in the binary layout, taken at `time_ms`.
-    pub fn push_encoded(&mut self, decision: &[u8], time_ms: TimeMs) {
-        put_uint(&mut self.body, decision.len() as u64);
-        self.body.extend_from_slice(decision);
+        let encoded = encode_decision(decision);
+        put_uint(&mut self.body, encoded.len() as u64);
+        self.body.extend_from_slice(&encoded);
         self.time_ms = if self.count == 0 {
-            time_ms
+            decision.time_ms
         } else {
-            self.time_ms.max(time_ms)
+            self.time_ms.max(decision.time_ms)
         };
         self.count += 1;
     }
@@ -606,20 +605,9 @@ impl DecisionGroup {
     }
 }
 
-/// A group row's time and decision count.
-fn group_head(bytes: &[u8]) -> Result<(TimeMs, u64), FormatError> {
-    let mut r = Reader { bytes, at: 0 };
-    match r.byte()? {
-        DECISION_GROUP => {}
-        other => return Err(FormatError::UnknownFormat(other)),
-    }
-    let time_ms = r.int()?;
-    Ok((time_ms, r.count()?))
-}
-
 /// The binary decisions of a row, without decoding them: a group's members, or the row
 /// itself when it holds one decision.
-pub fn decision_slices(bytes: &[u8]) -> Result<Vec<&[u8]>, FormatError> {
+fn decision_slices(bytes: &[u8]) -> Result<Vec<&[u8]>, FormatError> {
     if bytes.first() != Some(&DECISION_GROUP) {
         return Ok(vec![bytes]);
     }
@@ -1269,7 +1257,10 @@ mod tests {
     fn a_decision_round_trips_and_is_smaller_than_json() {
         for decision in sample_decisions() {
             check_layout(&decision, DECISION_BINARY, encode_decision, decode_decision);
-            assert_eq!(decision_time(&encode_decision(&decision)).unwrap(), decision.time_ms);
+            assert_eq!(
+                decision_row_head(&encode_decision(&decision)).unwrap(),
+                (decision.time_ms, 1)
+            );
         }
     }
 
@@ -1477,7 +1468,10 @@ mod tests {
         assert!(group.is_empty());
         assert_eq!(row[0], DECISION_GROUP);
         assert_eq!(decode_decisions(&row).unwrap(), decisions);
-        assert_eq!(decision_time(&row).unwrap(), decisions[1].time_ms);
+        assert_eq!(
+            decision_row_head(&row).unwrap(),
+            (decisions[1].time_ms, decisions.len() as u64)
+        );
         let members = decision_slices(&row).unwrap();
         assert_eq!(members.len(), decisions.len());
         assert_eq!(decode_decision(members[2]).unwrap(), decisions[2]);
@@ -1503,7 +1497,7 @@ mod tests {
                 let mut damaged = row.clone();
                 damaged[i] ^= flip;
                 let _ = decode_decisions(&damaged);
-                let _ = decision_time(&damaged);
+                let _ = decision_row_head(&damaged);
             }
         }
         // A member that is not a binary decision is refused, not decoded as one.
@@ -1519,7 +1513,7 @@ mod tests {
             let mut row = vec![DECISION_GROUP];
             row.extend(tail);
             let _ = decode_decisions(&row);
-            let _ = decision_time(&row);
+            let _ = decision_row_head(&row);
         }
     }
 

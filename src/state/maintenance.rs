@@ -198,7 +198,6 @@ impl StateStore {
         })
     }
 
-    /// Re-seals with `current` every value of one table sealed with another key.
     /// Seals again with `current` every row of `def` sealed with another key; `aad` gives
     /// the associated data a row's value is bound to from its raw key.
     fn reseal<K: Key + 'static>(

@@ -770,7 +770,6 @@ fn unseal_outbox(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<OutboxEntry,
     )
 }
 
-/// Encodes and seals a merge decision of row `key`.
 /// Decodes a stored decision row, oldest first: a group (schema version 7), one decision
 /// in the binary layout (versions 4 to 6), or one as the JSON of versions 1 to 3.
 pub(crate) fn unseal_decisions(codec: &Codec, key: &[u8], bytes: &[u8]) -> Result<Vec<Decision>, StateError> {
@@ -801,11 +800,11 @@ fn write_log_time(bytes: &[u8]) -> Result<TimeMs, StateError> {
     either_layout("write_log", bytes, json, encoding::write_log_time)
 }
 
-/// The time of a stored decision, for retention.
-/// The time of an opened decision row (see [`encoding::decision_time`]).
-fn decision_row_time(plain: &[u8]) -> Result<TimeMs, StateError> {
-    let json = |b: &[u8]| decode::<TimeOnly>("decisions", b).map(|t| t.time_ms);
-    either_layout("decisions", plain, json, encoding::decision_time)
+/// An opened decision row's time and decision count (see
+/// [`encoding::decision_row_head`]); a JSON row holds one decision.
+fn decision_row_head(plain: &[u8]) -> Result<(TimeMs, u64), StateError> {
+    let json = |b: &[u8]| decode::<TimeOnly>("decisions", b).map(|t| (t.time_ms, 1));
+    either_layout("decisions", plain, json, encoding::decision_row_head)
 }
 
 /// Decodes a stored record state: the binary layout, or the JSON of schema version 1.
@@ -1272,16 +1271,7 @@ impl<'txn> WriteTables<'txn> {
 
     /// A decision row's time (its newest decision's) and how many decisions it holds.
     fn decision_row(&self, id: u64, bytes: &[u8]) -> Result<(TimeMs, u64), StateError> {
-        let plain = self.codec.open("decisions", &id_key(id), bytes)?;
-        let time_ms = decision_row_time(&plain)?;
-        if plain.first() == Some(&b'{') {
-            return Ok((time_ms, 1));
-        }
-        let count = encoding::decision_slices(&plain).map_err(|source| StateError::Format {
-            table: "decisions",
-            source,
-        })?;
-        Ok((time_ms, count.len() as u64))
+        decision_row_head(&self.codec.open("decisions", &id_key(id), bytes)?)
     }
 }
 

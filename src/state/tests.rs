@@ -517,15 +517,15 @@ fn a_version_2_file_with_json_outbox_entries_is_read_and_upgraded() {
 }
 
 /// After an older file was opened and rows 4 on were written to `table`: the file is
-/// marked with the current schema version, row 1 is still the old JSON and row 4 is in
-/// the binary layout `format`.
-fn assert_upgraded(store: &StateStore, table: redb::TableDefinition<u64, &[u8]>, format: u8) {
+/// marked with the current schema version, row 1 is still in the old layout (format
+/// byte `old`, `{` for JSON) and row 4 is in the layout `new`.
+fn assert_upgraded(store: &StateStore, table: redb::TableDefinition<u64, &[u8]>, old: u8, new: u8) {
     let txn = store.db.begin_read().unwrap();
     let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
     assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
     let table = txn.open_table(table).unwrap();
-    assert_eq!(table.get(1).unwrap().unwrap().value()[0], b'{');
-    assert_eq!(table.get(4).unwrap().unwrap().value()[0], format);
+    assert_eq!(table.get(1).unwrap().unwrap().value()[0], old);
+    assert_eq!(table.get(4).unwrap().unwrap().value()[0], new);
 }
 
 #[test]
@@ -572,7 +572,7 @@ fn a_version_3_file_with_json_decisions_is_read_pruned_and_upgraded() {
         .write(|t| (4..=6).try_for_each(|id| t.put_decision(&decision(id))))
         .unwrap();
     // The three new decisions share one row, keyed by the first.
-    assert_upgraded(&store, DECISIONS, encoding::DECISION_GROUP);
+    assert_upgraded(&store, DECISIONS, b'{', encoding::DECISION_GROUP);
     let listed = store.read().unwrap().decisions(&DecisionFilter::default(), 10).unwrap();
     assert_eq!(listed, (1..=6).rev().map(decision).collect::<Vec<_>>());
     // Retention reads the time of both forms: nothing older than 2.5 s stays.
@@ -616,7 +616,7 @@ fn a_version_4_file_with_a_json_write_log_is_read_pruned_and_upgraded() {
     store
         .write(|t| (4..=6).try_for_each(|id| t.log_write(attempt(id))))
         .unwrap();
-    assert_upgraded(&store, WRITE_LOG, encoding::WRITE_LOG_BINARY);
+    assert_upgraded(&store, WRITE_LOG, b'{', encoding::WRITE_LOG_BINARY);
     let listed = store.read().unwrap().write_log(None, 10).unwrap();
     assert_eq!(listed, (1..=6).rev().map(attempt).collect::<Vec<_>>());
     // Retention reads the time of both forms: nothing older than 2.5 s stays.
@@ -1028,14 +1028,7 @@ fn a_version_6_file_with_a_decision_per_row_is_read_and_upgraded() {
     }
     let store = StateStore::open(dir.path(), 4).unwrap();
     put_decisions(&store, 4..=5, gid(1), 5_000);
-    {
-        let txn = store.db.begin_read().unwrap();
-        let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
-        assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
-        let table = txn.open_table(DECISIONS).unwrap();
-        assert_eq!(table.get(1).unwrap().unwrap().value()[0], encoding::DECISION_BINARY);
-        assert_eq!(table.get(4).unwrap().unwrap().value()[0], encoding::DECISION_GROUP);
-    }
+    assert_upgraded(&store, DECISIONS, encoding::DECISION_BINARY, encoding::DECISION_GROUP);
     assert_eq!(decision_rows(&store), vec![1, 2, 3, 4]);
     let listed = listed_ids(&store, &DecisionFilter::default(), 100);
     assert_eq!(listed, vec![5, 4, 3, 2, 1]);
