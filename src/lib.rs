@@ -10,6 +10,7 @@
 //! - No secret or record value appears in a log line, a metric label, an error sent
 //!   over HTTP, or a panic.
 
+pub mod alloc;
 pub mod bench;
 pub mod bench_rest;
 pub mod config;

@@ -10,14 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use concord::config::{self, Config};
 use concord::engine::RunMode;
 
-/// The merge path allocates and frees many small values per change; mimalloc serves
-/// that pattern faster than glibc's allocator (BENCHMARKS.md). It is built with
-/// transparent huge pages off for the process (the `no_thp` feature): with them, every
-/// batch-sized buffer that lands on memory the allocator had returned to the kernel
-/// faulted in and zeroed a whole 2 MiB page, which cost CPU per change and inflated RSS.
-/// `MIMALLOC_ALLOW_THP=1` in the environment turns them back on.
+/// mimalloc, with plain `malloc` calls for the alignments it always gives
+/// (`concord::alloc`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: concord::alloc::Allocator = concord::alloc::Allocator;
 
 #[derive(Parser)]
 #[command(name = "concord", version, about = "Keeps business systems in agreement")]

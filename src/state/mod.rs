@@ -856,6 +856,16 @@ fn record_key(entity: &str, id: u128) -> Vec<u8> {
     key_bytes::<(&str, u128)>(&(entity, id))
 }
 
+/// The associated data a record is sealed with ([`record_key`]); empty, and not built,
+/// for a plain store, whose codec ignores it.
+fn record_aad(codec: &Codec, entity: &str, id: u128) -> Vec<u8> {
+    if codec.seals() {
+        record_key(entity, id)
+    } else {
+        Vec::new()
+    }
+}
+
 fn outbox_key(system: &str, seq: u64) -> Vec<u8> {
     key_bytes::<(&str, u64)>(&(system, seq))
 }
@@ -979,7 +989,7 @@ impl<'txn> WriteTables<'txn> {
         match records.get(id.as_u128())? {
             Some(v) => Ok(Some(unseal_record(
                 self.codec,
-                &record_key(entity, id.as_u128()),
+                &record_aad(self.codec, entity, id.as_u128()),
                 v.value(),
             )?)),
             None => Ok(None),
@@ -987,7 +997,7 @@ impl<'txn> WriteTables<'txn> {
     }
 
     pub fn put_record(&mut self, entity: &str, id: GlobalId, state: &RecordState) -> Result<(), StateError> {
-        let key = record_key(entity, id.as_u128());
+        let key = record_aad(self.codec, entity, id.as_u128());
         let sealed = self.codec.seal("records", &key, encoding::encode_record(state));
         self.records_mut(entity)?.insert(id.as_u128(), sealed.as_slice())?;
         Ok(())
@@ -1003,7 +1013,7 @@ impl<'txn> WriteTables<'txn> {
         system: &str,
         change: impl FnOnce(&mut Shadow) -> T,
     ) -> Result<Option<T>, StateError> {
-        let key = record_key(entity, id.as_u128());
+        let key = record_aad(self.codec, entity, id.as_u128());
         let (changed, answer) = {
             let Some(stored) = self
                 .records_of(entity)
@@ -1327,7 +1337,7 @@ impl ReadView {
         match table.get(id.as_u128())? {
             Some(v) => Ok(Some(unseal_record(
                 &self.codec,
-                &record_key(entity, id.as_u128()),
+                &record_aad(&self.codec, entity, id.as_u128()),
                 v.value(),
             )?)),
             None => Ok(None),
