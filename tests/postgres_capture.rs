@@ -1208,6 +1208,98 @@ match_keys = ["email"]
         .expect("engine task");
 }
 
+/// A stream that has caught up is acknowledged as soon as its last batch is committed:
+/// the read beside that commit found nothing new, so the engine makes the lazy commits
+/// durable then, rather than when the group commit is next due (here ten seconds away) or
+/// after the next read's poll wait (one second).
+#[tokio::test]
+async fn a_caught_up_stream_is_acknowledged_without_waiting_for_the_group_commit() {
+    let db = PgCluster::shared().fresh_db().await;
+    db.execute(
+        "CREATE TABLE contacts (id int PRIMARY KEY, email text, first_name text);
+         INSERT INTO contacts VALUES (1, 'a@example.com', 'Ann');",
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_contact_schema(dir.path());
+    let toml = format!(
+        r#"{app_system}
+[entities.contact]
+schema = "contact.schema.json"
+match_keys = ["email"]
+
+{app}"#,
+        app_system =
+            state_and_reading_app(&db, dir.path()).replacen("[state]\n", "[state]\ndurable_interval_ms = 10000\n", 1),
+        app = contact_link_toml("app", "contacts", Some(10), EMAIL_AND_FIRST_NAME),
+    );
+    let (rt, store) = compile_config(&toml, dir.path());
+    let (engine, running) = spawn_engine(&rt, &store);
+    let admin = db.admin().await;
+    let slot = format!("{}_contact", db.name);
+    // False while the slot does not exist yet.
+    let confirmed_past = |lsn: String| {
+        let admin = &admin;
+        let slot = slot.clone();
+        async move {
+            admin
+                .query_opt(
+                    "SELECT coalesce(confirmed_flush_lsn > $2::text::pg_lsn, false) FROM pg_replication_slots \
+                     WHERE slot_name = $1",
+                    &[&slot, &lsn],
+                )
+                .await
+                .expect("read the slot")
+                .is_some_and(|row| row.get::<_, bool>(0))
+        }
+    };
+    let current_lsn = || async {
+        admin
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .expect("current lsn")
+            .get::<_, String>(0)
+    };
+    // The snapshot, then the stream: the snapshot's row is acknowledged once streaming.
+    let before_snapshot = current_lsn().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !confirmed_past(before_snapshot.clone()).await {
+        assert!(Instant::now() < deadline, "the link never confirmed its start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let limit = Duration::from_millis(700);
+    for id in 2..=4 {
+        // Let the link settle into waiting on a quiet stream first.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let before = current_lsn().await;
+        db.execute(&format!(
+            "INSERT INTO contacts VALUES ({id}, 'p{id}@example.com', 'n{id}')"
+        ))
+        .await;
+        let committed = Instant::now();
+        while !confirmed_past(before.clone()).await {
+            assert!(
+                committed.elapsed() < limit,
+                "change {id} was not acknowledged within {limit:?}; the group commit is ten seconds away"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let view = store.read().expect("read view");
+    for id in ["2", "3", "4"] {
+        assert!(
+            view.identity("contact", "app", id).expect("identity").is_some(),
+            "record {id} is in redb"
+        );
+    }
+    engine.shutdown_token().cancel();
+    tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the engine stops on shutdown")
+        .expect("engine task");
+}
+
 /// `concord resnapshot` asks a running link to read its table again, and one whose
 /// daemon is stopped to do so at its next start; a link that is not there is refused
 /// with the names that are.

@@ -399,8 +399,14 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
                 backoff.reset();
             }
             Ok(None) if committed_before => {
-                // The read ended with the commit it ran beside; read again with the
-                // wait that commit's acknowledgement allows.
+                // The read ran beside the commit, all of it, and nothing came: the
+                // source is caught up. The batches are made durable and acknowledged
+                // now, as after an empty read, rather than when the group commit is
+                // next due (up to a durable interval later); the next read waits as
+                // long as the source's poll allows.
+                if let Some((_, checkpoint)) = unacked.take() {
+                    flush_and_acknowledge(&shared, &mut source, &name, &system, &checkpoint).await;
+                }
             }
             Ok(None) => {
                 if let Some((_, checkpoint)) = unacked.take() {
