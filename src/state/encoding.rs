@@ -332,29 +332,35 @@ pub fn decode_outbox(bytes: &[u8]) -> Result<OutboxEntry, FormatError> {
 /// Encodes a merge decision in the binary layout.
 pub fn encode_decision(d: &Decision) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
+    put_decision(&mut out, d);
+    out
+}
+
+/// Appends a merge decision in the binary layout to `out`.
+fn put_decision(out: &mut Vec<u8>, d: &Decision) {
     out.push(DECISION_BINARY);
-    put_uint(&mut out, d.id);
-    put_int(&mut out, d.time_ms);
-    put_str(&mut out, &d.entity);
+    put_uint(out, d.id);
+    put_int(out, d.time_ms);
+    put_str(out, &d.entity);
     out.extend_from_slice(&d.global_id.as_u128().to_le_bytes());
-    put_str(&mut out, &d.system);
-    put_str(&mut out, &d.local_id);
+    put_str(out, &d.system);
+    put_str(out, &d.local_id);
     out.push(match d.kind {
         ChangeKind::Upsert => 0,
         ChangeKind::Delete => 1,
     });
-    put_int(&mut out, d.source_time_ms);
-    put_opt_str(&mut out, d.version.as_deref());
-    put_uint(&mut out, d.fields.len() as u64);
+    put_int(out, d.source_time_ms);
+    put_opt_str(out, d.version.as_deref());
+    put_uint(out, d.fields.len() as u64);
     for f in &d.fields {
-        put_str(&mut out, &f.field);
+        put_str(out, &f.field);
         out.push(rule_code(f.rule));
-        put_value(&mut out, &f.incoming);
+        put_value(out, &f.incoming);
         match &f.previous {
             None => out.push(0),
             Some(value) => {
                 out.push(1);
-                put_value(&mut out, value);
+                put_value(out, value);
             }
         }
         out.push(f.conflict as u8);
@@ -372,28 +378,27 @@ pub fn encode_decision(d: &Decision) -> Vec<u8> {
         Outcome::Noop => 3,
     });
     out.push(d.flagged as u8);
-    put_uint(&mut out, d.writes.len() as u64);
+    put_uint(out, d.writes.len() as u64);
     for w in &d.writes {
-        put_str(&mut out, &w.system);
+        put_str(out, &w.system);
         out.push(match w.mode {
             WriteMode::Send => 0,
             WriteMode::DryRun => 1,
             WriteMode::OutsideRollout => 2,
         });
-        put_str(&mut out, &w.action);
-        put_uint(&mut out, w.fields.len() as u64);
+        put_str(out, &w.action);
+        put_uint(out, w.fields.len() as u64);
         for field in &w.fields {
-            put_str(&mut out, field);
+            put_str(out, field);
         }
         match w.seq {
             None => out.push(0),
             Some(seq) => {
                 out.push(1);
-                put_uint(&mut out, seq);
+                put_uint(out, seq);
             }
         }
     }
-    out
 }
 
 /// Decodes the binary layout (starting with [`DECISION_BINARY`]).
@@ -559,19 +564,29 @@ pub fn decision_row_head(bytes: &[u8]) -> Result<(TimeMs, u64), FormatError> {
     Ok((time_ms, r.count()?))
 }
 
+/// The room a group's body starts with: a batch of a thousand small decisions, without
+/// growing through every smaller size first.
+const GROUP_START_CAPACITY: usize = 64 * 1024;
+
 /// Decisions being gathered into one group row (see the module doc).
 #[derive(Debug, Default)]
 pub struct DecisionGroup {
     body: Vec<u8>,
     count: u64,
     time_ms: TimeMs,
+    /// The decision being added, encoded here first for its length; kept for the next.
+    scratch: Vec<u8>,
 }
 
 impl DecisionGroup {
     pub fn push(&mut self, decision: &Decision) {
-        let encoded = encode_decision(decision);
-        put_uint(&mut self.body, encoded.len() as u64);
-        self.body.extend_from_slice(&encoded);
+        self.scratch.clear();
+        put_decision(&mut self.scratch, decision);
+        if self.body.capacity() == 0 {
+            self.body.reserve(GROUP_START_CAPACITY);
+        }
+        put_uint(&mut self.body, self.scratch.len() as u64);
+        self.body.extend_from_slice(&self.scratch);
         self.time_ms = if self.count == 0 {
             decision.time_ms
         } else {
@@ -600,7 +615,10 @@ impl DecisionGroup {
         put_int(&mut out, self.time_ms);
         put_uint(&mut out, self.count);
         out.extend_from_slice(&self.body);
-        *self = Self::default();
+        // The buffers are kept for the next group of the transaction.
+        self.body.clear();
+        self.count = 0;
+        self.time_ms = 0;
         out
     }
 }
