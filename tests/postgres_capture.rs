@@ -1016,13 +1016,16 @@ async fn a_read_beside_a_commit_gathers_until_the_commit_ends() {
         format!("INSERT INTO people SELECT g, 'p' || g || '@example.com' FROM generate_series({from}, {to}) g")
     };
     db.execute(&insert(1, 50)).await;
+    // Connected beforehand: the second transaction must commit well inside the read's
+    // 1 s poll wait, after which a read with records in hand returns, commit or not.
+    let admin = db.admin().await;
     let (done, commit) = tokio::sync::oneshot::channel();
     source.gather_during(commit);
     let started = Instant::now();
     let committing = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        admin.batch_execute(&insert(51, 100)).await.expect("second insert");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        db.execute(&insert(51, 100)).await;
-        tokio::time::sleep(Duration::from_millis(400)).await;
         done.send(()).expect("the read is waiting");
     };
     let (read, ()) = tokio::join!(source.next_batch(1000), committing);
@@ -1032,7 +1035,7 @@ async fn a_read_beside_a_commit_gathers_until_the_commit_ends() {
     let expected: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
     assert_eq!(ids, expected, "both transactions, gathered beside the commit");
     assert!(
-        waited >= Duration::from_millis(550),
+        waited >= Duration::from_millis(300),
         "returned after {waited:?}, before the commit ended"
     );
     source.committed(&batch.checkpoint).await.expect("committed");
