@@ -8,9 +8,9 @@
 //! cost CPU per change and inflated RSS. `MIMALLOC_ALLOW_THP=1` in the environment
 //! turns them back on.
 //!
-//! Every block mimalloc hands out from `mi_malloc` is aligned to at least 8 bytes (its
-//! size classes are multiples of the word size and its pages start aligned), so a
-//! request whose alignment is 8 or less is a plain `mi_malloc`. Only wider alignments
+//! Every block mimalloc hands out from `mi_malloc` is aligned to at least the word size
+//! (its size classes are multiples of it and its blocks start at aligned offsets), so
+//! a request whose alignment is the word size or less is a plain `mi_malloc`. Only wider alignments
 //! go through `mi_malloc_aligned`: for a block that is not a power of two in size
 //! (a 1,500-byte string, a redb page of a B-tree leaf being built), mimalloc's aligned
 //! entry point cannot prove the alignment from the size class and over-allocates on a
@@ -21,8 +21,8 @@ use std::ffi::c_void;
 
 use libmimalloc_sys as mi;
 
-/// The alignment every `mi_malloc` block has.
-const PLAIN_ALIGN: usize = 8;
+/// The alignment every `mi_malloc` block has: the word size.
+const PLAIN_ALIGN: usize = std::mem::size_of::<usize>();
 
 /// mimalloc as the global allocator (see the module doc).
 pub struct Allocator;
@@ -88,8 +88,8 @@ mod tests {
         let mut sizes: Vec<usize> = (1..=1100).collect();
         sizes.extend([1500, 4095, 4096, 4097, 10_000, 65_536, 100_003, 1 << 20, 3 << 20]);
         for align in [1, 2, 4, 8, 16, 32, 64, 4096] {
+            // Sizes below the alignment too: a layout's size need not be a multiple of it.
             for &size in &sizes {
-                let size = size.next_multiple_of(align);
                 let layout = Layout::from_size_align(size, align).expect("layout");
                 // SAFETY: a non-zero size; every block is freed with its own layout.
                 unsafe {
@@ -98,15 +98,18 @@ mod tests {
                     assert_eq!(p as usize % align, 0, "size {size} align {align}");
                     p.write_bytes(0xAB, size);
                     let z = a.alloc_zeroed(layout);
+                    assert!(!z.is_null(), "zeroed size {size} align {align}");
                     assert_eq!(z as usize % align, 0, "zeroed size {size} align {align}");
                     assert!(std::slice::from_raw_parts(z, size).iter().all(|&b| b == 0));
                     a.dealloc(z, layout);
                     let grown = (size * 3).next_multiple_of(align);
                     let q = a.realloc(p, layout, grown);
+                    assert!(!q.is_null(), "grown size {size} align {align}");
                     assert_eq!(q as usize % align, 0, "grown size {size} align {align}");
                     assert!(std::slice::from_raw_parts(q, size).iter().all(|&b| b == 0xAB));
                     let grown_layout = Layout::from_size_align(grown, align).expect("layout");
                     let r = a.realloc(q, grown_layout, size);
+                    assert!(!r.is_null(), "shrunk size {size} align {align}");
                     assert_eq!(r as usize % align, 0, "shrunk size {size} align {align}");
                     assert!(std::slice::from_raw_parts(r, size).iter().all(|&b| b == 0xAB));
                     a.dealloc(r, layout);

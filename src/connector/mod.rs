@@ -196,6 +196,14 @@ impl AnySource {
             AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => false,
         }
     }
+    /// Whether the source stands between transactions of a stream (always, for sources
+    /// that are not streams): what it returned so far can all be acknowledged.
+    pub fn between_transactions(&self) -> bool {
+        match self {
+            AnySource::Postgres(s) => s.between_transactions(),
+            AnySource::File(_) | AnySource::Memory(_) | AnySource::Rest(_) => true,
+        }
+    }
     /// Bounds how long `next_batch` may wait for new data before it answers `Ok(None)`,
     /// for sources that wait ([`AnySource::waits_for_data`]); `None` lifts the bound.
     pub fn limit_wait(&mut self, limit: Option<std::time::Duration>) {

@@ -216,11 +216,6 @@ impl Codec {
     }
 
     /// Seals `plain` for row `key` of `table`; returns `plain` unchanged when unencrypted.
-    /// Whether values are sealed (an encrypted store); a plain codec passes them through.
-    pub(crate) fn seals(&self) -> bool {
-        self.keyring.is_some()
-    }
-
     pub(crate) fn seal(&self, table: &'static str, key: &[u8], plain: Vec<u8>) -> Vec<u8> {
         let Some(keyring) = &self.keyring else {
             return plain;

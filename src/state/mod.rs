@@ -859,7 +859,7 @@ fn record_key(entity: &str, id: u128) -> Vec<u8> {
 /// The associated data a record is sealed with ([`record_key`]); empty, and not built,
 /// for a plain store, whose codec ignores it.
 fn record_aad(codec: &Codec, entity: &str, id: u128) -> Vec<u8> {
-    if codec.seals() {
+    if codec.is_encrypted() {
         record_key(entity, id)
     } else {
         Vec::new()

@@ -300,6 +300,12 @@ impl PostgresSource {
         matches!(self.phase, Phase::Streaming(_))
     }
 
+    /// True while streaming between transactions: every change read so far belongs to a
+    /// committed transaction, so the next checkpoint can move the slot.
+    pub fn between_transactions(&self) -> bool {
+        matches!(&self.phase, Phase::Streaming(stream) if stream.tx.is_none())
+    }
+
     /// Bounds how long the following calls wait on a quiet stream (`None`: up to
     /// `POLL_WAIT`). The engine shortens it while a batch waits for its durable commit,
     /// so the checkpoint is acknowledged when that commit is due, not a whole poll
