@@ -10,11 +10,12 @@
 //!
 //! Every block mimalloc hands out from `mi_malloc` is aligned to at least the word size
 //! (its size classes are multiples of it and its blocks start at aligned offsets), so
-//! a request whose alignment is the word size or less is a plain `mi_malloc`. Only wider alignments
-//! go through `mi_malloc_aligned`: for a block that is not a power of two in size
-//! (a 1,500-byte string, a redb page of a B-tree leaf being built), mimalloc's aligned
-//! entry point cannot prove the alignment from the size class and over-allocates on a
-//! slow path, which was a few percent of a captured change's instructions.
+//! a request whose alignment is the word size or less is a plain `mi_malloc`. Only
+//! wider alignments go through `mi_malloc_aligned`: for a block that is not a power of
+//! two in size (a 1,500-byte string, a redb page of a B-tree leaf being built),
+//! mimalloc's aligned entry point cannot prove the alignment from the size class and
+//! over-allocates on a slow path, which was a few percent of a captured change's
+//! instructions.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;

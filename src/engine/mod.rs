@@ -339,8 +339,8 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
     let lazy = source.acknowledgement_may_wait();
     let mut unacked: Option<(CommitToken, Checkpoint)> = None;
     let mut in_flight: Option<InFlight> = None;
-    // The stream caught up with the last commit (a read beside it found nothing) while a
-    // durable commit was too recent to make another at once (see `EARLY_DURABLE_SHARE`).
+    // The stream caught up with the last commit: a read beside it found nothing (see
+    // `EARLY_DURABLE_SHARE`).
     let mut caught_up = false;
 
     while !shared.shutdown.is_cancelled() {
@@ -412,19 +412,11 @@ async fn capture(shared: Arc<Shared>, index: usize, mut source: AnySource, idle:
             }
             Ok(None) if committed_before => {
                 // The read ran beside the commit, all of it, and nothing came: between
-                // transactions, the source has caught up. Its batches become durable and
-                // are acknowledged a quarter interval after the last durable commit (now,
-                // when that has passed), not when the group commit is next due.
-                if unacked.is_some() && source.between_transactions() {
-                    if early_due_in(&shared.store).is_zero() {
-                        let (token, checkpoint) = unacked.take().expect("checked above");
-                        if !flush_and_acknowledge(&shared, &mut source, &name, &system, &checkpoint).await {
-                            unacked = Some((token, checkpoint));
-                        }
-                    } else {
-                        caught_up = true;
-                    }
-                }
+                // transactions, the source has caught up. The next read then waits only
+                // until a quarter interval after the last durable commit (not at all,
+                // when that has passed), and its empty answer makes the batches durable
+                // and acknowledges them (below), not when the group commit is next due.
+                caught_up = unacked.is_some() && source.between_transactions();
             }
             Ok(None) => {
                 caught_up = false;
