@@ -232,6 +232,8 @@ struct ReadAhead {
     enabled: AtomicBool,
     /// Record rows read ahead so far.
     rows: Arc<AtomicU64>,
+    /// Local ids looked up so far, found or not.
+    looked_up: Arc<AtomicU64>,
     jobs: std::sync::OnceLock<std::sync::mpsc::Sender<ReadAheadJob>>,
 }
 
@@ -240,6 +242,7 @@ impl Default for ReadAhead {
         ReadAhead {
             enabled: AtomicBool::new(true),
             rows: Arc::default(),
+            looked_up: Arc::default(),
             jobs: std::sync::OnceLock::new(),
         }
     }
@@ -251,13 +254,13 @@ impl ReadAhead {
         let jobs = self.jobs.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::channel::<ReadAheadJob>();
             let db = Arc::downgrade(db);
-            let rows = self.rows.clone();
+            let counts = (self.rows.clone(), self.looked_up.clone());
             let spawned = std::thread::Builder::new()
                 .name("concord-read-ahead".into())
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
                         if let Some(db) = db.upgrade()
-                            && let Err(error) = touch_records(&db, &job, &rows)
+                            && let Err(error) = touch_records(&db, &job, &counts.0, &counts.1)
                         {
                             tracing::debug!(error = %error, "read-ahead stopped");
                         }
@@ -350,25 +353,35 @@ fn open_records(
     }
 }
 
+/// A read-ahead job ends after this many local ids in a row that the identity map does
+/// not know: the batch is one of new records (a bulk insert, an initial snapshot), and
+/// looking up the rest would only cost the other core the same again.
+const READ_AHEAD_MISSES: u32 = 64;
+
 /// Reads, without decoding, the identity row of each local id of `job` and the record
-/// row it points to, until the job is stopped.
-fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64) -> Result<(), StateError> {
+/// row it points to, until the job is stopped or [`READ_AHEAD_MISSES`] ids in a row are
+/// unknown.
+fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64, looked_up: &AtomicU64) -> Result<(), StateError> {
     let txn = db.begin_read()?;
     let identity = txn.open_table(IDENTITY)?;
     let Some(records) = open_records(&txn, &job.entity)? else {
         return Ok(());
     };
     let (entity, system) = (job.entity.as_str(), job.system.as_str());
+    let mut misses = 0;
     for local_id in &job.local_ids {
-        if job.stop.load(Ordering::Relaxed) {
+        if job.stop.load(Ordering::Relaxed) || misses == READ_AHEAD_MISSES {
             break;
         }
-        if let Some(id) = identity.get(path_key(entity, system, local_id).as_slice())? {
-            let id = id.value();
-            if let Some(row) = records.get(id)? {
-                std::hint::black_box(row.value().len());
-                rows.fetch_add(1, Ordering::Relaxed);
-            }
+        looked_up.fetch_add(1, Ordering::Relaxed);
+        let Some(id) = identity.get(path_key(entity, system, local_id).as_slice())? else {
+            misses += 1;
+            continue;
+        };
+        misses = 0;
+        if let Some(row) = records.get(id.value())? {
+            std::hint::black_box(row.value().len());
+            rows.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -683,6 +696,11 @@ impl StateStore {
     /// Record rows read ahead since the store was opened.
     pub fn rows_read_ahead(&self) -> u64 {
         self.read_ahead.rows.load(Ordering::Relaxed)
+    }
+
+    /// Local ids the read-ahead looked up since the store was opened, found or not.
+    pub fn ids_read_ahead(&self) -> u64 {
+        self.read_ahead.looked_up.load(Ordering::Relaxed)
     }
 
     pub fn durable_interval(&self) -> Duration {

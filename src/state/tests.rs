@@ -731,6 +731,29 @@ fn a_batch_reads_its_rows_ahead_and_commits_as_any_batch() {
     assert!(store.is_durable(token), "no interval: durable");
     assert!(store.read().unwrap().record("contact", gid(60)).unwrap().is_some());
 
+    // A run of ids the identity map does not know (a batch of new records) ends the
+    // job: the known ids after it are not looked up.
+    let (rows, looked_up) = (store.rows_read_ahead(), store.ids_read_ahead());
+    let mut ids: Vec<String> = (0..100).map(|n| format!("new{n}")).collect();
+    ids.extend((0..50).map(|n| format!("e{n}")));
+    store
+        .write_batch_read_ahead(true, "contact", "hr", ids, |_| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while store.ids_read_ahead() < looked_up + 64 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Room for a reader that would go on to the known ids.
+            std::thread::sleep(Duration::from_millis(200));
+            Ok::<_, StateError>(())
+        })
+        .unwrap();
+    assert_eq!(
+        store.ids_read_ahead() - looked_up,
+        64,
+        "the job ends after 64 unknown ids in a row"
+    );
+    assert_eq!(store.rows_read_ahead(), rows, "no record row read");
+
     // A failing batch commits nothing.
     let failed = store.write_batch_read_ahead(true, "contact", "hr", vec!["e1".into()], |t| {
         t.put_record("contact", gid(61), &record(61))?;
