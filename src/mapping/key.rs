@@ -146,6 +146,8 @@ mod tests {
             (json!("+44 (0)7700 900123"), Some("phone"), Some("+4407700900123")),
             (json!("n/a"), Some("phone"), None),
             (json!("  EMP   0042\tX "), None, Some("emp 0042 x")),
+            // Vertical tab is whitespace to Unicode (not to `u8::is_ascii_whitespace`).
+            (json!("\u{b}A\u{b}\u{c}B\r\n"), None, Some("a b")),
             (json!("E-17"), Some("date"), Some("e-17")),
             // Beyond ASCII, Unicode's lower case.
             (json!(" ÉLODIE@Exämple.org"), Some("email"), Some("élodie@exämple.org")),
@@ -173,8 +175,8 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The one-pass form of ASCII keys gives what the general form gives, on text
-        /// of any ASCII characters, half of them whitespace.
+        /// The byte form of ASCII keys gives what the general form gives, on text of
+        /// any ASCII characters, half of them whitespace.
         #[test]
         fn ascii_keys_collapse_as_the_general_form_does(text in "([ \\t\\n\\x0b\\x0c\\r]|[\\x00-\\x7f]){0,40}") {
             proptest::prop_assert_eq!(collapse_ascii(&text), collapse_words(&text));

@@ -230,19 +230,24 @@ struct ReadAheadJob {
 /// dropping the store still closes the file.
 struct ReadAhead {
     enabled: AtomicBool,
-    /// Record rows read ahead so far.
-    rows: Arc<AtomicU64>,
-    /// Local ids looked up so far, found or not.
-    looked_up: Arc<AtomicU64>,
+    counts: Arc<ReadAheadCounts>,
     jobs: std::sync::OnceLock<std::sync::mpsc::Sender<ReadAheadJob>>,
+}
+
+/// What the read-ahead thread has done since the store was opened.
+#[derive(Default)]
+struct ReadAheadCounts {
+    /// Local ids looked up, found or not.
+    looked_up: AtomicU64,
+    /// Record rows read.
+    rows: AtomicU64,
 }
 
 impl Default for ReadAhead {
     fn default() -> Self {
         ReadAhead {
             enabled: AtomicBool::new(true),
-            rows: Arc::default(),
-            looked_up: Arc::default(),
+            counts: Arc::default(),
             jobs: std::sync::OnceLock::new(),
         }
     }
@@ -254,13 +259,13 @@ impl ReadAhead {
         let jobs = self.jobs.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::channel::<ReadAheadJob>();
             let db = Arc::downgrade(db);
-            let counts = (self.rows.clone(), self.looked_up.clone());
+            let counts = self.counts.clone();
             let spawned = std::thread::Builder::new()
                 .name("concord-read-ahead".into())
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
                         if let Some(db) = db.upgrade()
-                            && let Err(error) = touch_records(&db, &job, &counts.0, &counts.1)
+                            && let Err(error) = touch_records(&db, &job, &counts)
                         {
                             tracing::debug!(error = %error, "read-ahead stopped");
                         }
@@ -361,7 +366,7 @@ const READ_AHEAD_MISSES: u32 = 64;
 /// Reads, without decoding, the identity row of each local id of `job` and the record
 /// row it points to, until the job is stopped or [`READ_AHEAD_MISSES`] ids in a row are
 /// unknown.
-fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64, looked_up: &AtomicU64) -> Result<(), StateError> {
+fn touch_records(db: &Database, job: &ReadAheadJob, counts: &ReadAheadCounts) -> Result<(), StateError> {
     let txn = db.begin_read()?;
     let identity = txn.open_table(IDENTITY)?;
     let Some(records) = open_records(&txn, &job.entity)? else {
@@ -373,7 +378,7 @@ fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64, looked_up:
         if job.stop.load(Ordering::Relaxed) || misses == READ_AHEAD_MISSES {
             break;
         }
-        looked_up.fetch_add(1, Ordering::Relaxed);
+        counts.looked_up.fetch_add(1, Ordering::Relaxed);
         let Some(id) = identity.get(path_key(entity, system, local_id).as_slice())? else {
             misses += 1;
             continue;
@@ -381,7 +386,7 @@ fn touch_records(db: &Database, job: &ReadAheadJob, rows: &AtomicU64, looked_up:
         misses = 0;
         if let Some(row) = records.get(id.value())? {
             std::hint::black_box(row.value().len());
-            rows.fetch_add(1, Ordering::Relaxed);
+            counts.rows.fetch_add(1, Ordering::Relaxed);
         }
     }
     Ok(())
@@ -695,12 +700,12 @@ impl StateStore {
 
     /// Record rows read ahead since the store was opened.
     pub fn rows_read_ahead(&self) -> u64 {
-        self.read_ahead.rows.load(Ordering::Relaxed)
+        self.read_ahead.counts.rows.load(Ordering::Relaxed)
     }
 
     /// Local ids the read-ahead looked up since the store was opened, found or not.
     pub fn ids_read_ahead(&self) -> u64 {
-        self.read_ahead.looked_up.load(Ordering::Relaxed)
+        self.read_ahead.counts.looked_up.load(Ordering::Relaxed)
     }
 
     pub fn durable_interval(&self) -> Duration {

@@ -739,7 +739,8 @@ fn a_batch_reads_its_rows_ahead_and_commits_as_any_batch() {
     store
         .write_batch_read_ahead(true, "contact", "hr", ids, |_| {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while store.ids_read_ahead() < looked_up + 64 && Instant::now() < deadline {
+            while store.ids_read_ahead() < looked_up + u64::from(super::READ_AHEAD_MISSES) && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(1));
             }
             // Room for a reader that would go on to the known ids.
@@ -749,8 +750,8 @@ fn a_batch_reads_its_rows_ahead_and_commits_as_any_batch() {
         .unwrap();
     assert_eq!(
         store.ids_read_ahead() - looked_up,
-        64,
-        "the job ends after 64 unknown ids in a row"
+        u64::from(super::READ_AHEAD_MISSES),
+        "the job ends after a run of unknown ids"
     );
     assert_eq!(store.rows_read_ahead(), rows, "no record row read");
 
