@@ -5,25 +5,36 @@
 //! the page cache holds, and how many bytes a commit writes. JSON repeats every struct
 //! field name in every agreed value's provenance; this layout stores only the values.
 //!
-//! A value starts with a format byte. [`RECORD_BINARY`] is this layout; a row that
-//! starts with `{` is the JSON that schema version 1 wrote and is still read, so an
-//! existing state file needs no conversion (its rows take the new form when they are
-//! next written). Anything else is refused as malformed.
+//! A value starts with a format byte. [`RECORD_COMPACT`] is the layout written now;
+//! [`RECORD_BINARY`] rows (schema versions 2 to 7) and rows that start with `{` (the
+//! JSON that schema version 1 wrote) are still read, so an existing state file needs
+//! no conversion: its rows take the compact form when they are next written. Anything
+//! else is refused as malformed.
 //!
 //! Layout after the format byte (`uN`: LEB128 varint; `iN`: zigzag varint; `str`: `uN`
 //! length and UTF-8 bytes; `opt<T>`: byte 0 or 1 then `T`; `map<T>`: `uN` count then
 //! `str` key and `T` per entry, keys ascending):
 //!
 //! ```text
-//! base.deleted u8 | base.fields map<value, provenance>
+//! base.deleted u8 | base.fields map<value, from>
+//! from        = u8 0, provenance | u8 1: the provenance of the field before
 //! provenance  = system str | version opt<str> | source_time_ms iN | rule u8 | decision uN
 //! shadows     map<shadow>
-//! shadow      = local_id opt<str> | fields map<value> | version opt<str> | pending map<value>
+//! shadow      = local_id opt<str> | fields map<svalue> | version opt<str> | pending map<svalue>
 //!               | diverged uN count, str each | deleted u8
-//! match_keys  map<str> | created_ms iN | updated_ms iN
+//! svalue      = value | u8 9: the agreed value of the field of the same name
+//! match_keys  map<key> | created_ms iN | updated_ms iN
+//! key         = u8 0, str | u8 1: the agreed value (a string) of the field of that name
 //! value       = tag u8 (0 null, 1 false, 2 true, 3 i64 as iN, 4 u64 as uN, 5 f64 LE,
 //!               6 str, 7 array: uN count then values, 8 object: map<value>)
 //! ```
+//!
+//! Most fields hold the same value in the agreed version and in the shadow of the
+//! system it came from (and, once written, in every other system's shadow), and the
+//! fields of one change share one provenance: the references store each such value
+//! once. A shadow value refers to the agreed value only when their encodings are the
+//! same bytes. [`RECORD_BINARY`] is the same layout without references: `from` is the
+//! provenance alone, `svalue` a value and `key` a `str`.
 //!
 //! Pending writes (`outbox` table) use the same building blocks, with their own format
 //! byte [`OUTBOX_BINARY`]; a row that starts with `{` is JSON, as schema version 1 wrote:
@@ -74,8 +85,25 @@ use crate::merge::{Decision, FieldDecision, Outcome, Rule, WriteAction, WriteMod
 use crate::model::{AgreedField, Base, ChangeKind, Fields, GlobalId, Provenance, RecordState, Shadow, TimeMs, Value};
 use crate::state::{OutboxEntry, WriteLogEntry};
 
-/// Format byte of the binary record layout. JSON rows start with `{` (0x7b).
+/// Format byte of the binary record layout of schema versions 2 to 7, still read.
+/// JSON rows start with `{` (0x7b).
 pub const RECORD_BINARY: u8 = 0x01;
+/// Format byte of the compact record layout: the binary layout, with a provenance
+/// shared with the field before and shadow values and match keys that hold the agreed
+/// value stored as references to it.
+pub const RECORD_COMPACT: u8 = 0x02;
+/// Before a provenance in the compact layout: the provenance follows.
+const PROVENANCE_OWN: u8 = 0;
+/// Before a provenance in the compact layout: the same as the field before.
+const PROVENANCE_SAME: u8 = 1;
+/// Before a match key's value in the compact layout: the value follows.
+const KEY_OWN: u8 = 0;
+/// Before a match key's value in the compact layout: the agreed value (a string) of
+/// the field of that name.
+const KEY_AGREED: u8 = 1;
+/// Value tag, in a shadow of the compact layout only: the agreed value of the field of
+/// the same name.
+const VALUE_AGREED: u8 = 9;
 /// Format byte of the binary outbox entry layout.
 pub const OUTBOX_BINARY: u8 = 0x01;
 /// Format byte of the binary decision layout.
@@ -102,34 +130,62 @@ pub enum FormatError {
     Trailing,
     #[error("nesting is too deep")]
     TooDeep,
+    #[error("refers to an agreed value the record does not have")]
+    NoAgreedValue,
 }
 
 /// Nesting limit for decoded values, so a damaged row cannot exhaust the stack.
 const MAX_DEPTH: u32 = 128;
 
-/// Encodes a record's state in the binary layout.
+/// Encodes a record's state in the compact layout ([`RECORD_COMPACT`]).
 pub fn encode_record(state: &RecordState) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
-    out.push(RECORD_BINARY);
+    encode_record_as(state, RECORD_COMPACT)
+}
+
+/// The agreed values of an encoded record: each field's name and where its encoded
+/// value lies in the row, names ascending. A shadow value is stored as a reference to
+/// the agreed value when its encoding is the same bytes.
+type AgreedBytes<'a> = Vec<(&'a [u8], std::ops::Range<usize>)>;
+
+/// Encodes a record in `format`: [`RECORD_COMPACT`], or [`RECORD_BINARY`] (no
+/// references), which only the tests of reading older rows still write.
+fn encode_record_as(state: &RecordState, format: u8) -> Vec<u8> {
+    let compact = format == RECORD_COMPACT;
+    let mut out = Vec::with_capacity(256);
+    out.push(format);
     out.push(state.base.deleted as u8);
     put_uint(&mut out, state.base.fields.len() as u64);
+    let mut agreed: AgreedBytes<'_> = Vec::with_capacity(if compact { state.base.fields.len() } else { 0 });
+    let mut previous: Option<&Provenance> = None;
     for (name, field) in &state.base.fields {
         put_str(&mut out, name);
+        let at = out.len();
         put_value(&mut out, &field.value);
-        let from = &field.from;
-        put_str(&mut out, &from.system);
-        put_opt_str(&mut out, from.version.as_deref());
-        put_int(&mut out, from.source_time_ms);
-        out.push(rule_code(from.rule));
-        put_uint(&mut out, from.decision);
+        if compact {
+            agreed.push((name.as_bytes(), at..out.len()));
+            if previous == Some(&field.from) {
+                out.push(PROVENANCE_SAME);
+                continue;
+            }
+            out.push(PROVENANCE_OWN);
+        }
+        put_provenance(&mut out, &field.from);
+        previous = Some(&field.from);
     }
     put_uint(&mut out, state.shadows.len() as u64);
     for (system, shadow) in &state.shadows {
-        put_shadow(&mut out, system, shadow);
+        put_shadow(&mut out, system, shadow, &agreed);
     }
     put_uint(&mut out, state.match_keys.len() as u64);
     for (key, value) in &state.match_keys {
         put_str(&mut out, key);
+        if compact {
+            if matches!(state.base.value(key), Some(Value::String(s)) if s == value) {
+                out.push(KEY_AGREED);
+                continue;
+            }
+            out.push(KEY_OWN);
+        }
         put_str(&mut out, value);
     }
     put_int(&mut out, state.created_ms);
@@ -137,36 +193,67 @@ pub fn encode_record(state: &RecordState) -> Vec<u8> {
     out
 }
 
-/// Decodes the binary layout (starting with [`RECORD_BINARY`]).
+/// A record in the layout schema versions 2 to 7 wrote, for the tests that read one.
+#[cfg(test)]
+pub fn encode_record_binary(state: &RecordState) -> Vec<u8> {
+    encode_record_as(state, RECORD_BINARY)
+}
+
+fn put_provenance(out: &mut Vec<u8>, from: &Provenance) {
+    put_str(out, &from.system);
+    put_opt_str(out, from.version.as_deref());
+    put_int(out, from.source_time_ms);
+    out.push(rule_code(from.rule));
+    put_uint(out, from.decision);
+}
+
+/// Decodes a record row of either binary layout ([`RECORD_COMPACT`], or
+/// [`RECORD_BINARY`] as schema versions 2 to 7 wrote it).
 pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
     let mut r = Reader { bytes, at: 0 };
-    match r.byte()? {
-        RECORD_BINARY => {}
+    let compact = match r.byte()? {
+        RECORD_COMPACT => true,
+        RECORD_BINARY => false,
         other => return Err(FormatError::UnknownFormat(other)),
-    }
+    };
     let deleted = r.bool()?;
-    let mut fields = BTreeMap::new();
+    let mut fields: BTreeMap<String, AgreedField> = BTreeMap::new();
+    let mut previous: Option<Provenance> = None;
     for _ in 0..r.count()? {
         let name = r.string()?;
         let value = r.value(0)?;
-        let from = Provenance {
-            system: r.string()?,
-            version: r.opt_string()?,
-            source_time_ms: r.int()?,
-            rule: rule_from_code(r.byte()?)?,
-            decision: r.uint()?,
+        let from = match if compact { r.byte()? } else { PROVENANCE_OWN } {
+            PROVENANCE_OWN => r.provenance()?,
+            PROVENANCE_SAME => previous.clone().ok_or(FormatError::NoAgreedValue)?,
+            other => return Err(FormatError::UnknownTag(other)),
         };
+        previous = Some(from.clone());
         fields.insert(name, AgreedField { value, from });
     }
+    let agreed = |name: &str| {
+        fields
+            .get(name)
+            .map(|f| f.value.clone())
+            .ok_or(FormatError::NoAgreedValue)
+    };
     let mut shadows = BTreeMap::new();
     for _ in 0..r.count()? {
         let system = r.string()?;
-        shadows.insert(system, r.shadow_body()?);
+        let shadow = r.shadow_body(compact.then_some(&agreed as AgreedValue<'_>))?;
+        shadows.insert(system, shadow);
     }
     let mut match_keys = BTreeMap::new();
     for _ in 0..r.count()? {
         let key = r.string()?;
-        match_keys.insert(key, r.string()?);
+        let value = match if compact { r.byte()? } else { KEY_OWN } {
+            KEY_OWN => r.string()?,
+            KEY_AGREED => match fields.get(&key).map(|f| &f.value) {
+                Some(Value::String(s)) => s.clone(),
+                _ => return Err(FormatError::NoAgreedValue),
+            },
+            other => return Err(FormatError::UnknownTag(other)),
+        };
+        match_keys.insert(key, value);
     }
     let state = RecordState {
         base: Base { fields, deleted },
@@ -191,7 +278,9 @@ pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
 ///
 /// The bytes walked over are checked for structure (lengths, tags, varints), not for
 /// UTF-8 or rule codes: they are copied unchanged, and the next full decode checks
-/// them as it always does.
+/// them as it always does. The agreed values stay where they are, so the references
+/// to them in the other shadows stay true. A row in the older layout
+/// ([`RECORD_BINARY`]) is decoded, changed and encoded whole, once.
 pub fn update_shadow<T>(
     bytes: &[u8],
     system: &str,
@@ -199,22 +288,42 @@ pub fn update_shadow<T>(
 ) -> Result<(Vec<u8>, T), FormatError> {
     let mut r = Reader { bytes, at: 0 };
     match r.byte()? {
-        RECORD_BINARY => {}
+        RECORD_COMPACT => {}
+        RECORD_BINARY => {
+            let mut state = decode_record(bytes)?;
+            let answer = change(state.shadows.entry(system.to_string()).or_default());
+            return Ok((encode_record(&state), answer));
+        }
         other => return Err(FormatError::UnknownFormat(other)),
     }
     r.bool()?;
-    for _ in 0..r.count()? {
-        r.skip_str()?;
+    let fields = r.count()?;
+    let mut agreed: AgreedBytes<'_> = Vec::with_capacity(fields as usize);
+    for _ in 0..fields {
+        let name = r.str_bytes()?;
+        let at = r.at;
         r.skip_value(0)?;
-        r.skip_str()?;
-        r.skip_opt_str()?;
-        r.uint()?;
-        r.byte()?;
-        r.uint()?;
+        agreed.push((name, at..r.at));
+        match r.byte()? {
+            PROVENANCE_OWN => {
+                r.skip_str()?;
+                r.skip_opt_str()?;
+                r.uint()?;
+                r.byte()?;
+                r.uint()?;
+            }
+            PROVENANCE_SAME if agreed.len() > 1 => {}
+            PROVENANCE_SAME => return Err(FormatError::NoAgreedValue),
+            other => return Err(FormatError::UnknownTag(other)),
+        }
     }
     let count_at = r.at;
     let count = r.count()?;
     let shadows_at = r.at;
+    let resolve = |name: &str| {
+        let range = agreed_range(&agreed, name.as_bytes()).ok_or(FormatError::NoAgreedValue)?;
+        Reader { bytes, at: range.start }.value(0)
+    };
     // The system's shadow: its bytes and decoded value when it has one, else where a
     // new one goes to keep the systems in ascending order.
     let mut old: Option<(usize, usize, Shadow)> = None;
@@ -224,7 +333,7 @@ pub fn update_shadow<T>(
         let name = r.str()?;
         match name.cmp(system) {
             std::cmp::Ordering::Equal => {
-                let shadow = r.shadow_body()?;
+                let shadow = r.shadow_body(Some(&resolve))?;
                 old = Some((start, r.at, shadow));
                 continue;
             }
@@ -236,7 +345,11 @@ pub fn update_shadow<T>(
     let shadows_end = r.at;
     for _ in 0..r.count()? {
         r.skip_str()?;
-        r.skip_str()?;
+        match r.byte()? {
+            KEY_OWN => r.skip_str()?,
+            KEY_AGREED => {}
+            other => return Err(FormatError::UnknownTag(other)),
+        }
     }
     r.int()?;
     r.int()?;
@@ -252,12 +365,24 @@ pub fn update_shadow<T>(
     };
     let answer = change(&mut shadow);
     let mut out = Vec::with_capacity(bytes.len() + 64);
+    // The agreed values lie before `count_at`, at the same places in `out` as in `bytes`.
     out.extend_from_slice(&bytes[..count_at]);
     put_uint(&mut out, new_count);
     out.extend_from_slice(&bytes[shadows_at..start]);
-    put_shadow(&mut out, system, &shadow);
+    put_shadow(&mut out, system, &shadow, &agreed);
     out.extend_from_slice(&bytes[end..]);
     Ok((out, answer))
+}
+
+/// The agreed value of a field, for a shadow value that refers to it.
+type AgreedValue<'f> = &'f dyn Fn(&str) -> Result<Value, FormatError>;
+
+/// Where the agreed value of `name` lies, if the record has one.
+fn agreed_range(agreed: &AgreedBytes<'_>, name: &[u8]) -> Option<std::ops::Range<usize>> {
+    agreed
+        .binary_search_by(|(n, _)| (*n).cmp(name))
+        .ok()
+        .map(|i| agreed[i].1.clone())
 }
 
 /// Encodes a pending write in the binary layout.
@@ -757,17 +882,35 @@ fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
-fn put_shadow(out: &mut Vec<u8>, system: &str, shadow: &Shadow) {
+/// A shadow, its values that encode as the agreed value of the same field stored as a
+/// reference to it ([`VALUE_AGREED`]); `agreed` empty writes none.
+fn put_shadow(out: &mut Vec<u8>, system: &str, shadow: &Shadow, agreed: &AgreedBytes<'_>) {
     put_str(out, system);
     put_opt_str(out, shadow.local_id.as_deref());
-    put_fields(out, &shadow.fields);
+    put_shadow_fields(out, &shadow.fields, agreed);
     put_opt_str(out, shadow.version.as_deref());
-    put_fields(out, &shadow.pending);
+    put_shadow_fields(out, &shadow.pending, agreed);
     put_uint(out, shadow.diverged.len() as u64);
     for field in &shadow.diverged {
         put_str(out, field);
     }
     out.push(shadow.deleted as u8);
+}
+
+fn put_shadow_fields(out: &mut Vec<u8>, fields: &Fields, agreed: &AgreedBytes<'_>) {
+    put_uint(out, fields.len() as u64);
+    for (name, value) in fields {
+        put_str(out, name);
+        let at = out.len();
+        put_value(out, value);
+        // Byte for byte, not `Value` equality: -0.0 equals 0.0 but is not the same value.
+        if let Some(range) = agreed_range(agreed, name.as_bytes()) {
+            if out[range] == out[at..] {
+                out.truncate(at);
+                out.push(VALUE_AGREED);
+            }
+        }
+    }
 }
 
 fn put_fields(out: &mut Vec<u8>, fields: &Fields) {
@@ -901,12 +1044,24 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A shadow after its system's name.
-    fn shadow_body(&mut self) -> Result<Shadow, FormatError> {
+    /// A provenance of an agreed value.
+    fn provenance(&mut self) -> Result<Provenance, FormatError> {
+        Ok(Provenance {
+            system: self.string()?,
+            version: self.opt_string()?,
+            source_time_ms: self.int()?,
+            rule: rule_from_code(self.byte()?)?,
+            decision: self.uint()?,
+        })
+    }
+
+    /// A shadow after its system's name. With `agreed` (the compact layout), a value
+    /// may be a reference to the agreed value of its field, which `agreed` gives.
+    fn shadow_body(&mut self, agreed: Option<AgreedValue<'_>>) -> Result<Shadow, FormatError> {
         let local_id = self.opt_string()?;
-        let fields = self.fields()?;
+        let fields = self.shadow_fields(agreed)?;
         let version = self.opt_string()?;
-        let pending = self.fields()?;
+        let pending = self.shadow_fields(agreed)?;
         let mut diverged = BTreeSet::new();
         for _ in 0..self.count()? {
             diverged.insert(self.string()?);
@@ -922,21 +1077,26 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// Walks over a shadow of the compact layout after its system's name.
     fn skip_shadow_body(&mut self) -> Result<(), FormatError> {
         self.skip_opt_str()?;
-        self.skip_fields()?;
+        self.skip_shadow_fields()?;
         self.skip_opt_str()?;
-        self.skip_fields()?;
+        self.skip_shadow_fields()?;
         for _ in 0..self.count()? {
             self.skip_str()?;
         }
         self.bool().map(drop)
     }
 
-    fn skip_fields(&mut self) -> Result<(), FormatError> {
+    fn skip_shadow_fields(&mut self) -> Result<(), FormatError> {
         for _ in 0..self.count()? {
             self.skip_str()?;
-            self.skip_value(0)?;
+            if self.bytes.get(self.at) == Some(&VALUE_AGREED) {
+                self.at += 1;
+            } else {
+                self.skip_value(0)?;
+            }
         }
         Ok(())
     }
@@ -977,6 +1137,24 @@ impl<'a> Reader<'a> {
             1 => Ok(Some(self.string()?)),
             other => Err(FormatError::UnknownTag(other)),
         }
+    }
+
+    fn shadow_fields(&mut self, agreed: Option<AgreedValue<'_>>) -> Result<Fields, FormatError> {
+        let Some(agreed) = agreed else {
+            return self.fields();
+        };
+        let mut fields = Fields::new();
+        for _ in 0..self.count()? {
+            let name = self.string()?;
+            let value = if self.bytes.get(self.at) == Some(&VALUE_AGREED) {
+                self.at += 1;
+                agreed(&name)?
+            } else {
+                self.value(0)?
+            };
+            fields.insert(name, value);
+        }
+        Ok(fields)
     }
 
     fn fields(&mut self) -> Result<Fields, FormatError> {
@@ -1094,10 +1272,101 @@ mod tests {
     fn a_record_round_trips_and_is_smaller_than_json() {
         let state = sample();
         let bytes = encode_record(&state);
-        assert_eq!(bytes[0], RECORD_BINARY);
+        assert_eq!(bytes[0], RECORD_COMPACT);
         assert_eq!(decode_record(&bytes).unwrap(), state);
         let json = serde_json::to_vec(&state).unwrap();
         assert!(bytes.len() * 2 < json.len(), "{} vs {} bytes", bytes.len(), json.len());
+        let older = encode_record_binary(&state);
+        assert_eq!(older[0], RECORD_BINARY);
+        assert_eq!(decode_record(&older).unwrap(), state);
+    }
+
+    /// A record as one change from `hr` leaves it: three fields from one change, the
+    /// shadow holding the same values, the match key the agreed email.
+    fn single_source() -> RecordState {
+        let from = Provenance {
+            system: "hr".into(),
+            version: Some("4".into()),
+            source_time_ms: 1_700_000_000_123,
+            rule: Rule::Owner,
+            decision: 77,
+        };
+        let values = [
+            ("email", json!("user1@example.com")),
+            ("name", json!("Ada Lovelace")),
+            ("score", json!(-0.0)),
+        ];
+        let mut state = RecordState::default();
+        for (name, value) in &values {
+            let field = AgreedField {
+                value: value.clone(),
+                from: from.clone(),
+            };
+            state.base.fields.insert(name.to_string(), field);
+        }
+        let shadow = state.shadows.entry("hr".into()).or_default();
+        shadow.local_id = Some("e1".into());
+        shadow.fields = values.iter().map(|(n, v)| (n.to_string(), v.clone())).collect();
+        // The same number, written the other way: equal as JSON, not the same bytes.
+        shadow.fields.insert("score".into(), json!(0.0));
+        shadow.pending.insert("name".into(), json!("Ada Lovelace"));
+        state.match_keys.insert("email".into(), "user1@example.com".into());
+        state
+    }
+
+    #[test]
+    fn agreed_values_and_a_shared_provenance_are_stored_once() {
+        let state = single_source();
+        let bytes = encode_record(&state);
+        let older = encode_record_binary(&state);
+        assert_eq!(decode_record(&bytes).unwrap(), state);
+        // Two provenances of 14 bytes become a marker byte each, and the first field's
+        // provenance takes one more; the shadow's email (19 bytes) and name (14), the
+        // pending name (14) and the match key (18) become one byte each.
+        let saved = 2 * (14 - 1) - 1 + (19 - 1) + 2 * (14 - 1) + (18 - 1);
+        assert_eq!(
+            older.len() - bytes.len(),
+            saved,
+            "{} vs {} bytes",
+            bytes.len(),
+            older.len()
+        );
+        // -0.0 and 0.0 compare equal as JSON values; the shadow keeps its own.
+        let decoded = decode_record(&bytes).unwrap();
+        let score = &decoded.shadows["hr"].fields["score"];
+        assert_eq!(score.as_f64().map(f64::is_sign_negative), Some(false));
+        assert_eq!(
+            decoded.base.fields["score"].value.as_f64().map(f64::is_sign_negative),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_reference_to_a_missing_agreed_value_is_refused() {
+        let mut state = single_source();
+        let bytes = encode_record(&state);
+        // The same row with the agreed `name` renamed: the shadow's references dangle.
+        state.base.fields = std::mem::take(&mut state.base.fields)
+            .into_iter()
+            .map(|(k, v)| (if k == "name" { "nome".to_string() } else { k }, v))
+            .collect();
+        let renamed = encode_record(&state);
+        let mut damaged = bytes.clone();
+        let at = bytes.windows(4).position(|w| w == b"name").unwrap();
+        damaged[at..at + 4].copy_from_slice(b"nome");
+        assert_ne!(damaged, renamed);
+        assert_eq!(decode_record(&damaged), Err(FormatError::NoAgreedValue));
+        assert_eq!(
+            update_shadow(&damaged, "hr", confirm).map(drop),
+            Err(FormatError::NoAgreedValue)
+        );
+        // A shared provenance on the first field has nothing to share.
+        let first = [RECORD_COMPACT, 0, 1, 1, b'a', 0, PROVENANCE_SAME, 0, 0, 0, 0];
+        assert_eq!(decode_record(&first), Err(FormatError::NoAgreedValue));
+        assert_eq!(
+            update_shadow(&first, "hr", confirm).map(drop),
+            Err(FormatError::NoAgreedValue)
+        );
     }
 
     #[test]
@@ -1470,6 +1739,65 @@ mod tests {
             let expected = changed_the_long_way(&state, &system, |s| *s = new.clone());
             proptest::prop_assert_eq!(out, expected);
             proptest::prop_assert_eq!(before, state.shadows.get(&system).cloned().unwrap_or_default());
+        }
+    }
+
+    /// `shadow` with the agreed values of `base` in the fields of the same name, for
+    /// names that start with a letter from a to m: references in the compact layout.
+    fn sharing(mut shadow: Shadow, base: &Base) -> Shadow {
+        for (name, field) in &base.fields {
+            if name.as_str() < "n" {
+                shadow.fields.insert(name.clone(), field.value.clone());
+                shadow.pending.insert(name.clone(), field.value.clone());
+            }
+        }
+        shadow
+    }
+
+    fn sharing_record_strategy() -> impl proptest::strategy::Strategy<Value = RecordState> {
+        use proptest::prelude::*;
+        (record_strategy(), any::<bool>()).prop_map(|(mut state, same_provenance)| {
+            let shadows = std::mem::take(&mut state.shadows);
+            state.shadows = shadows
+                .into_iter()
+                .map(|(system, shadow)| (system, sharing(shadow, &state.base)))
+                .collect();
+            if same_provenance {
+                if let Some(first) = state.base.fields.values().next().map(|f| f.from.clone()) {
+                    state.base.fields.values_mut().for_each(|f| f.from = first.clone());
+                }
+            }
+            for (name, field) in &state.base.fields {
+                if let Value::String(text) = &field.value {
+                    state.match_keys.insert(name.clone(), text.clone());
+                }
+            }
+            state
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn records_that_share_agreed_values_round_trip_and_change_in_place(
+            state in sharing_record_strategy(),
+            system in "(a|crm|erp|hr|lms|pg|zz)",
+            new in shadow_strategy(),
+        ) {
+            let bytes = encode_record(&state);
+            proptest::prop_assert_eq!(decode_record(&bytes).unwrap(), state.clone());
+            // A marker byte before each provenance and match key is all it can add.
+            let bound = encode_record_binary(&state).len() + state.base.fields.len() + state.match_keys.len();
+            proptest::prop_assert!(bytes.len() <= bound);
+            proptest::prop_assert_eq!(decode_record(&encode_record_binary(&state)).unwrap(), state.clone());
+            let new = sharing(new, &state.base);
+            let replace = |s: &mut Shadow| std::mem::replace(s, new.clone());
+            let (out, before) = update_shadow(&bytes, &system, replace).unwrap();
+            let expected = changed_the_long_way(&state, &system, |s| *s = new.clone());
+            proptest::prop_assert_eq!(&out, &expected);
+            proptest::prop_assert_eq!(before, state.shadows.get(&system).cloned().unwrap_or_default());
+            // From a row without references, the same result.
+            let (from_older, _) = update_shadow(&encode_record_binary(&state), &system, |s| *s = new.clone()).unwrap();
+            proptest::prop_assert_eq!(from_older, expected);
         }
     }
 

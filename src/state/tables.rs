@@ -22,8 +22,9 @@ use redb::TableDefinition;
 /// outbox entries; version 4 also merge decisions; version 5 also the write log;
 /// version 6 keys the identity map and the match index by [`path_key`]; version 7 stores
 /// the decisions of one transaction in one row and the records of each entity in a table
-/// of their own.
-pub const SCHEMA_VERSION: u64 = 7;
+/// of their own; version 8 writes records in the compact layout of `encoding` (a shadow
+/// value that is the agreed value refers to it), which older builds cannot read.
+pub const SCHEMA_VERSION: u64 = 8;
 
 /// Older versions this build still reads. Opening such a file marks it with
 /// [`SCHEMA_VERSION`], so a build that only knows the older layout refuses it
@@ -36,7 +37,8 @@ pub const SCHEMA_VERSION: u64 = 7;
 /// stored one decision per row, which is read as a group of one, and every record in
 /// [`RECORDS_V6`], whose rows opening moves to the entities' tables (values unchanged:
 /// a sealed record is bound to its entity and id, not to the table's key encoding).
-pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 6] = [1, 2, 3, 4, 5, 6];
+/// Versions 2 to 7 wrote records without references (`encoding::RECORD_BINARY`).
+pub const UPGRADABLE_SCHEMA_VERSIONS: [u64; 7] = [1, 2, 3, 4, 5, 6, 7];
 
 /// `name → value`: `schema_version`; for an encrypted store also `encrypted` (1),
 /// `current_key_id` (the data key new values are sealed with) and `rotating` (1 while

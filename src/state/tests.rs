@@ -404,13 +404,13 @@ fn a_version_1_file_with_json_records_is_read_and_upgraded() {
         .get(id.as_u128())
         .unwrap()
         .unwrap();
-    assert_eq!(raw.value()[0], encoding::RECORD_BINARY);
+    assert_eq!(raw.value()[0], encoding::RECORD_COMPACT);
     drop((raw, txn));
     assert_eq!(store.read().unwrap().record("contact", id).unwrap(), Some(state));
 }
 
 #[test]
-fn a_shadow_changes_in_place_in_binary_json_and_sealed_rows() {
+fn a_shadow_changes_in_place_in_compact_binary_json_and_sealed_rows() {
     let mut state = RecordState::default();
     state.shadows.entry("hr".into()).or_default().local_id = Some("e1".into());
     state.match_keys.insert("email".into(), "a@example.com".into());
@@ -432,34 +432,40 @@ fn a_shadow_changes_in_place_in_binary_json_and_sealed_rows() {
     for kek in [None, Some(Kek::random())] {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open_with(dir.path(), 4, kek.as_ref()).unwrap();
-        let (binary, json, missing) = (GlobalId::new_v7(), GlobalId::new_v7(), GlobalId::new_v7());
-        store.write(|t| t.put_record("contact", binary, &state)).unwrap();
+        let [compact, binary, json, missing] = [(); 4].map(|_| GlobalId::new_v7());
+        store.write(|t| t.put_record("contact", compact, &state)).unwrap();
         if kek.is_none() {
-            // A row as schema version 1 wrote it.
+            // Rows as schema versions 2 to 7 and schema version 1 wrote them.
             let txn = store.db.begin_write().unwrap();
-            txn.open_table(records_table("records.contact"))
-                .unwrap()
+            let mut table = txn.open_table(records_table("records.contact")).unwrap();
+            let older = encoding::encode_record_binary(&state);
+            table.insert(binary.as_u128(), older.as_slice()).unwrap();
+            table
                 .insert(json.as_u128(), serde_json::to_vec(&state).unwrap().as_slice())
                 .unwrap();
+            drop(table);
             txn.commit().unwrap();
+            assert_eq!(raw_first_byte(&store, binary), encoding::RECORD_BINARY);
         } else {
+            store.write(|t| t.put_record("contact", binary, &state)).unwrap();
             store.write(|t| t.put_record("contact", json, &state)).unwrap();
         }
         let answers = store
             .write(|t| {
                 Ok::<_, StateError>([
+                    t.update_shadow("contact", compact, "crm", confirm)?,
                     t.update_shadow("contact", binary, "crm", confirm)?,
                     t.update_shadow("contact", json, "crm", confirm)?,
                     t.update_shadow("contact", missing, "crm", confirm)?,
                 ])
             })
             .unwrap();
-        assert_eq!(answers, [Some(None), Some(None), None]);
+        assert_eq!(answers, [Some(None), Some(None), Some(None), None]);
         let view = store.read().unwrap();
-        for id in [binary, json] {
+        for id in [compact, binary, json] {
             assert_eq!(view.record("contact", id).unwrap(), Some(expected.clone()));
             if kek.is_none() {
-                assert_eq!(raw_first_byte(&store, id), encoding::RECORD_BINARY);
+                assert_eq!(raw_first_byte(&store, id), encoding::RECORD_COMPACT);
             }
         }
         assert_eq!(view.record("contact", missing).unwrap(), None);
@@ -1059,6 +1065,63 @@ fn a_version_6_file_with_a_decision_per_row_is_read_and_upgraded() {
     // Count: single rows count one each.
     assert_eq!(store.write(|t| t.prune(3, 100, 0)).unwrap(), 2);
     assert_eq!(decision_rows(&store), vec![3, 4]);
+}
+
+#[test]
+fn a_version_7_file_with_records_without_references_is_read_and_upgraded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = record(3);
+    state.base.fields.insert(
+        "email".into(),
+        crate::model::AgreedField {
+            value: serde_json::json!("v3"),
+            from: crate::model::Provenance {
+                system: "hr".into(),
+                version: None,
+                source_time_ms: 5,
+                rule: crate::merge::Rule::Owner,
+                decision: 1,
+            },
+        },
+    );
+    let hr = state.shadows.entry("hr".into()).or_default();
+    hr.fields.insert("email".into(), serde_json::json!("v3"));
+    let (old, new) = (GlobalId::new_v7(), GlobalId::new_v7());
+    {
+        // What a version-7 build left: a record row without references.
+        let store = StateStore::open(dir.path(), 4).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("schema_version", 7).unwrap();
+        let row = encoding::encode_record_binary(&state);
+        txn.open_table(records_table("records.contact"))
+            .unwrap()
+            .insert(old.as_u128(), row.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path(), 4).unwrap();
+    store.write(|t| t.put_record("contact", new, &state)).unwrap();
+    let txn = store.db.begin_read().unwrap();
+    let version = txn.open_table(META).unwrap().get("schema_version").unwrap();
+    assert_eq!(version.map(|v| v.value()), Some(SCHEMA_VERSION));
+    let table = txn.open_table(records_table("records.contact")).unwrap();
+    let (old_row, new_row) = (
+        table.get(old.as_u128()).unwrap().unwrap().value().to_vec(),
+        table.get(new.as_u128()).unwrap().unwrap().value().to_vec(),
+    );
+    assert_eq!(old_row[0], encoding::RECORD_BINARY);
+    assert_eq!(new_row[0], encoding::RECORD_COMPACT);
+    // The shadow's and the match key's copies of the agreed value are references.
+    assert!(
+        new_row.len() < old_row.len(),
+        "{} vs {} bytes",
+        new_row.len(),
+        old_row.len()
+    );
+    drop((table, txn));
+    let view = store.read().unwrap();
+    assert_eq!(view.record("contact", old).unwrap(), Some(state.clone()));
+    assert_eq!(view.record("contact", new).unwrap(), Some(state));
 }
 
 #[test]
