@@ -812,9 +812,10 @@ async fn rollout_writes_only_the_selected_records() {
     h.push("a", (1..=3).map(contact));
     h.run().await;
 
-    let t = h.target("b");
-    assert_eq!(t.records.values().collect::<Vec<_>>(), [&in_b(2)]);
-    drop(t);
+    {
+        let t = h.target("b");
+        assert_eq!(t.records.values().collect::<Vec<_>>(), [&in_b(2)]);
+    }
     for d in h.decisions() {
         let mode = if d.local_id == "a-2" {
             WriteMode::Send
@@ -824,6 +825,28 @@ async fn rollout_writes_only_the_selected_records() {
         assert_eq!(d.writes.len(), 1, "{d:?}");
         assert_eq!(d.writes[0].mode, mode, "{d:?}");
         assert_eq!(d.writes[0].seq.is_some(), mode == WriteMode::Send);
+    }
+
+    // Changes to records concord knows, from a link without a rollout of its own: b's
+    // rollout still decides which reach b.
+    h.push("a", (1..=3).map(|n| with(contact(n), "company", json!("Globex"))));
+    h.run().await;
+    let mut expected = in_b(2);
+    expected.insert("org".into(), json!("Globex"));
+    {
+        let t = h.target("b");
+        assert_eq!(t.records.values().collect::<Vec<_>>(), [&expected]);
+    }
+    let updates = h.decisions().split_off(3);
+    assert_eq!(updates.len(), 3, "{updates:?}");
+    for d in updates {
+        let mode = if d.local_id == "a-2" {
+            WriteMode::Send
+        } else {
+            WriteMode::OutsideRollout
+        };
+        assert_eq!(d.writes.len(), 1, "{d:?}");
+        assert_eq!(d.writes[0].mode, mode, "{d:?}");
     }
 }
 

@@ -243,9 +243,18 @@ fn process_record(
         }
     }
 
+    // Match-key values serve two things: finding a record the identity map does not
+    // know, and rollouts. Without a rollout on the entity's links, a known record's
+    // change needs none of them (the index is kept in step below either way).
+    let rollouts = link.config.rollout.is_some() || entity.links.iter().any(|&i| rt.links[i].config.rollout.is_some());
+
     // Identify: the identity map first, then the match keys.
-    let keys = key_values(entity, |k| fields.get(k));
     let known = tables.identity(&entity.name, system, &record.local_id)?;
+    let keys = if known.is_none() || rollouts {
+        key_values(entity, |k| fields.get(k))
+    } else {
+        Vec::new()
+    };
     let (global_id, mut state) = match known {
         Some(id) => (id, tables.record(&entity.name, id)?),
         None => {
@@ -293,7 +302,10 @@ fn process_record(
 
     // Rollout on capture: a record outside this link's rollout is not taken from it.
     // Its match keys are the agreed ones when concord knows the record.
-    let agreed_keys = state.as_ref().map(|s| key_values(entity, |k| s.base.value(k)));
+    let agreed_keys = state
+        .as_ref()
+        .filter(|_| rollouts)
+        .map(|s| key_values(entity, |k| s.base.value(k)));
     let rollout_keys = match &agreed_keys {
         Some(agreed) if record.kind == ChangeKind::Delete || keys.is_empty() => agreed,
         _ => &keys,
