@@ -899,15 +899,25 @@ fn put_shadow(out: &mut Vec<u8>, system: &str, shadow: &Shadow, agreed: &AgreedB
 
 fn put_shadow_fields(out: &mut Vec<u8>, fields: &Fields, agreed: &AgreedBytes<'_>) {
     put_uint(out, fields.len() as u64);
+    // Both are in ascending name order: one pass over the agreed names.
+    let mut next = 0;
     for (name, value) in fields {
         put_str(out, name);
         let at = out.len();
         put_value(out, value);
-        // Byte for byte, not `Value` equality: -0.0 equals 0.0 but is not the same value.
-        if let Some(range) = agreed_range(agreed, name.as_bytes()) {
-            if out[range] == out[at..] {
-                out.truncate(at);
-                out.push(VALUE_AGREED);
+        while let Some((agreed_name, range)) = agreed.get(next) {
+            match (*agreed_name).cmp(name.as_bytes()) {
+                std::cmp::Ordering::Less => next += 1,
+                std::cmp::Ordering::Equal => {
+                    // Byte for byte, not `Value` equality: -0.0 equals 0.0 but is not
+                    // the same value.
+                    if out[range.clone()] == out[at..] {
+                        out.truncate(at);
+                        out.push(VALUE_AGREED);
+                    }
+                    break;
+                }
+                std::cmp::Ordering::Greater => break,
             }
         }
     }
