@@ -816,16 +816,21 @@ async fn rollout_writes_only_the_selected_records() {
         let t = h.target("b");
         assert_eq!(t.records.values().collect::<Vec<_>>(), [&in_b(2)]);
     }
-    for d in h.decisions() {
-        let mode = if d.local_id == "a-2" {
-            WriteMode::Send
-        } else {
-            WriteMode::OutsideRollout
-        };
-        assert_eq!(d.writes.len(), 1, "{d:?}");
-        assert_eq!(d.writes[0].mode, mode, "{d:?}");
-        assert_eq!(d.writes[0].seq.is_some(), mode == WriteMode::Send);
-    }
+    // Only a-2's decisions send to b; the others' writes are outside the rollout.
+    let only_a2_sent = |decisions: Vec<Decision>| {
+        assert_eq!(decisions.len(), 3, "{decisions:?}");
+        for d in decisions {
+            let mode = if d.local_id == "a-2" {
+                WriteMode::Send
+            } else {
+                WriteMode::OutsideRollout
+            };
+            assert_eq!(d.writes.len(), 1, "{d:?}");
+            assert_eq!(d.writes[0].mode, mode, "{d:?}");
+            assert_eq!(d.writes[0].seq.is_some(), mode == WriteMode::Send);
+        }
+    };
+    only_a2_sent(h.decisions());
 
     // Changes to records concord knows, from a link without a rollout of its own: b's
     // rollout still decides which reach b.
@@ -837,17 +842,7 @@ async fn rollout_writes_only_the_selected_records() {
         let t = h.target("b");
         assert_eq!(t.records.values().collect::<Vec<_>>(), [&expected]);
     }
-    let updates = h.decisions().split_off(3);
-    assert_eq!(updates.len(), 3, "{updates:?}");
-    for d in updates {
-        let mode = if d.local_id == "a-2" {
-            WriteMode::Send
-        } else {
-            WriteMode::OutsideRollout
-        };
-        assert_eq!(d.writes.len(), 1, "{d:?}");
-        assert_eq!(d.writes[0].mode, mode, "{d:?}");
-    }
+    only_a2_sent(h.decisions().split_off(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -243,14 +243,12 @@ fn process_record(
         }
     }
 
-    // Match-key values serve two things: finding a record the identity map does not
-    // know, and rollouts. Without a rollout on the entity's links, a known record's
-    // change needs none of them (the index is kept in step below either way).
-    let rollouts = link.config.rollout.is_some() || entity.links.iter().any(|&i| rt.links[i].config.rollout.is_some());
-
-    // Identify: the identity map first, then the match keys.
+    // Identify: the identity map first, then the match keys. Match-key values serve
+    // two things: finding a record the identity map does not know, and rollouts.
+    // Without a rollout on the entity's links, a known record's change needs none of
+    // them (the index is kept in step below either way).
     let known = tables.identity(&entity.name, system, &record.local_id)?;
-    let keys = if known.is_none() || rollouts {
+    let keys = if known.is_none() || entity.rollouts {
         key_values(entity, |k| fields.get(k))
     } else {
         Vec::new()
@@ -304,7 +302,7 @@ fn process_record(
     // Its match keys are the agreed ones when concord knows the record.
     let agreed_keys = state
         .as_ref()
-        .filter(|_| rollouts)
+        .filter(|_| entity.rollouts)
         .map(|s| key_values(entity, |k| s.base.value(k)));
     let rollout_keys = match &agreed_keys {
         Some(agreed) if record.kind == ChangeKind::Delete || keys.is_empty() => agreed,

@@ -43,6 +43,9 @@ pub struct EntityRuntime {
     pub delete: DeleteConfig,
     /// Indices into [`Runtime::links`].
     pub links: Vec<usize>,
+    /// Some link of the entity has a rollout: a change needs its match-key values for
+    /// it even when the identity map knows the record.
+    pub rollouts: bool,
 }
 
 /// One link, ready to map.
@@ -90,6 +93,7 @@ impl Runtime {
                     match_keys,
                     delete: entity.delete.clone(),
                     links: Vec::new(),
+                    rollouts: false,
                 },
             );
         }
@@ -111,6 +115,7 @@ impl Runtime {
                 source: Box::new(source),
             })?;
             entity.links.push(index);
+            entity.rollouts |= link.rollout.is_some();
             links.push(LinkRuntime {
                 index,
                 name: link.name(),
