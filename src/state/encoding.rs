@@ -218,16 +218,18 @@ pub fn decode_record(bytes: &[u8]) -> Result<RecordState, FormatError> {
     };
     let deleted = r.bool()?;
     let mut fields: BTreeMap<String, AgreedField> = BTreeMap::new();
-    let mut previous: Option<Provenance> = None;
     for _ in 0..r.count()? {
         let name = r.string()?;
         let value = r.value(0)?;
         let from = match if compact { r.byte()? } else { PROVENANCE_OWN } {
             PROVENANCE_OWN => r.provenance()?,
-            PROVENANCE_SAME => previous.clone().ok_or(FormatError::NoAgreedValue)?,
+            // The field before is the last in the map: names are written ascending.
+            PROVENANCE_SAME => match fields.last_key_value() {
+                Some((_, before)) => before.from.clone(),
+                None => return Err(FormatError::NoAgreedValue),
+            },
             other => return Err(FormatError::UnknownTag(other)),
         };
-        previous = Some(from.clone());
         fields.insert(name, AgreedField { value, from });
     }
     let agreed = |name: &str| {
